@@ -1,0 +1,50 @@
+//! The library's error type: variants a caller can act on.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong turning a request into images.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a checkpoint: {reason}")]
+    NotACheckpoint { path: PathBuf, reason: String },
+    #[error("unsupported checkpoint: detected {detected}")]
+    UnsupportedCheckpoint { detected: String },
+    #[error("the checkpoint lacks {} tensors, first: {}", .0.len(), .0.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]
+    MissingTensors(Vec<String>),
+    #[error("invalid model configuration: {0}")]
+    InvalidConfig(String),
+    #[error("invalid size {width}x{height}: {reason}")]
+    InvalidSize {
+        width: usize,
+        height: usize,
+        reason: String,
+    },
+    #[error("unknown sampler {name:?}; valid samplers: {}", .valid.join(", "))]
+    UnknownSampler { name: String, valid: Vec<String> },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("image: {0}")]
+    Image(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Tensor ↔ image conversion and PNG metadata.

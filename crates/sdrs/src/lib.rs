@@ -1,0 +1,12 @@
+//! sdrs: Stable Diffusion in Rust — tokenizer, models, samplers and pipelines.
+
+pub mod error;
+pub mod image_io;
+pub mod models;
+pub mod pipeline;
+pub mod prompt;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,5 @@
+//! The networks as candle modules: weights in through a `VarBuilder` (diffusers names), tensors out.
+
+pub mod clip;
+pub mod unet;
+pub mod vae;

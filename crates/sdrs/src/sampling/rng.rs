@@ -1,0 +1,1 @@
+//! Seeded noise bit-identical to the Python tools.
