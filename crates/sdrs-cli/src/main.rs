@@ -1,1 +1,43 @@
-fn main() {}
+//! `sdrs`: Stable Diffusion from the command line.
+
+mod img2img;
+mod output;
+mod timing;
+mod tokenize;
+mod txt2img;
+
+use clap::{Parser, Subcommand};
+
+/// Stable Diffusion in Rust: one binary, real checkpoints, exact seeds.
+#[derive(Parser)]
+#[command(name = "sdrs", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a text prompt.
+    Txt2img(Box<txt2img::Txt2ImgArgs>),
+    /// Redraw a picture guided by a text prompt.
+    Img2img(Box<img2img::Img2ImgArgs>),
+    /// Show how a prompt is split into CLIP tokens (JSON).
+    Tokenize(tokenize::TokenizeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Txt2img(args) => txt2img::run(*args),
+        Command::Img2img(args) => img2img::run(*args),
+        Command::Tokenize(args) => tokenize::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

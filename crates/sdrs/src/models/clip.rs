@@ -1,6 +1,11 @@
 //! CLIP text encoder (transformers' `CLIPTextModel`).
 
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::ops::{sigmoid, softmax_last_dim};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
+
+use crate::{Error, Result};
 
 /// Architecture of a CLIP text encoder, as in transformers' `config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -54,4 +59,190 @@ impl ClipConfig {
             layer_norm_eps: 1e-5,
         }
     }
+}
+
+/// One self-attention block of the encoder: q/k/v/out projections, `num_attention_heads` heads.
+#[derive(Debug, Clone)]
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl ClipAttention {
+    fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        let hidden = cfg.hidden_size;
+        Ok(Self {
+            q_proj: linear(hidden, hidden, vb.pp("q_proj"))?,
+            k_proj: linear(hidden, hidden, vb.pp("k_proj"))?,
+            v_proj: linear(hidden, hidden, vb.pp("v_proj"))?,
+            out_proj: linear(hidden, hidden, vb.pp("out_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            head_dim: hidden / cfg.num_attention_heads,
+        })
+    }
+
+    /// [B,T,C] → [B*heads, T, head_dim], the layout batched matmul wants.
+    fn split_heads(&self, x: Tensor, batch: usize, tokens: usize) -> Result<Tensor> {
+        Ok(x.reshape((batch, tokens, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((batch * self.num_heads, tokens, self.head_dim))?)
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let (batch, tokens, hidden) = x.dims3()?;
+        // Scaling q before the product, as transformers does, keeps the rounding the same.
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = self.split_heads((self.q_proj.forward(x)? * scale)?, batch, tokens)?;
+        let k = self.split_heads(self.k_proj.forward(x)?, batch, tokens)?;
+        let v = self.split_heads(self.v_proj.forward(x)?, batch, tokens)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((batch, self.num_heads, tokens, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, hidden))?;
+        Ok(self.out_proj.forward(&out)?)
+    }
+}
+
+/// The feed-forward part of an encoder layer.
+#[derive(Debug, Clone)]
+struct ClipMlp {
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl ClipMlp {
+    fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            activation: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(x)?;
+        let h = match self.activation {
+            // OpenAI's approximation, which SD 1.x's encoder was trained with.
+            Activation::QuickGelu => (&h * sigmoid(&(&h * 1.702)?)?)?,
+            Activation::Gelu => h.gelu_erf()?,
+        };
+        Ok(self.fc2.forward(&h)?)
+    }
+}
+
+/// A pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x)).
+#[derive(Debug, Clone)]
+struct ClipEncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: ClipAttention,
+    layer_norm2: LayerNorm,
+    mlp: ClipMlp,
+}
+
+impl ClipEncoderLayer {
+    fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        let eps = cfg.layer_norm_eps;
+        Ok(Self {
+            layer_norm1: layer_norm(cfg.hidden_size, eps, vb.pp("layer_norm1"))?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            layer_norm2: layer_norm(cfg.hidden_size, eps, vb.pp("layer_norm2"))?,
+            mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, causal_mask)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// CLIP's text transformer: token ids in, per-token hidden states out (the UNet's conditioning).
+#[derive(Debug, Clone)]
+pub struct ClipTextTransformer {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTextTransformer {
+    /// Builds the encoder from weights named as in transformers, rooted at `text_model`.
+    pub fn new(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "CLIP hidden_size {} is not divisible by num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        let emb = vb.pp("embeddings");
+        let token_embedding =
+            embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
+        let position_embedding = emb.get(
+            (cfg.max_position_embeddings, cfg.hidden_size),
+            "position_embedding.weight",
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = layer_norm(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            vb.pp("final_layer_norm"),
+        )?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+        })
+    }
+
+    /// Hidden states [B,T,hidden] for token ids [B,T] (u32): `clip_skip` 1 = last layer, 2 = penultimate (A1111's convention), always followed by final_layer_norm.
+    pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let n_layers = self.layers.len();
+        if clip_skip == 0 || clip_skip > n_layers {
+            return Err(Error::InvalidRequest(format!(
+                "clip_skip must be between 1 and {n_layers} (the encoder's layer count), got {clip_skip}"
+            )));
+        }
+        let (_, tokens) = input_ids.dims2()?;
+        let max_tokens = self.position_embedding.dim(0)?;
+        if tokens > max_tokens {
+            return Err(Error::InvalidRequest(format!(
+                "{tokens} tokens given to CLIP, which takes at most {max_tokens} per chunk"
+            )));
+        }
+        let positions = self.position_embedding.narrow(0, 0, tokens)?;
+        let mut x = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&positions)?;
+        let causal_mask = causal_mask(tokens, x.dtype(), x.device())?;
+        for layer in &self.layers[..n_layers + 1 - clip_skip] {
+            x = layer.forward(&x, &causal_mask)?;
+        }
+        Ok(self.final_layer_norm.forward(&x)?)
+    }
+}
+
+/// [T,T] additive mask: 0 on and below the diagonal, −∞ above, so a token sees only earlier ones.
+fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..tokens)
+        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (tokens, tokens), device)?.to_dtype(dtype)?)
 }

@@ -1,6 +1,15 @@
 //! The conditional UNet (diffusers' `UNet2DConditionModel`, SD 1.x/2.x shapes).
 
+mod blocks;
+mod resnet;
+mod transformer;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
+
+use crate::{Error, Result};
+use blocks::{has_cross_attention, DownBlock, LevelShape, MidBlock, UpBlock};
 
 /// A value that diffusers configs give either once for all blocks or per block.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -124,4 +133,172 @@ fn norm_eps() -> f64 {
 }
 fn yes() -> bool {
     true
+}
+
+/// The sinusoidal timestep embedding, computed in float32 as diffusers' `get_timestep_embedding`.
+fn timestep_embedding(
+    t: f64,
+    batch: usize,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let log_period = -(10000f64.ln() as f32);
+    let divisor = half as f32 - freq_shift as f32;
+    let args: Vec<f32> = (0..half)
+        .map(|i| (t as f32) * ((log_period * i as f32) / divisor).exp())
+        .collect();
+    let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+    let row = if flip_sin_to_cos {
+        [cos, sin].concat()
+    } else {
+        [sin, cos].concat()
+    };
+    Ok(Tensor::from_vec(row, (1, 2 * half), device)?.repeat((batch, 1))?)
+}
+
+/// The noise-predicting UNet: latent, timestep and text conditioning in, ε (or v) out.
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    time_proj_dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: usize,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the UNet the config describes from weights under diffusers' names.
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        let levels = cfg.block_out_channels.len();
+        if levels == 0 || cfg.down_block_types.len() != levels || cfg.up_block_types.len() != levels
+        {
+            return Err(Error::InvalidConfig(
+                "the UNet needs one down and one up block per entry of block_out_channels".into(),
+            ));
+        }
+        let boc = &cfg.block_out_channels;
+        let same = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let time_proj_dim = boc[0];
+        let temb = boc[0] * 4;
+        let mut down = Vec::with_capacity(levels);
+        for i in 0..levels {
+            let shape = LevelShape {
+                in_channels: if i == 0 { boc[0] } else { boc[i - 1] },
+                out_channels: boc[i],
+                temb_channels: temb,
+                cross_attention: has_cross_attention(&cfg.down_block_types[i])?,
+                heads: cfg.heads(i),
+                depth: cfg.transformer_layers_per_block.get(i),
+            };
+            down.push(DownBlock::new(
+                vb.pp(format!("down_blocks.{i}")),
+                cfg,
+                &shape,
+                i + 1 < levels,
+            )?);
+        }
+        let last = levels - 1;
+        let mid = MidBlock::new(
+            vb.pp("mid_block"),
+            cfg,
+            boc[last],
+            temb,
+            cfg.heads(last),
+            cfg.transformer_layers_per_block.get(last),
+        )?;
+        let mut up = Vec::with_capacity(levels);
+        let mut prev_out = boc[last];
+        for i in 0..levels {
+            let level = last - i;
+            let out = boc[level];
+            let input = boc[level.saturating_sub(1)];
+            let layers = cfg.layers_per_block + 1;
+            let skips: Vec<usize> = (0..layers)
+                .map(|j| if j + 1 == layers { input } else { out })
+                .collect();
+            let shape = LevelShape {
+                in_channels: prev_out,
+                out_channels: out,
+                temb_channels: temb,
+                cross_attention: has_cross_attention(&cfg.up_block_types[i])?,
+                heads: cfg.heads(level),
+                depth: cfg.transformer_layers_per_block.get(level),
+            };
+            up.push(UpBlock::new(
+                vb.pp(format!("up_blocks.{i}")),
+                cfg,
+                &shape,
+                &skips,
+                i < last,
+            )?);
+            prev_out = out;
+        }
+        Ok(Self {
+            conv_in: conv2d(cfg.in_channels, boc[0], 3, same, vb.pp("conv_in"))?,
+            time_linear_1: linear(time_proj_dim, temb, vb.pp("time_embedding.linear_1"))?,
+            time_linear_2: linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            down,
+            mid,
+            up,
+            conv_norm_out: group_norm(
+                cfg.norm_num_groups,
+                boc[0],
+                cfg.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv2d(boc[0], cfg.out_channels, 3, same, vb.pp("conv_out"))?,
+            time_proj_dim,
+            flip_sin_to_cos: cfg.flip_sin_to_cos,
+            freq_shift: cfg.freq_shift,
+        })
+    }
+
+    /// ε (or v) prediction for `sample` `[B, C, H, W]` at one, possibly fractional, timestep
+    /// shared by the batch; `encoder_hidden_states` is `[B, tokens, context_dim]`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let context = encoder_hidden_states.to_dtype(sample.dtype())?;
+        let t_emb = timestep_embedding(
+            timestep,
+            batch,
+            self.time_proj_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+            sample.device(),
+        )?
+        .to_dtype(sample.dtype())?;
+        let emb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        let emb_silu = emb.silu()?;
+
+        let mut x = self.conv_in.forward(sample)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down {
+            x = block.forward(x, &emb_silu, &context, &mut skips)?;
+        }
+        x = self.mid.forward(&x, &emb_silu, &context)?;
+        for block in &self.up {
+            x = block.forward(x, &emb_silu, &context, &mut skips)?;
+        }
+        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        Ok(self.conv_out.forward(&x)?)
+    }
 }

@@ -1,6 +1,15 @@
 //! The KL autoencoder (diffusers' `AutoencoderKL`): image ↔ latent.
 
+mod blocks;
+mod coder;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2d, VarBuilder};
 use serde::Deserialize;
+
+use crate::{Error, Result};
+use blocks::conv1x1;
+use coder::{Decoder, Encoder};
 
 /// Architecture of the VAE, as in diffusers' `vae/config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -54,4 +63,78 @@ fn thirty_two() -> usize {
 }
 fn sd_scaling_factor() -> f64 {
     0.18215
+}
+
+/// The encoder's output: a diagonal Gaussian over latents, per latent element.
+#[derive(Debug, Clone)]
+pub struct LatentDistribution {
+    /// The mean [B,latent,H/8,W/8], the usual "encoded latent" before scaling.
+    pub mean: Tensor,
+    /// The standard deviation, same shape, from the log-variance clamped to [-30, 20] as diffusers does.
+    pub std: Tensor,
+}
+
+/// diffusers' `AutoencoderKL`: encodes images to latent distributions and decodes latents to images.
+#[derive(Debug, Clone)]
+pub struct AutoencoderKL {
+    encoder: Encoder,
+    quant_conv: Conv2d,
+    post_quant_conv: Conv2d,
+    decoder: Decoder,
+    latent_channels: usize,
+    downscale_factor: usize,
+}
+
+impl AutoencoderKL {
+    /// Builds the VAE from weights with diffusers' names (`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`).
+    pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+        if cfg.block_out_channels.is_empty() {
+            return Err(Error::InvalidConfig(
+                "VAE block_out_channels is empty".to_string(),
+            ));
+        }
+        let latent = cfg.latent_channels;
+        Ok(Self {
+            encoder: Encoder::new(vb.pp("encoder"), cfg)?,
+            quant_conv: conv1x1(2 * latent, 2 * latent, vb.pp("quant_conv"))?,
+            post_quant_conv: conv1x1(latent, latent, vb.pp("post_quant_conv"))?,
+            decoder: Decoder::new(vb.pp("decoder"), cfg)?,
+            latent_channels: latent,
+            downscale_factor: cfg.downscale_factor(),
+        })
+    }
+
+    /// The latent distribution of `image` [B,3,H,W] in [-1,1]; H and W must be multiples of the downscale factor (8 for SD).
+    /// No scaling factor is applied.
+    pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
+        let (_, _, height, width) = image.dims4()?;
+        let factor = self.downscale_factor;
+        if !height.is_multiple_of(factor)
+            || !width.is_multiple_of(factor)
+            || height == 0
+            || width == 0
+        {
+            return Err(Error::InvalidSize {
+                width,
+                height,
+                reason: format!(
+                    "the VAE needs a non-empty image whose sides are multiples of {factor}"
+                ),
+            });
+        }
+        let moments = self.quant_conv.forward(&self.encoder.forward(image)?)?;
+        let mean = moments.narrow(1, 0, self.latent_channels)?;
+        let logvar = moments.narrow(1, self.latent_channels, self.latent_channels)?;
+        let std = (logvar.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
+        Ok(LatentDistribution {
+            mean: mean.contiguous()?,
+            std,
+        })
+    }
+
+    /// The image [B,3,8h,8w] (roughly in [-1,1]) for a raw latent [B,latent,h,w]; divide by `scaling_factor` before calling.
+    pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+        let h = self.post_quant_conv.forward(latent)?;
+        self.decoder.forward(&h)
+    }
 }

@@ -1,1 +1,267 @@
-//! placeholder
+//! Checkpoints on disk — CompVis single files (`.safetensors`, `.ckpt`) and diffusers folders —
+//! opened lazily and handed to the models as `VarBuilder`s that speak diffusers names.
+
+mod backend;
+mod compvis;
+mod compvis_vae;
+mod detect;
+mod folder;
+mod source;
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use sha2::{Digest, Sha256};
+
+use crate::models::clip::ClipConfig;
+use crate::models::unet::UNetConfig;
+use crate::models::vae::VaeConfig;
+use crate::{Error, Result};
+use backend::Component;
+use compvis::TensorName;
+use detect::VaeNaming;
+use source::TensorFile;
+
+/// Which Stable Diffusion a checkpoint belongs to, as far as its weights tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    Sd1,
+    Sd2,
+    Sd1Inpainting,
+    Sd2Inpainting,
+    Sdxl,
+    Unknown,
+}
+
+impl fmt::Display for ModelFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelFamily::Sd1 => "SD 1.x",
+            ModelFamily::Sd2 => "SD 2.x",
+            ModelFamily::Sd1Inpainting => "SD 1.x inpainting",
+            ModelFamily::Sd2Inpainting => "SD 2.x inpainting",
+            ModelFamily::Sdxl => "SDXL",
+            ModelFamily::Unknown => "an unknown model",
+        })
+    }
+}
+
+impl ModelFamily {
+    /// The family of an SD UNet from its input channels and text-conditioning width.
+    fn of_unet(in_channels: usize, context_dim: usize) -> Self {
+        match (in_channels == 9, context_dim) {
+            (_, 2048) => ModelFamily::Sdxl,
+            (false, 1024) => ModelFamily::Sd2,
+            (true, 1024) => ModelFamily::Sd2Inpainting,
+            (false, _) => ModelFamily::Sd1,
+            (true, _) => ModelFamily::Sd1Inpainting,
+        }
+    }
+
+    /// Refuses the families the pipeline cannot run yet.
+    fn ensure_supported(self) -> Result<Self> {
+        match self {
+            ModelFamily::Sd1 | ModelFamily::Sd2 => Ok(self),
+            other => Err(Error::UnsupportedCheckpoint {
+                detected: other.to_string(),
+            }),
+        }
+    }
+}
+
+/// An opened checkpoint: its family, the three model configs, and lazy access to the weights.
+pub struct Checkpoint {
+    path: PathBuf,
+    /// The file whose sha256 is the A1111 "Model hash".
+    hash_file: PathBuf,
+    family: ModelFamily,
+    clip_config: ClipConfig,
+    unet_config: UNetConfig,
+    vae_config: VaeConfig,
+    text_encoder: Component,
+    unet: Component,
+    vae: Component,
+    /// SD2 single files keep OpenCLIP names, which we do not map yet.
+    open_clip: bool,
+}
+
+impl Checkpoint {
+    /// Opens a single-file checkpoint or a diffusers folder, reading only names and shapes.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            folder::open(path)
+        } else {
+            open_single_file(path)
+        }
+    }
+
+    /// The model family detected from the weights.
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// The text encoder's architecture.
+    pub fn clip_config(&self) -> &ClipConfig {
+        &self.clip_config
+    }
+
+    /// The UNet's architecture.
+    pub fn unet_config(&self) -> &UNetConfig {
+        &self.unet_config
+    }
+
+    /// The VAE's architecture (of the `--vae` override when one is set).
+    pub fn vae_config(&self) -> &VaeConfig {
+        &self.vae_config
+    }
+
+    /// Text-encoder weights, rooted at transformers' `text_model`.
+    pub fn text_encoder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        if self.open_clip {
+            return Err(Error::UnsupportedCheckpoint {
+                detected: format!(
+                    "{} with an OpenCLIP text encoder in a single file",
+                    self.family
+                ),
+            });
+        }
+        self.text_encoder.var_builder(dtype, device)
+    }
+
+    /// UNet weights under diffusers `UNet2DConditionModel` names.
+    pub fn unet(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        self.unet.var_builder(dtype, device)
+    }
+
+    /// VAE weights under diffusers `AutoencoderKL` names.
+    pub fn vae(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        self.vae.var_builder(dtype, device)
+    }
+
+    /// Uses the VAE in `path` (CompVis with or without `first_stage_model.`, or diffusers names).
+    pub fn set_vae_file(&mut self, path: &Path) -> Result<()> {
+        let file = Arc::new(TensorFile::open(path)?);
+        let naming = detect::vae_naming(&file).ok_or_else(|| Error::NotACheckpoint {
+            path: path.to_path_buf(),
+            reason: "no VAE tensors (encoder.*, decoder.*) found".into(),
+        })?;
+        let config = detect::vae_config(&file, naming, &self.vae_config)?;
+        self.vae = vae_component(file, &config, naming);
+        self.vae_config = config;
+        Ok(())
+    }
+
+    /// The checkpoint's name for humans and the infotext: file stem or folder name.
+    pub fn name(&self) -> String {
+        let name = if self.path.is_dir() {
+            self.path.file_name()
+        } else {
+            self.path.file_stem()
+        };
+        name.map_or_else(
+            || self.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    }
+
+    /// A1111's "Model hash": the first 10 hex digits of the sha256 of the weights file.
+    pub fn hash(&self) -> Result<String> {
+        let path = &self.hash_file;
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buffer).map_err(|e| Error::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(hex[..10].to_string())
+    }
+}
+
+/// The VAE component for a file with the given naming.
+fn vae_component(file: Arc<TensorFile>, config: &VaeConfig, naming: VaeNaming) -> Component {
+    Component::resolve(file, &compvis_vae::vae_names(config), |n| match naming {
+        VaeNaming::CompVis(prefix) => vec![format!("{prefix}{}", n.compvis)],
+        VaeNaming::Diffusers => std::iter::once(n.diffusers.clone())
+            .chain(compvis_vae::old_vae_attention_name(&n.diffusers))
+            .collect(),
+    })
+}
+
+/// Names under `prefix` in the CompVis layout.
+fn compvis_under(prefix: &str) -> impl Fn(&TensorName) -> Vec<String> + '_ {
+    move |n| vec![format!("{prefix}{}", n.compvis)]
+}
+
+fn open_single_file(path: &Path) -> Result<Checkpoint> {
+    let file = Arc::new(TensorFile::open(path)?);
+    let family = detect::family(&file);
+    if family == ModelFamily::Unknown {
+        if file.names().any(|n| n.starts_with(detect::UNET_PREFIX)) {
+            return Err(Error::UnsupportedCheckpoint {
+                detected: family.to_string(),
+            });
+        }
+        return Err(Error::NotACheckpoint {
+            path: path.to_path_buf(),
+            reason:
+                "no Stable Diffusion UNet (model.diffusion_model.*); a VAE, LoRA or embedding file?"
+                    .into(),
+        });
+    }
+    let family = family.ensure_supported()?;
+    let unet_config = detect::unet_config(&file)?;
+
+    let open_clip = detect::has_open_clip(&file);
+    let clip_prefix = detect::CLIP_PREFIXES
+        .into_iter()
+        .find(|p| file.contains(&format!("{p}embeddings.token_embedding.weight")));
+    let clip_config = match (open_clip, clip_prefix) {
+        (true, _) => detect::open_clip_config(&file)?,
+        (false, Some(prefix)) => detect::clip_config(&file, prefix)?,
+        // No text encoder inside: SD1's, so that the error names what is missing.
+        (false, None) => ClipConfig::sd1(),
+    };
+    let text_encoder = Component::resolve(
+        file.clone(),
+        &compvis::clip_names(&clip_config),
+        compvis_under(clip_prefix.unwrap_or(detect::CLIP_PREFIXES[0])),
+    );
+
+    let vae_naming = VaeNaming::CompVis(detect::VAE_PREFIX);
+    let vae_config = if detect::vae_naming(&file) == Some(vae_naming) {
+        detect::vae_config(&file, vae_naming, &VaeConfig::sd())?
+    } else {
+        // A checkpoint without its VAE still opens; `set_vae_file` supplies one.
+        VaeConfig::sd()
+    };
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        hash_file: path.to_path_buf(),
+        family,
+        unet: Component::resolve(
+            file.clone(),
+            &compvis::unet_names(&unet_config),
+            compvis_under(detect::UNET_PREFIX),
+        ),
+        vae: vae_component(file, &vae_config, vae_naming),
+        text_encoder,
+        clip_config,
+        unet_config,
+        vae_config,
+        open_clip,
+    })
+}

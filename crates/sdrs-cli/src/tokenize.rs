@@ -1,0 +1,54 @@
+//! `sdrs tokenize`: the CLIP token ids of a prompt and how the prompt language reads it, as JSON.
+
+use anyhow::Result;
+use clap::Args;
+use sdrs::prompt::{report, PromptSyntax, CHUNK_TOKENS};
+use sdrs::tokenizer::{Tokenizer, EOS};
+
+/// Arguments of `sdrs tokenize`.
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// The prompt to tokenize.
+    prompt: String,
+    /// How to read the prompt: auto, a1111, optimized, plain.
+    #[arg(long = "prompt-syntax", default_value = "auto")]
+    prompt_syntax: PromptSyntax,
+    /// Sampling steps, for the per-step schedule of prompt editing.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+}
+
+pub fn run(args: TokenizeArgs) -> Result<()> {
+    let tokenizer = Tokenizer::new()?;
+    let ids = tokenizer.encode(&args.prompt);
+    let tokens: Vec<&str> = ids
+        .iter()
+        .map(|&id| tokenizer.token(id).unwrap_or(""))
+        .collect();
+    let beyond_first_chunk = (ids.len() > CHUNK_TOKENS).then(|| {
+        tokens[CHUNK_TOKENS..]
+            .concat()
+            .replace("</w>", " ")
+            .trim_end()
+            .to_string()
+    });
+    let parsed = report(
+        &tokenizer,
+        &args.prompt,
+        args.prompt_syntax,
+        args.steps,
+        EOS,
+    )?;
+    let out = serde_json::json!({
+        "prompt": args.prompt,
+        "ids": ids,
+        "tokens": tokens,
+        "count": ids.len(),
+        "chunk_size": CHUNK_TOKENS,
+        "fits_one_chunk": ids.len() <= CHUNK_TOKENS,
+        "beyond_first_chunk": beyond_first_chunk,
+        "parsed": parsed,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! `sdrs txt2img`: CompVis' command line, A1111's samplers; and the flags and run loop that
+//! `sdrs img2img` shares with it.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sdrs::image_io::{encode_jpeg, encode_png, grid};
+use sdrs::pipeline::{
+    resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, StableDiffusion,
+};
+use sdrs::prompt::PromptSyntax;
+use sdrs::sampling::rng::NormalVariant;
+use sdrs::sampling::{Flow, SigmaSchedule};
+use sdrs::weights::Checkpoint;
+
+use crate::output::OutputDir;
+use crate::timing::PhaseClock;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    Full,
+    Autocast,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Png,
+    Jpg,
+}
+
+/// Arguments of `sdrs txt2img`.
+#[derive(Args)]
+pub struct Txt2ImgArgs {
+    #[command(flatten)]
+    common: GenerationArgs,
+}
+
+/// The flags txt2img and img2img share; the CompVis/optimizedSD spellings are accepted as
+/// aliases.
+#[derive(Args)]
+pub struct GenerationArgs {
+    /// The checkpoint: a .safetensors/.ckpt file or a diffusers folder.
+    #[arg(long, alias = "ckpt")]
+    model: PathBuf,
+    /// A separate VAE file to use instead of the checkpoint's.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// What to draw.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// What to steer away from.
+    #[arg(long, alias = "negative_prompt", default_value = "")]
+    negative_prompt: String,
+    /// Image height in pixels, a multiple of 8 [default: 512; img2img: the init image's].
+    #[arg(long = "H", visible_alias = "height")]
+    pub height: Option<usize>,
+    /// Image width in pixels, a multiple of 8 [default: 512; img2img: the init image's].
+    #[arg(long = "W", visible_alias = "width")]
+    pub width: Option<usize>,
+    /// Seed of the first image; −1 picks one. Image i uses seed + i.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    seed: i64,
+    /// Number of batches.
+    #[arg(long = "n-iter", alias = "n_iter", default_value_t = 1)]
+    n_iter: usize,
+    /// Images per batch.
+    #[arg(long = "n-samples", alias = "n_samples", default_value_t = 1)]
+    n_samples: usize,
+    /// Sampling steps.
+    #[arg(long = "steps", visible_aliases = ["ddim-steps", "ddim_steps"], default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale (1 turns guidance off).
+    #[arg(long = "scale", visible_aliases = ["cfg-scale", "cfg_scale"], default_value_t = 7.5)]
+    scale: f64,
+    /// Sampler, by A1111 name: DDIM, PLMS, Euler, "Euler a", Heun, "DPM++ 2M" (add " Karras").
+    #[arg(long, default_value = "PLMS")]
+    sampler: String,
+    /// Sigma schedule for the k-diffusion samplers.
+    #[arg(long, default_value = "normal")]
+    schedule: SigmaSchedule,
+    /// DDIM's η (0 = deterministic).
+    #[arg(long = "ddim-eta", visible_aliases = ["ddim_eta", "eta"], default_value_t = 0.0)]
+    eta: f64,
+    /// Use the text encoder's n-th layer from the end (1 = last).
+    #[arg(long = "clip-skip", alias = "clip_skip", default_value_t = 1)]
+    clip_skip: usize,
+    /// How to read the prompt: auto (A1111 and optimizedSD's `text:weight`), a1111, optimized, plain.
+    #[arg(long = "prompt-syntax", default_value = "auto")]
+    prompt_syntax: PromptSyntax,
+    /// Float math for the torch-compatible noise: avx2 (torch on x86-64) or scalar.
+    #[arg(long = "rng-math", default_value = "avx2")]
+    rng_math: NormalVariant,
+    /// Output folder [default: outputs/txt2img-samples or outputs/img2img-samples].
+    #[arg(long, visible_alias = "out")]
+    outdir: Option<PathBuf>,
+    /// File format of the images.
+    #[arg(long, value_enum, default_value = "png")]
+    format: Format,
+    /// Do not write a grid of the run's images.
+    #[arg(long = "skip-grid", alias = "skip_grid")]
+    skip_grid: bool,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Accepted for CompVis compatibility; the CPU computes in float32 either way.
+    #[arg(long, value_enum, default_value = "autocast")]
+    precision: Precision,
+    /// Accepted for optimizedSD compatibility: the default mode is already the fast one.
+    #[arg(long)]
+    turbo: bool,
+}
+
+fn device(arg: DeviceArg) -> Result<candle_core::Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda => Ok(candle_core::Device::new_cuda(0)?),
+        #[cfg(not(feature = "cuda"))]
+        DeviceArg::Cuda => {
+            bail!("this sdrs was built without CUDA support; rebuild with `--features cuda`")
+        }
+    }
+}
+
+pub fn run(args: Txt2ImgArgs) -> Result<()> {
+    let args = args.common;
+    let mut request = args.request();
+    request.width = args.width.unwrap_or(512);
+    request.height = args.height.unwrap_or(512);
+    execute(
+        &args,
+        request,
+        "outputs/txt2img-samples",
+        |sd, req, on_event| txt2img(sd, req, on_event),
+    )
+}
+
+impl GenerationArgs {
+    /// The request these flags describe; the caller sets the size and img2img's fields.
+    pub fn request(&self) -> GenerationRequest {
+        GenerationRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            cfg_scale: self.scale,
+            sampler_name: self.sampler.clone(),
+            scheduler: self.schedule,
+            seed: resolve_seed(self.seed) as i64,
+            batch_size: self.n_samples,
+            n_iter: self.n_iter,
+            eta: self.eta,
+            clip_skip: self.clip_skip,
+            prompt_syntax: self.prompt_syntax,
+            rng_math: self.rng_math,
+            ..Default::default()
+        }
+    }
+}
+
+/// Validates `request`, loads the model, runs `generate` with a progress bar, and writes
+/// every image as it is done (then a grid).
+pub fn execute(
+    args: &GenerationArgs,
+    request: GenerationRequest,
+    default_outdir: &str,
+    generate: impl FnOnce(
+        &StableDiffusion,
+        &GenerationRequest,
+        &mut dyn FnMut(Event) -> Flow,
+    ) -> sdrs::Result<Vec<GeneratedImage>>,
+) -> Result<()> {
+    let _ = (args.precision, args.turbo);
+    request.validate()?;
+    if args.seed < 0 {
+        eprintln!("seed: {}", request.seed);
+    }
+    let device = device(args.device)?;
+    let outdir = args
+        .outdir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(default_outdir));
+    let mut out = OutputDir::prepare(&outdir)?;
+
+    let started = Instant::now();
+    let mut checkpoint = Checkpoint::open(&args.model)
+        .with_context(|| format!("loading checkpoint {}", args.model.display()))?;
+    if let Some(vae) = &args.vae {
+        checkpoint
+            .set_vae_file(vae)
+            .with_context(|| format!("loading VAE {}", vae.display()))?;
+    }
+    let sd = StableDiffusion::load(&checkpoint, &device)
+        .with_context(|| format!("loading checkpoint {}", args.model.display()))?;
+    // The models now own their weights; unmapping the file frees its pages for the run.
+    drop(checkpoint);
+    let load_time = started.elapsed();
+
+    let ext = match args.format {
+        Format::Png => "png",
+        Format::Jpg => "jpg",
+    };
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut bar: Option<ProgressBar> = None;
+    let mut write_error = None;
+    let mut written = Vec::new();
+    let mut clock = PhaseClock::start();
+    let result = generate(&sd, &request, &mut |event| {
+        match event {
+            Event::Step {
+                image,
+                images,
+                step,
+                steps,
+            } => {
+                let b = bar.get_or_insert_with(|| {
+                    let b = ProgressBar::new(steps as u64).with_style(style.clone());
+                    b.set_message(format!("image {}/{images}", image + 1));
+                    b
+                });
+                b.set_position(step as u64);
+                clock.step_done();
+            }
+            Event::Image { image, .. } => {
+                clock.image_done();
+                if let Some(b) = bar.take() {
+                    b.finish();
+                }
+                let bytes = match args.format {
+                    Format::Png => encode_png(&image.image, Some(&image.infotext)),
+                    Format::Jpg => encode_jpeg(&image.image),
+                };
+                match bytes
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| out.write_sample(image.seed, ext, &b))
+                {
+                    Ok(path) => written.push((path, image.image.clone())),
+                    Err(e) => {
+                        write_error = Some(e);
+                        return Flow::Stop;
+                    }
+                }
+            }
+        }
+        Flow::Continue
+    });
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    let images = result?;
+
+    if !args.skip_grid && images.len() > 1 {
+        let all: Vec<_> = written.iter().map(|(_, img)| img.clone()).collect();
+        if let Some(g) = grid(&all, args.n_samples) {
+            let bytes = match args.format {
+                Format::Png => encode_png(&g, None)?,
+                Format::Jpg => encode_jpeg(&g)?,
+            };
+            let path = out.write_grid(ext, &bytes)?;
+            eprintln!("grid: {}", path.display());
+        }
+    }
+    for (path, _) in &written {
+        println!("{}", path.display());
+    }
+    eprintln!(
+        "{} image(s) in {:.1}s: load {:.1}s, sampling {:.1}s ({:.2}s/step), decode {:.1}s, seed {}",
+        images.len(),
+        started.elapsed().as_secs_f64(),
+        load_time.as_secs_f64(),
+        clock.sampling.as_secs_f64(),
+        clock.per_step(),
+        clock.decoding.as_secs_f64(),
+        request.seed,
+    );
+    if images.is_empty() {
+        bail!("no image was generated");
+    }
+    Ok(())
+}

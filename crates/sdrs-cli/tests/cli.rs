@@ -1,0 +1,370 @@
+//! The `sdrs` binary end to end on the tiny fixture model.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn sdrs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdrs"))
+        .args(args)
+        .output()
+        .expect("run sdrs")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdrs-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn tiny_model() -> String {
+    fixtures()
+        .join("tiny-sd1.safetensors")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn txt2img_with_compvis_flags_writes_numbered_pngs_with_parameters_and_a_grid() {
+    let out = temp_dir("batch");
+    let model = tiny_model();
+    let result = sdrs(&[
+        "txt2img",
+        "--ckpt",
+        &model,
+        "--prompt",
+        "a tiny red fox",
+        "--H",
+        "64",
+        "--W",
+        "48",
+        "--seed",
+        "42",
+        "--n_iter",
+        "1",
+        "--n_samples",
+        "2",
+        "--ddim_steps",
+        "3",
+        "--scale",
+        "7.5",
+        "--sampler",
+        "Euler a",
+        "--outdir",
+        out.to_str().unwrap(),
+        "--precision",
+        "full",
+        "--turbo",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    for (name, seed) in [("00000-42.png", "42"), ("00001-43.png", "43")] {
+        let bytes = std::fs::read(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let text = sdrs::image_io::read_png_parameters(&bytes)
+            .unwrap()
+            .expect("parameters");
+        let info = sdrs::pipeline::infotext::parse(&text);
+        assert_eq!(info.prompt, "a tiny red fox");
+        assert_eq!(info.get("Seed"), Some(seed));
+        assert_eq!(info.get("Size"), Some("48x64"));
+        assert_eq!(info.get("Sampler"), Some("Euler a"));
+        let img = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((img.width(), img.height()), (48, 64));
+    }
+    let grid = image::open(out.join("grid-0000.png")).expect("grid");
+    assert_eq!((grid.width(), grid.height()), (96, 64));
+
+    // A second run continues the numbering and overwrites nothing.
+    let again = sdrs(&[
+        "txt2img",
+        "--model",
+        &model,
+        "--height",
+        "64",
+        "--width",
+        "48",
+        "--seed",
+        "7",
+        "--steps",
+        "2",
+        "--sampler",
+        "DDIM",
+        "--out",
+        out.to_str().unwrap(),
+        "--skip_grid",
+        "--format",
+        "jpg",
+    ]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(out.join("00002-7.jpg").exists());
+    assert!(!out.join("grid-0001.jpg").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn same_seed_gives_the_same_image() {
+    let out = temp_dir("repro");
+    let model = tiny_model();
+    for _ in 0..2 {
+        let r = sdrs(&[
+            "txt2img",
+            "--model",
+            &model,
+            "--H",
+            "64",
+            "--W",
+            "64",
+            "--seed",
+            "5",
+            "--steps",
+            "2",
+            "--sampler",
+            "Euler a",
+            "--outdir",
+            out.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    let a = image::open(out.join("00000-5.png")).unwrap().to_rgb8();
+    let b = image::open(out.join("00001-5.png")).unwrap().to_rgb8();
+    assert_eq!(a, b);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+fn assert_fails_with(args: &[&str], needle: &str) {
+    let r = sdrs(args);
+    let err = stderr(&r);
+    assert!(!r.status.success(), "expected failure for {args:?}");
+    assert!(
+        err.contains(needle),
+        "stderr for {args:?} lacks {needle:?}:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "panic for {args:?}:\n{err}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_message() {
+    let model = tiny_model();
+    let out = temp_dir("bad");
+    let o = out.to_str().unwrap();
+    assert_fails_with(
+        &["txt2img", "--model", &model, "--W", "500", "--outdir", o],
+        "multiples of 8",
+    );
+    assert_fails_with(
+        &[
+            "txt2img", "--model", &model, "--W", "65536", "--H", "65536", "--outdir", o,
+        ],
+        "at most",
+    );
+    assert_fails_with(
+        &[
+            "txt2img",
+            "--model",
+            &model,
+            "--sampler",
+            "Euler b",
+            "--outdir",
+            o,
+        ],
+        "DPM++ 2M",
+    );
+    assert_fails_with(
+        &[
+            "txt2img",
+            "--model",
+            "/nonexistent/model.safetensors",
+            "--outdir",
+            o,
+        ],
+        "/nonexistent/model.safetensors",
+    );
+    let png = out.join("not-a-model.safetensors");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(&png, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    assert_fails_with(
+        &["txt2img", "--model", png.to_str().unwrap(), "--outdir", o],
+        "not-a-model.safetensors",
+    );
+    let blocker = out.join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    let unwritable = blocker.join("sub");
+    assert_fails_with(
+        &[
+            "txt2img",
+            "--model",
+            &model,
+            "--outdir",
+            unwritable.to_str().unwrap(),
+        ],
+        "output directory",
+    );
+    assert_fails_with(
+        &[
+            "txt2img", "--model", &model, "--device", "cuda", "--outdir", o,
+        ],
+        "CUDA",
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn tokenize_prints_ids_and_tokens_as_json() {
+    let r = sdrs(&["tokenize", "a photo of an astronaut riding a horse, 4k!!"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+    let ids: Vec<u64> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [320, 1125, 539, 550, 18376, 6765, 320, 4558, 267, 275, 330, 748]
+    );
+    assert_eq!(v["tokens"][1], "photo</w>");
+    assert_eq!(v["fits_one_chunk"], true);
+    assert_eq!(v["parsed"]["reading"], "a1111");
+    let long = "cat ".repeat(80);
+    let r = sdrs(&["tokenize", &long]);
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+    assert_eq!(v["count"], 80);
+    assert_eq!(v["fits_one_chunk"], false);
+    assert_eq!(v["beyond_first_chunk"], "cat cat cat cat cat");
+    let chunks = &v["parsed"]["parts"][0]["schedule"][0]["texts"][0]["chunks"];
+    assert_eq!(chunks.as_array().map(Vec::len), Some(2));
+    let r = sdrs(&["tokenize", "a [fox:bird:0.5]", "--steps", "10"]);
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+    let schedule = &v["parsed"]["parts"][0]["schedule"];
+    assert_eq!(schedule[0]["until_step"], 5);
+    assert_eq!(schedule[1]["texts"][0]["text"], "a bird");
+}
+
+/// Writes a `w`×`h` RGBA PNG with a transparent left half and returns its path.
+fn write_init_png(dir: &std::path::Path, w: u32, h: u32) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let img = image::RgbaImage::from_fn(w, h, |x, y| {
+        let alpha = if x < w / 2 { 0 } else { 255 };
+        image::Rgba([(x * 4) as u8, (y * 5) as u8, 90, alpha])
+    });
+    let path = dir.join(format!("init-{w}x{h}.png"));
+    img.save(&path).unwrap();
+    path
+}
+
+#[test]
+fn img2img_keeps_the_init_size_rounded_to_8_or_fits_it_to_w_and_h() {
+    let out = temp_dir("img2img");
+    let model = tiny_model();
+    let init = write_init_png(&out.join("in"), 50, 37);
+    let o = out.join("samples");
+    let r = sdrs(&[
+        "img2img",
+        "--model",
+        &model,
+        "--init-img",
+        init.to_str().unwrap(),
+        "--strength",
+        "0.6",
+        "--prompt",
+        "a tiny red fox",
+        "--seed",
+        "3",
+        "--steps",
+        "4",
+        "--sampler",
+        "Euler a",
+        "--outdir",
+        o.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let bytes = std::fs::read(o.join("00000-3.png")).expect("image");
+    let img = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((img.width(), img.height()), (48, 32));
+    let text = sdrs::image_io::read_png_parameters(&bytes)
+        .unwrap()
+        .expect("parameters");
+    let info = sdrs::pipeline::infotext::parse(&text);
+    assert_eq!(info.get("Denoising strength"), Some("0.6"));
+    assert_eq!(info.get("Size"), Some("48x32"));
+
+    for (mode, (w, h)) in [("fill", ("64", "48")), ("crop", ("40", "64"))] {
+        let r = sdrs(&[
+            "img2img",
+            "--ckpt",
+            &model,
+            "--init_img",
+            init.to_str().unwrap(),
+            "--denoising-strength",
+            "0.3",
+            "--W",
+            w,
+            "--H",
+            h,
+            "--resize-mode",
+            mode,
+            "--seed",
+            "4",
+            "--ddim_steps",
+            "3",
+            "--sampler",
+            "DDIM",
+            "--outdir",
+            o.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{mode}: {}", stderr(&r));
+    }
+    let fill = image::open(o.join("00001-4.png")).expect("fill image");
+    assert_eq!((fill.width(), fill.height()), (64, 48));
+    let crop = image::open(o.join("00002-4.png")).expect("crop image");
+    assert_eq!((crop.width(), crop.height()), (40, 64));
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn img2img_bad_input_gets_a_clear_message() {
+    let model = tiny_model();
+    let out = temp_dir("img2img-bad");
+    let o = out.join("samples");
+    let o = o.to_str().unwrap();
+    let init = write_init_png(&out, 16, 16);
+    let init = init.to_str().unwrap();
+    let run = |extra: &[&str], needle: &str| {
+        let mut args = vec!["img2img", "--model", &model, "--outdir", o];
+        args.extend_from_slice(extra);
+        assert_fails_with(&args, needle);
+    };
+    run(
+        &["--init-img", "/nonexistent/pic.png"],
+        "/nonexistent/pic.png",
+    );
+    let text = out.join("notes.png");
+    std::fs::write(&text, b"just some text").unwrap();
+    run(
+        &["--init-img", text.to_str().unwrap()],
+        "not a PNG, JPEG or WebP",
+    );
+    run(
+        &["--init-img", init, "--strength", "1.5"],
+        "between 0 and 1",
+    );
+    run(
+        &["--init-img", init, "--strength", "-0.5"],
+        "between 0 and 1",
+    );
+    run(
+        &["--init-img", init, "--resize-mode", "zoom"],
+        "resize mode",
+    );
+    let tiny = write_init_png(&out, 5, 20);
+    run(&["--init-img", tiny.to_str().unwrap()], "at least 8 pixels");
+    run(&["--init-img", init, "--W", "60"], "multiples of 8");
+    std::fs::remove_dir_all(&out).unwrap();
+}

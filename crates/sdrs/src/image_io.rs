@@ -1,1 +1,0 @@
-//! Tensor ↔ image conversion and PNG metadata.

@@ -1,0 +1,209 @@
+//! The UNet's spatial transformer (diffusers' `Transformer2DModel` with
+//! `BasicTransformerBlock`s): self-attention, cross-attention on the text, GEGLU MLP.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
+    VarBuilder,
+};
+
+use crate::Result;
+
+/// Multi-head attention (`Attention` with q/k/v without bias, `to_out.0` with bias).
+#[derive(Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    /// `[B, N, C]` → `[B·heads, N, C/heads]`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        Ok(x.reshape((b, n, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, c / self.heads))?)
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        // Scaling the queries rather than the scores touches N·d values instead of N².
+        let q = (self.split_heads(&self.to_q.forward(x)?)? * self.scale)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        // The matmul reads the transposed keys through their strides; no copy needed.
+        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let out = probs.matmul(&v)?;
+        let d = out.dim(D::Minus1)?;
+        let out = out
+            .reshape((b, self.heads, n, d))?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * d))?;
+        Ok(self.to_out.forward(&out)?)
+    }
+}
+
+/// The MLP: GEGLU (`ff.net.0.proj`, exact GELU on the gate half) then `ff.net.2`.
+#[derive(Debug)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
+        Ok(self.out.forward(&(hidden * gate)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        context_dim: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?;
+        let x = (self.attn1.forward(&h, &h)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, context)? + &x)?;
+        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+    }
+}
+
+/// Projection in and out of the transformer: 1×1 convolutions (SD 1.x) or linear layers
+/// applied after flattening (SD 2.x's `use_linear_projection`).
+#[derive(Debug)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// One spatial transformer: GroupNorm, projection, blocks, projection, residual.
+#[derive(Debug)]
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+/// The shape of a spatial transformer.
+pub struct TransformerShape {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+}
+
+impl SpatialTransformer {
+    /// A transformer over `channels` with `heads` heads of `channels / heads` each.
+    pub fn new(vb: VarBuilder, s: &TransformerShape) -> Result<Self> {
+        let c = s.channels;
+        let projection = |name: &str| -> Result<Projection> {
+            Ok(if s.linear_projection {
+                Projection::Linear(linear(c, c, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv2d(c, c, 1, Default::default(), vb.pp(name))?)
+            })
+        };
+        let blocks = (0..s.depth)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    c,
+                    s.heads,
+                    c / s.heads,
+                    s.context_dim,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(s.groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let normed = self.norm.forward(x)?;
+        let to_tokens =
+            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_image = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(tokens)?)?,
+            Projection::Linear(lin) => to_image(lin.forward(&tokens)?)?,
+        };
+        Ok((out + x)?)
+    }
+}

@@ -1,0 +1,104 @@
+//! The text conditioning of a run: the prompt's AND parts with their per-step schedules, and
+//! the negative prompt's schedule, encoded once before sampling.
+
+use candle_core::Tensor;
+
+use super::StableDiffusion;
+use crate::prompt::{encode_batch, encode_blend, plan, PromptPlan, PromptSyntax};
+use crate::tokenizer::EOS;
+use crate::{Error, Result};
+
+/// One encoded prompt part: its AND weight and the conditioning for each stretch of steps.
+pub struct EncodedPart {
+    pub weight: f32,
+    /// `(until_step, context)`: serves 0-based steps up to `until_step` (A1111's `end_at_step`).
+    schedule: Vec<(usize, Tensor)>,
+}
+
+impl EncodedPart {
+    /// The context for 0-based sampling step `step` (A1111's `reconstruct_cond_batch`).
+    pub fn at(&self, step: usize) -> &Tensor {
+        let found = self.schedule.iter().find(|(until, _)| step <= *until);
+        &found.unwrap_or(&self.schedule[0]).1
+    }
+}
+
+/// Everything the denoiser needs from the text.
+pub struct Conditioning {
+    pub parts: Vec<EncodedPart>,
+    pub uncond: EncodedPart,
+}
+
+impl Conditioning {
+    /// Whether guidance has nothing to add at `cfg_scale` (one part of weight 1 at scale 1).
+    pub fn unguided(&self, cfg_scale: f64) -> bool {
+        cfg_scale == 1.0 && self.parts.len() == 1 && self.parts[0].weight == 1.0
+    }
+}
+
+fn encode_plan(
+    sd: &StableDiffusion,
+    plan: &PromptPlan,
+    syntax: PromptSyntax,
+    clip_skip: usize,
+) -> Result<Vec<EncodedPart>> {
+    let mut encoder = |ids: &Tensor| {
+        sd.text_encoder
+            .forward(&ids.to_device(&sd.device)?, clip_skip)
+    };
+    plan.parts
+        .iter()
+        .map(|part| {
+            let plain = part
+                .schedule
+                .iter()
+                .all(|s| matches!(s.blend.as_slice(), [(_, w)] if *w == 1.0));
+            let contexts = if plain {
+                // A1111 encodes one part's scheduled texts as a batch (shared emphasis means).
+                let texts: Vec<&str> = part
+                    .schedule
+                    .iter()
+                    .map(|s| s.blend[0].0.as_str())
+                    .collect();
+                encode_batch(&sd.tokenizer, &texts, syntax, EOS, &mut encoder)?
+            } else {
+                part.schedule
+                    .iter()
+                    .map(|s| encode_blend(&sd.tokenizer, &s.blend, syntax, EOS, &mut encoder))
+                    .collect::<Result<Vec<_>>>()?
+            };
+            Ok(EncodedPart {
+                weight: part.weight,
+                schedule: part
+                    .schedule
+                    .iter()
+                    .map(|s| s.until_step)
+                    .zip(contexts)
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+impl StableDiffusion {
+    /// Parses and encodes a prompt and its negative for a run of `steps` steps.
+    pub fn conditioning(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        syntax: PromptSyntax,
+        steps: usize,
+        clip_skip: usize,
+    ) -> Result<Conditioning> {
+        let parts = encode_plan(self, &plan(prompt, syntax, steps)?, syntax, clip_skip)?;
+        let negative = plan(negative_prompt, syntax, steps)?;
+        if negative.parts.len() != 1 {
+            return Err(Error::InvalidRequest(
+                "AND (composable diffusion) is for the prompt; the negative prompt cannot use it"
+                    .into(),
+            ));
+        }
+        let uncond = encode_plan(self, &negative, syntax, clip_skip)?.remove(0);
+        Ok(Conditioning { parts, uncond })
+    }
+}

@@ -1,0 +1,90 @@
+//! The denoiser the samplers see: UNet ε-prediction, classifier-free guidance over the
+//! prompt's AND parts (composable diffusion), the prompt schedule, and the k-diffusion
+//! scalings between sigma space and the UNet's input.
+
+use std::cell::Cell;
+
+use candle_core::Tensor;
+
+use super::conditioning::Conditioning;
+use crate::models::unet::UNet2DConditionModel;
+use crate::sampling::{Denoiser, NoiseSchedule};
+use crate::Result;
+
+/// `D(x, σ)` for an ε-predicting UNet with classifier-free guidance (k-diffusion's
+/// `CompVisDenoiser` around A1111's `CFGDenoiser`).
+pub struct CfgDenoiser<'a> {
+    unet: &'a UNet2DConditionModel,
+    schedule: &'a NoiseSchedule,
+    conditioning: &'a Conditioning,
+    cfg_scale: f64,
+    /// The sampling step in progress, which picks the scheduled prompt; the pipeline advances
+    /// it after each step, so both model calls of a Heun step see the same prompt.
+    step: &'a Cell<usize>,
+}
+
+impl<'a> CfgDenoiser<'a> {
+    /// A guided denoiser reading the current step from `step`.
+    pub fn new(
+        unet: &'a UNet2DConditionModel,
+        schedule: &'a NoiseSchedule,
+        conditioning: &'a Conditioning,
+        cfg_scale: f64,
+        step: &'a Cell<usize>,
+    ) -> Self {
+        Self {
+            unet,
+            schedule,
+            conditioning,
+            cfg_scale,
+            step,
+        }
+    }
+
+    /// ε for each context: one batched UNet call when the contexts have the same length (the
+    /// usual case), else one call per context (prompts of different chunk counts).
+    fn eps_per_context(&self, x_in: &Tensor, t: f64, contexts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let same_shape = contexts.windows(2).all(|w| w[0].dims() == w[1].dims());
+        if !same_shape {
+            return contexts
+                .iter()
+                .map(|c| self.unet.forward(x_in, t, c))
+                .collect();
+        }
+        let batch = x_in.dim(0)?;
+        let xs = vec![x_in; contexts.len()];
+        let eps = self
+            .unet
+            .forward(&Tensor::cat(&xs, 0)?, t, &Tensor::cat(contexts, 0)?)?;
+        (0..contexts.len())
+            .map(|i| Ok(eps.narrow(0, i * batch, batch)?))
+            .collect()
+    }
+
+    /// `ε_u + Σ_i w_i · s · (ε_i − ε_u)` (A1111's `combine_denoised`, in ε).
+    fn guided_eps(&self, x_in: &Tensor, t: f64) -> Result<Tensor> {
+        let step = self.step.get();
+        let parts = &self.conditioning.parts;
+        if self.conditioning.unguided(self.cfg_scale) {
+            return self.unet.forward(x_in, t, parts[0].at(step));
+        }
+        let mut contexts = vec![self.conditioning.uncond.at(step)];
+        contexts.extend(parts.iter().map(|p| p.at(step)));
+        let eps = self.eps_per_context(x_in, t, &contexts)?;
+        let uncond = &eps[0];
+        let mut guided = uncond.clone();
+        for (part, cond) in parts.iter().zip(&eps[1..]) {
+            guided = (guided + ((cond - uncond)? * (part.weight as f64 * self.cfg_scale))?)?;
+        }
+        Ok(guided)
+    }
+}
+
+impl Denoiser for CfgDenoiser<'_> {
+    fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let t = self.schedule.sigma_to_t(sigma);
+        let eps = self.guided_eps(&(x * c_in)?, t)?;
+        Ok((x - (eps * sigma)?)?)
+    }
+}

@@ -1,0 +1,332 @@
+//! A1111's "infotext": the text that says what made an image, written into PNGs and read back.
+
+use crate::prompt::PromptSyntax;
+use crate::sampling::rng::NormalVariant;
+use crate::sampling::SigmaSchedule;
+
+use super::GenerationRequest;
+
+/// What the infotext says beyond the request: the model, the image's own seed, and whether
+/// the image came from img2img.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ImageFacts {
+    pub seed: u64,
+    pub model_name: String,
+    pub model_hash: Option<String>,
+    /// True for img2img, whose infotext carries A1111's `Denoising strength`.
+    pub img2img: bool,
+}
+
+/// A1111 quotes a value holding `,`, `:` or a newline as a JSON string.
+fn quote(value: &str) -> String {
+    if value.contains([',', ':', '\n']) {
+        serde_json::to_string(value).unwrap_or_else(|_| value.to_string())
+    } else {
+        value.to_string()
+    }
+}
+
+/// A float the way Python prints it: `7` for 7.0, `7.5` for 7.5.
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Renders the infotext of one image.
+pub fn render(
+    req: &GenerationRequest,
+    sampler: &str,
+    schedule: SigmaSchedule,
+    facts: &ImageFacts,
+) -> String {
+    let mut params: Vec<(&str, String)> = vec![
+        ("Steps", req.steps.to_string()),
+        ("Sampler", sampler.to_string()),
+    ];
+    if schedule != SigmaSchedule::Normal {
+        params.push(("Schedule type", schedule.to_string()));
+    }
+    params.push(("CFG scale", number(req.cfg_scale)));
+    params.push(("Seed", facts.seed.to_string()));
+    params.push(("Size", format!("{}x{}", req.width, req.height)));
+    if let Some(hash) = &facts.model_hash {
+        params.push(("Model hash", hash.clone()));
+    }
+    if !facts.model_name.is_empty() {
+        params.push(("Model", facts.model_name.clone()));
+    }
+    if facts.img2img {
+        params.push(("Denoising strength", number(req.denoising_strength)));
+    }
+    if req.eta != 0.0 {
+        params.push(("Eta DDIM", number(req.eta)));
+    }
+    if req.clip_skip > 1 {
+        params.push(("Clip skip", req.clip_skip.to_string()));
+    }
+    if req.prompt_syntax != PromptSyntax::default() {
+        params.push(("Prompt syntax", req.prompt_syntax.to_string()));
+    }
+    params.push(("RNG", "CPU".into()));
+    if req.rng_math != NormalVariant::default() {
+        params.push(("RNG math", req.rng_math.to_string()));
+    }
+    params.push(("Version", format!("sdrs {}", env!("CARGO_PKG_VERSION"))));
+    let line = params
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", quote(v)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut text = req.prompt.clone();
+    if !req.negative_prompt.is_empty() {
+        text.push_str("\nNegative prompt: ");
+        text.push_str(&req.negative_prompt);
+    }
+    text.push('\n');
+    text.push_str(&line);
+    text
+}
+
+/// An infotext split into its parts: prompt, negative prompt and the `key: value` list in order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Infotext {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub params: Vec<(String, String)>,
+}
+
+impl Infotext {
+    /// The value of a parameter, if present.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The request this infotext describes; fields it does not mention keep their defaults.
+    pub fn to_request(&self) -> GenerationRequest {
+        let mut req = GenerationRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            ..Default::default()
+        };
+        let parsed = |key: &str| self.get(key).and_then(|v| v.trim().parse::<f64>().ok());
+        if let Some(v) = parsed("Steps") {
+            req.steps = v as usize;
+        }
+        if let Some(v) = self.get("Sampler") {
+            req.sampler_name = v.to_string();
+        }
+        if let Some(v) = self.get("Schedule type").and_then(|v| v.parse().ok()) {
+            req.scheduler = v;
+        }
+        if let Some(v) = parsed("CFG scale") {
+            req.cfg_scale = v;
+        }
+        if let Some(v) = parsed("Seed") {
+            req.seed = v as i64;
+        }
+        if let Some((w, h)) = self.get("Size").and_then(|s| s.split_once('x')) {
+            if let (Ok(w), Ok(h)) = (w.trim().parse(), h.trim().parse()) {
+                (req.width, req.height) = (w, h);
+            }
+        }
+        if let Some(v) = parsed("Denoising strength") {
+            req.denoising_strength = v;
+        }
+        if let Some(v) = parsed("Eta DDIM") {
+            req.eta = v;
+        }
+        if let Some(v) = parsed("Clip skip") {
+            req.clip_skip = v as usize;
+        }
+        if let Some(v) = self.get("Prompt syntax").and_then(|v| v.parse().ok()) {
+            req.prompt_syntax = v;
+        }
+        if let Some(v) = self.get("RNG math").and_then(|v| v.parse().ok()) {
+            req.rng_math = v;
+        }
+        req
+    }
+}
+
+/// Parses `key: value, key: "quoted, value"` pairs as A1111's `re_param` does.
+fn parse_params(line: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = line.trim_start();
+    while !rest.is_empty() {
+        let Some(colon) = rest.find(':') else { break };
+        let key = rest[..colon].trim().to_string();
+        let valid_key = key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && key
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == ' ' || c == '-' || c == '/');
+        if !valid_key {
+            break;
+        }
+        rest = rest[colon + 1..].trim_start();
+        let value = if rest.starts_with('"') {
+            let mut end = None;
+            let mut escaped = false;
+            for (i, ch) in rest.char_indices().skip(1) {
+                match ch {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            match end {
+                Some(end) => {
+                    let raw = &rest[..=end];
+                    rest = &rest[end + 1..];
+                    serde_json::from_str::<String>(raw).unwrap_or_else(|_| raw.to_string())
+                }
+                None => std::mem::take(&mut rest).to_string(),
+            }
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            let v = rest[..end].trim().to_string();
+            rest = &rest[end..];
+            v
+        };
+        out.push((key, value));
+        rest = rest.trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    }
+    out
+}
+
+/// Parses an infotext written by sdrs or by A1111.
+pub fn parse(text: &str) -> Infotext {
+    let mut lines: Vec<&str> = text.trim().lines().collect();
+    let mut info = Infotext::default();
+    if let Some(last) = lines.last() {
+        let params = parse_params(last);
+        // A1111's rule: a last line with fewer than three parameters is part of the prompt.
+        if params.len() >= 3 {
+            info.params = params;
+            lines.pop();
+        }
+    }
+    let mut in_negative = false;
+    let (mut prompt, mut negative) = (Vec::new(), Vec::new());
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("Negative prompt:") {
+            in_negative = true;
+            negative.push(rest.trim_start());
+        } else if in_negative {
+            negative.push(line);
+        } else {
+            prompt.push(line);
+        }
+    }
+    info.prompt = prompt.join("\n");
+    info.negative_prompt = negative.join("\n");
+    info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_matches_a1111_layout_and_quotes_values() {
+        let req = GenerationRequest {
+            prompt: "a cat".into(),
+            negative_prompt: "blurry".into(),
+            steps: 20,
+            cfg_scale: 7.0,
+            width: 512,
+            height: 512,
+            ..Default::default()
+        };
+        let facts = ImageFacts {
+            seed: 1,
+            model_name: "v1-5, pruned".into(),
+            model_hash: Some("0123456789".into()),
+            ..Default::default()
+        };
+        let text = render(&req, "Euler a", SigmaSchedule::Karras, &facts);
+        let expected = format!(
+            "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 0123456789, Model: \"v1-5, pruned\", RNG: CPU, Version: sdrs {}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(text, expected);
+        let back = parse(&text);
+        assert_eq!(back.prompt, "a cat");
+        assert_eq!(back.negative_prompt, "blurry");
+        assert_eq!(back.get("Model"), Some("v1-5, pruned"));
+        assert_eq!(back.get("CFG scale"), Some("7"));
+    }
+
+    #[test]
+    fn request_round_trips_through_the_infotext() {
+        let req = GenerationRequest {
+            prompt: "a cat, (sitting:1.2)\non a mat".into(),
+            negative_prompt: "blurry".into(),
+            width: 640,
+            height: 384,
+            steps: 30,
+            cfg_scale: 5.5,
+            sampler_name: "DDIM".into(),
+            seed: 1234,
+            eta: 0.25,
+            clip_skip: 2,
+            prompt_syntax: PromptSyntax::Optimized,
+            rng_math: NormalVariant::Scalar,
+            ..Default::default()
+        };
+        let facts = ImageFacts {
+            seed: 1234,
+            ..Default::default()
+        };
+        let text = render(&req, "DDIM", SigmaSchedule::Normal, &facts);
+        assert_eq!(parse(&text).to_request(), req);
+    }
+
+    #[test]
+    fn denoising_strength_is_written_for_img2img_only_and_read_back() {
+        let req = GenerationRequest {
+            prompt: "a fox".into(),
+            denoising_strength: 0.6,
+            ..Default::default()
+        };
+        let mut facts = ImageFacts::default();
+        assert!(!render(&req, "Euler", SigmaSchedule::Normal, &facts).contains("Denoising"));
+        facts.img2img = true;
+        let text = render(&req, "Euler", SigmaSchedule::Normal, &facts);
+        let info = parse(&text);
+        assert_eq!(info.get("Denoising strength"), Some("0.6"));
+        assert_eq!(info.to_request().denoising_strength, 0.6);
+        let a1111 = "x\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.35";
+        assert_eq!(parse(a1111).to_request().denoising_strength, 0.35);
+    }
+
+    #[test]
+    fn parses_a1111_output_with_multiline_prompt() {
+        let a1111 = "masterpiece, (cat:1.2)\nsecond line\nNegative prompt: lowres, bad anatomy\nSteps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 3919489211, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: \"x: abc, y: def\", Version: v1.10.1";
+        let info = parse(a1111);
+        assert_eq!(info.prompt, "masterpiece, (cat:1.2)\nsecond line");
+        assert_eq!(info.negative_prompt, "lowres, bad anatomy");
+        assert_eq!(info.get("Seed"), Some("3919489211"));
+        assert_eq!(info.get("Lora hashes"), Some("x: abc, y: def"));
+        assert_eq!(info.get("Version"), Some("v1.10.1"));
+    }
+
+    #[test]
+    fn short_last_line_stays_in_the_prompt() {
+        let info = parse("a dog\nstyle: oil");
+        assert_eq!(info.prompt, "a dog\nstyle: oil");
+        assert!(info.params.is_empty());
+    }
+}

@@ -1,0 +1,219 @@
+//! The one request type every front end builds: CLI flags, HTTP bodies and PNG metadata.
+
+use serde::{Deserialize, Serialize};
+
+use crate::image_io::ResizeMode;
+use crate::prompt::PromptSyntax;
+use crate::sampling::rng::NormalVariant;
+use crate::sampling::{Sampler, SamplerChoice, SigmaSchedule};
+use crate::{Error, Result};
+
+/// Largest width or height accepted, in pixels.
+pub const MAX_SIDE: usize = 8192;
+/// Largest width × height accepted (a 4096² image); refused before anything is allocated.
+pub const MAX_PIXELS: usize = 4096 * 4096;
+
+/// What to generate: the fields A1111's API and infotext use, under the same names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    /// A1111 sampler name or alias ("Euler a", "DPM++ 2M Karras", "ddim", …).
+    pub sampler_name: String,
+    /// Sigma spacing for k-diffusion samplers; an alias like "… Karras" overrides it.
+    pub scheduler: SigmaSchedule,
+    /// −1 picks a seed; image i of a run uses seed + i.
+    pub seed: i64,
+    /// Images per batch (CompVis' `--n_samples`).
+    pub batch_size: usize,
+    /// Number of batches (CompVis' `--n_iter`).
+    pub n_iter: usize,
+    /// DDIM's η (0 = deterministic).
+    pub eta: f64,
+    /// How the prompt's syntax is read (A1111, optimizedSD, both, or none).
+    pub prompt_syntax: PromptSyntax,
+    /// 1 = the text encoder's last layer, 2 = the penultimate (A1111's convention).
+    pub clip_skip: usize,
+    /// Which float math turns the torch CPU generator's uniforms into normals.
+    pub rng_math: NormalVariant,
+    /// img2img: how much of the init image is replaced, 0 (none) to 1 (all).
+    pub denoising_strength: f64,
+    /// img2img: how the init image is fitted to `width` × `height` (A1111's 0/1/2).
+    pub resize_mode: ResizeMode,
+}
+
+impl Default for GenerationRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 512,
+            height: 512,
+            steps: 50,
+            cfg_scale: 7.5,
+            sampler_name: "PLMS".into(),
+            scheduler: SigmaSchedule::Normal,
+            seed: -1,
+            batch_size: 1,
+            n_iter: 1,
+            eta: 0.0,
+            clip_skip: 1,
+            prompt_syntax: PromptSyntax::default(),
+            rng_math: NormalVariant::default(),
+            denoising_strength: 0.75,
+            resize_mode: ResizeMode::default(),
+        }
+    }
+}
+
+/// A request checked and resolved: sampler parsed, schedule settled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResolvedSampling {
+    pub sampler: Sampler,
+    pub schedule: SigmaSchedule,
+}
+
+impl GenerationRequest {
+    /// Checks every field a user can get wrong, before anything is allocated.
+    pub fn validate(&self) -> Result<ResolvedSampling> {
+        let (w, h) = (self.width, self.height);
+        let size_error = |reason: &str| Error::InvalidSize {
+            width: w,
+            height: h,
+            reason: reason.into(),
+        };
+        if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
+            return Err(size_error(
+                "width and height must be positive multiples of 8",
+            ));
+        }
+        if w > MAX_SIDE || h > MAX_SIDE || w * h > MAX_PIXELS {
+            return Err(size_error(&format!(
+                "at most {MAX_SIDE} pixels a side and {MAX_PIXELS} pixels in all"
+            )));
+        }
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(Error::InvalidRequest(format!(
+                "steps must be between 1 and 1000, got {}",
+                self.steps
+            )));
+        }
+        if !self.cfg_scale.is_finite() {
+            return Err(Error::InvalidRequest("cfg_scale must be a number".into()));
+        }
+        if !(self.eta.is_finite() && self.eta >= 0.0) {
+            return Err(Error::InvalidRequest("eta must be ≥ 0".into()));
+        }
+        if self.batch_size == 0 || self.n_iter == 0 || self.batch_size * self.n_iter > 10_000 {
+            return Err(Error::InvalidRequest(
+                "batch size and iterations must be ≥ 1 (and at most 10000 images)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.denoising_strength) {
+            return Err(Error::InvalidRequest(format!(
+                "denoising strength must be between 0 and 1, got {}",
+                self.denoising_strength
+            )));
+        }
+        if self.clip_skip == 0 {
+            return Err(Error::InvalidRequest("clip_skip starts at 1".into()));
+        }
+        let choice: SamplerChoice = self.sampler_name.parse()?;
+        let schedule = choice.schedule.unwrap_or(self.scheduler);
+        if schedule == SigmaSchedule::Karras && !choice.sampler.uses_sigma_schedule() {
+            return Err(Error::InvalidRequest(format!(
+                "{} walks the training timesteps; a Karras schedule does not apply to it",
+                choice.sampler.name()
+            )));
+        }
+        Ok(ResolvedSampling {
+            sampler: choice.sampler,
+            schedule,
+        })
+    }
+
+    /// Number of images the request makes.
+    pub fn image_count(&self) -> usize {
+        self.batch_size * self.n_iter
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> GenerationRequest {
+        GenerationRequest {
+            sampler_name: "Euler a".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sizes_must_be_multiples_of_8_and_bounded() {
+        for (w, h) in [(500, 512), (0, 512), (512, 8200), (8192, 8192)] {
+            let r = GenerationRequest {
+                width: w,
+                height: h,
+                ..req()
+            };
+            assert!(
+                matches!(r.validate(), Err(Error::InvalidSize { .. })),
+                "{w}x{h}"
+            );
+        }
+        let ok = GenerationRequest {
+            width: 80,
+            height: 48,
+            ..req()
+        };
+        assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn karras_alias_sets_the_schedule() {
+        let r = GenerationRequest {
+            sampler_name: "DPM++ 2M Karras".into(),
+            ..req()
+        };
+        assert_eq!(r.validate().unwrap().schedule, SigmaSchedule::Karras);
+    }
+
+    #[test]
+    fn strength_outside_zero_to_one_is_refused() {
+        for strength in [-0.1, 1.01, f64::NAN] {
+            let r = GenerationRequest {
+                denoising_strength: strength,
+                ..req()
+            };
+            let err = r.validate().unwrap_err().to_string();
+            assert!(err.contains("between 0 and 1"), "{strength}: {err}");
+        }
+        for strength in [0.0, 1.0] {
+            let r = GenerationRequest {
+                denoising_strength: strength,
+                ..req()
+            };
+            assert!(r.validate().is_ok());
+        }
+    }
+
+    #[test]
+    fn request_deserialises_with_defaults() {
+        let r: GenerationRequest =
+            serde_json::from_str(r#"{"prompt": "a cat", "steps": 20}"#).unwrap();
+        assert_eq!(r.prompt, "a cat");
+        assert_eq!(r.steps, 20);
+        assert_eq!(r.width, 512);
+        assert_eq!(r.denoising_strength, 0.75);
+        let r: GenerationRequest =
+            serde_json::from_str(r#"{"denoising_strength": 0.4, "resize_mode": 2}"#).unwrap();
+        assert_eq!(r.resize_mode, ResizeMode::Fill);
+        assert_eq!(r.denoising_strength, 0.4);
+    }
+}

@@ -1,0 +1,251 @@
+//! Tokens in 75-token chunks with their emphasis, and their encoding: A1111's
+//! `FrozenCLIPEmbedderWithCustomWords` (`tokenize_line`, `process_tokens`, "Original" emphasis)
+//! and optimizedSD's blend of full encodings.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{parse_attention, Segment, BREAK_WEIGHT};
+use super::PromptSyntax;
+use crate::tokenizer::{Tokenizer, BOS, EOS};
+use crate::{Error, Result};
+
+/// Prompt tokens per chunk; a chunk is these plus BOS and EOS.
+pub const CHUNK_TOKENS: usize = 75;
+/// How far back (in tokens) a comma may be for the words after it to move to the next chunk
+/// (A1111's `comma_padding_backtrack` default).
+const COMMA_BACKTRACK: usize = 20;
+/// `,</w>`.
+const COMMA: u32 = 267;
+
+/// One chunk for the text encoder: 77 ids (BOS, 75 tokens or padding, EOS) and their emphasis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedChunk {
+    /// BOS, tokens, EOS-padding, EOS; after the first EOS, `pad` when it is not EOS (SD 2).
+    pub ids: Vec<u32>,
+    /// Emphasis per id; 1.0 on BOS, EOS and padding.
+    pub weights: Vec<f32>,
+}
+
+impl WeightedChunk {
+    /// A chunk of no tokens (A1111's `empty_chunk`).
+    pub fn empty(pad: u32) -> Self {
+        Self::close(Vec::new(), Vec::new(), pad)
+    }
+
+    /// Pads 0..=75 tokens to a full chunk, then applies `pad` after the first EOS.
+    fn close(mut tokens: Vec<u32>, mut weights: Vec<f32>, pad: u32) -> Self {
+        tokens.resize(CHUNK_TOKENS, EOS);
+        weights.resize(CHUNK_TOKENS, 1.0);
+        let mut ids = Vec::with_capacity(CHUNK_TOKENS + 2);
+        ids.push(BOS);
+        ids.extend(tokens);
+        ids.push(EOS);
+        let mut w = Vec::with_capacity(CHUNK_TOKENS + 2);
+        w.push(1.0);
+        w.extend(weights);
+        w.push(1.0);
+        if let Some(first_eos) = ids.iter().position(|&id| id == EOS) {
+            for id in &mut ids[first_eos + 1..] {
+                *id = pad;
+            }
+        }
+        Self { ids, weights: w }
+    }
+}
+
+/// The chunks of one text (no AND, no editing left): A1111 and Auto parse emphasis and BREAK;
+/// Plain keeps the text as one unweighted piece; Optimized cuts it to one 77-token chunk as
+/// optimizedSD's encoder does. An empty text is one chunk.
+pub fn chunks(
+    tokenizer: &Tokenizer,
+    text: &str,
+    syntax: PromptSyntax,
+    pad: u32,
+) -> Result<Vec<WeightedChunk>> {
+    match syntax {
+        PromptSyntax::Optimized => {
+            let ids = tokenizer.encode_padded(text, CHUNK_TOKENS + 2, pad);
+            let weights = vec![1.0; ids.len()];
+            Ok(vec![WeightedChunk { ids, weights }])
+        }
+        PromptSyntax::Plain => Ok(chunk_segments(tokenizer, &[(text.to_string(), 1.0)], pad)),
+        PromptSyntax::A1111 | PromptSyntax::Auto => {
+            Ok(chunk_segments(tokenizer, &parse_attention(text)?, pad))
+        }
+    }
+}
+
+/// A1111's `tokenize_line`: each segment is tokenized on its own; a chunk closes at 75 tokens,
+/// first moving the tokens after a comma at most 20 back into the next chunk; BREAK closes the
+/// current chunk even when it is empty.
+fn chunk_segments(tokenizer: &Tokenizer, segments: &[Segment], pad: u32) -> Vec<WeightedChunk> {
+    let mut out = Vec::new();
+    let mut tokens: Vec<u32> = Vec::new();
+    let mut weights: Vec<f32> = Vec::new();
+    let mut last_comma: Option<usize> = None;
+    for (text, weight) in segments {
+        if text == "BREAK" && *weight == BREAK_WEIGHT {
+            out.push(WeightedChunk::close(
+                std::mem::take(&mut tokens),
+                std::mem::take(&mut weights),
+                pad,
+            ));
+            last_comma = None;
+            continue;
+        }
+        for token in tokenizer.encode(text) {
+            if token == COMMA {
+                last_comma = Some(tokens.len());
+            } else if let Some(comma) = last_comma
+                .filter(|&c| tokens.len() == CHUNK_TOKENS && CHUNK_TOKENS - c <= COMMA_BACKTRACK)
+            {
+                let moved_tokens = tokens.split_off(comma + 1);
+                let moved_weights = weights.split_off(comma + 1);
+                out.push(WeightedChunk::close(
+                    std::mem::replace(&mut tokens, moved_tokens),
+                    std::mem::replace(&mut weights, moved_weights),
+                    pad,
+                ));
+                last_comma = None;
+            }
+            if tokens.len() == CHUNK_TOKENS {
+                out.push(WeightedChunk::close(
+                    std::mem::take(&mut tokens),
+                    std::mem::take(&mut weights),
+                    pad,
+                ));
+                last_comma = None;
+            }
+            tokens.push(token);
+            // Python floats become f32 when A1111 makes its multiplier tensor.
+            weights.push(*weight as f32);
+        }
+    }
+    if !tokens.is_empty() || out.is_empty() {
+        out.push(WeightedChunk::close(tokens, weights, pad));
+    }
+    out
+}
+
+/// Encodes one text: each chunk through `encoder` (`[1, 77]` u32 ids on the CPU → `[1, 77, H]`),
+/// emphasis applied as `z *= w`, then `z *= mean_before / mean_after`, chunks concatenated on
+/// the token axis → `[1, 77·k, H]`, in the encoder's dtype.
+pub fn encode(
+    tokenizer: &Tokenizer,
+    text: &str,
+    syntax: PromptSyntax,
+    pad: u32,
+    encoder: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut out = encode_batch(tokenizer, &[text], syntax, pad, encoder)?;
+    out.pop()
+        .ok_or_else(|| Error::InvalidRequest("no text to encode".into()))
+}
+
+/// Encodes several texts as A1111 encodes one part's scheduled texts together: texts with
+/// fewer chunks get empty chunks so all come out `[1, 77·k, H]` with the same `k`, and the
+/// emphasis means of chunk `i` are taken over chunk `i` of every text (this differs from
+/// [`encode`] of each text only when a text uses emphasis).
+pub fn encode_batch(
+    tokenizer: &Tokenizer,
+    texts: &[&str],
+    syntax: PromptSyntax,
+    pad: u32,
+    encoder: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let all = texts
+        .iter()
+        .map(|t| chunks(tokenizer, t, syntax, pad))
+        .collect::<Result<Vec<_>>>()?;
+    let count = all.iter().map(Vec::len).max().unwrap_or(0);
+    let empty = WeightedChunk::empty(pad);
+    let mut per_text: Vec<Vec<Tensor>> = vec![Vec::with_capacity(count); texts.len()];
+    for i in 0..count {
+        let batch: Vec<&WeightedChunk> = all.iter().map(|c| c.get(i).unwrap_or(&empty)).collect();
+        let mut zs = Vec::with_capacity(batch.len());
+        for chunk in &batch {
+            let ids = Tensor::from_vec(chunk.ids.clone(), (1, chunk.ids.len()), &Device::Cpu)?;
+            zs.push(encoder(&ids)?);
+        }
+        let z = Tensor::cat(&zs, 0)?;
+        let dtype = z.dtype();
+        let z = z.to_dtype(DType::F32)?;
+        let weights: Vec<f32> = batch
+            .iter()
+            .flat_map(|c| c.weights.iter().copied())
+            .collect();
+        let weights = Tensor::from_vec(weights, (batch.len(), CHUNK_TOKENS + 2, 1), z.device())?;
+        let before = mean(&z)?;
+        let z = z.broadcast_mul(&weights)?;
+        let after = mean(&z)?;
+        let z = (z * (before / after) as f32 as f64)?.to_dtype(dtype)?;
+        for (t, out) in per_text.iter_mut().enumerate() {
+            out.push(z.narrow(0, t, 1)?);
+        }
+    }
+    per_text
+        .into_iter()
+        .map(|zs| Ok(Tensor::cat(&zs, 1)?))
+        .collect()
+}
+
+/// The optimizedSD blend `Σ w_i · encode(text_i)` (weights as given; [`super::plan`] has
+/// normalised them). Each text is encoded on its own; shorter encodings are extended with the
+/// encoding of an empty chunk, as A1111 extends a batch. One text of weight 1 is just encoded.
+pub fn encode_blend(
+    tokenizer: &Tokenizer,
+    blend: &[(String, f32)],
+    syntax: PromptSyntax,
+    pad: u32,
+    encoder: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if let [(text, w)] = blend {
+        if *w == 1.0 {
+            return encode(tokenizer, text, syntax, pad, encoder);
+        }
+    }
+    let zs = blend
+        .iter()
+        .map(|(text, _)| encode(tokenizer, text, syntax, pad, encoder))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(first) = zs.first() else {
+        return Err(Error::InvalidRequest("a blend of no sub-prompts".into()));
+    };
+    let dtype = first.dtype();
+    let lengths = zs
+        .iter()
+        .map(|z| z.dim(1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let longest = lengths.into_iter().max().unwrap_or(0);
+    let mut empty: Option<Tensor> = None;
+    let mut sum: Option<Tensor> = None;
+    for (z, (_, w)) in zs.iter().zip(blend) {
+        let mut z = z.to_dtype(DType::F32)?;
+        let missing = (longest - z.dim(1)?) / (CHUNK_TOKENS + 2);
+        if missing > 0 {
+            let e = match &empty {
+                Some(e) => e.clone(),
+                None => {
+                    let e = encode(tokenizer, "", PromptSyntax::Plain, pad, encoder)?;
+                    empty.insert(e.to_dtype(DType::F32)?).clone()
+                }
+            };
+            let mut pieces = vec![z];
+            pieces.extend(std::iter::repeat_n(e, missing));
+            z = Tensor::cat(&pieces, 1)?;
+        }
+        // optimizedSD starts from zeros and adds `alpha · z` sub-prompt by sub-prompt.
+        let acc = match sum {
+            Some(acc) => acc,
+            None => z.zeros_like()?,
+        };
+        sum = Some((acc + (z * *w as f64)?)?);
+    }
+    let sum = sum.ok_or_else(|| Error::InvalidRequest("a blend of no sub-prompts".into()))?;
+    Ok(sum.to_dtype(dtype)?)
+}
+
+/// Mean of all elements, summed in f64.
+fn mean(z: &Tensor) -> Result<f64> {
+    Ok(z.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+}

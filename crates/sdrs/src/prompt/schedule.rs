@@ -1,0 +1,418 @@
+//! A1111 prompt editing `[from:to:when]` and alternation `[a|b]`: the semantics of
+//! `get_learned_conditioning_prompt_schedules` in AUTOMATIC1111's `modules/prompt_parser.py`
+//! (its lark grammar, with `use_old_scheduling`: `when` < 1 is a fraction of the steps).
+//!
+//! The grammar, as this recursive-descent parser reads it:
+//! - top level: text, bracket constructs, and stray `( ) [ ] :` kept as text; a `|` outside any
+//!   construct, or a `\` that ends the prompt (or precedes a newline), makes the whole prompt
+//!   unparseable, and then it is used unchanged for every step;
+//! - a construct is balanced: `(p)`, `(p:p)` and `[p]` are emphasis (kept verbatim for the
+//!   emphasis parser), `[to:N]` / `[from:to:N]` is editing (`N` a signed number, spaces allowed
+//!   around it), `[a|b|…]` is alternation (alternatives may be empty); inside a construct every
+//!   bracket must belong to a construct, so an odd bracket makes the enclosing construct fall
+//!   back to plain text at the top level.
+
+/// A parsed prompt piece.
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    /// Text kept as written (including emphasis brackets).
+    Text(String),
+    /// `[before:after:when]`; `when` is the number as written.
+    Edit {
+        before: Vec<Node>,
+        after: Vec<Node>,
+        when: String,
+    },
+    /// `[a|b|…]`.
+    Alternate(Vec<Vec<Node>>),
+}
+
+/// The texts a prompt takes over a run of `steps` steps: `(end_at_step, text)`, ordered, the
+/// last ending at `steps` (A1111's `[[10, 'a b']]` lists).
+pub fn prompt_schedule(prompt: &str, steps: usize) -> Vec<(usize, String)> {
+    let chars: Vec<char> = prompt.chars().collect();
+    let Some(nodes) = parse_top(&chars) else {
+        return vec![(steps, prompt.to_string())];
+    };
+    let mut ends = vec![steps];
+    collect_steps(&nodes, steps, &mut ends);
+    ends.sort_unstable();
+    ends.dedup();
+    ends.into_iter()
+        .map(|step| {
+            let mut text = String::new();
+            render(&nodes, step, steps, &mut text);
+            (step, text)
+        })
+        .collect()
+}
+
+fn parse_top(chars: &[char]) -> Option<Vec<Node>> {
+    let mut nodes = Vec::new();
+    let mut pos = 0;
+    while pos < chars.len() {
+        match chars[pos] {
+            '|' => return None,
+            '(' | '[' => match parse_construct(chars, pos) {
+                Some((node, end)) => {
+                    nodes.extend(node);
+                    pos = end;
+                }
+                None => {
+                    nodes.push(Node::Text(chars[pos].to_string()));
+                    pos += 1;
+                }
+            },
+            ')' | ']' | ':' => {
+                nodes.push(Node::Text(chars[pos].to_string()));
+                pos += 1;
+            }
+            _ => {
+                let end = plain_end(chars, pos)?;
+                nodes.push(Node::Text(chars[pos..end].iter().collect()));
+                pos = end;
+            }
+        }
+    }
+    Some(nodes)
+}
+
+/// End of the plain text starting at `pos` (a `\` takes the next character with it); `None` for
+/// a `\` with nothing (or a newline) after it, which the grammar cannot read.
+fn plain_end(chars: &[char], mut pos: usize) -> Option<usize> {
+    while pos < chars.len() {
+        match chars[pos] {
+            '\\' => match chars.get(pos + 1) {
+                Some(&c) if c != '\n' => pos += 2,
+                _ => return None,
+            },
+            '(' | ')' | '[' | ']' | ':' | '|' => break,
+            _ => pos += 1,
+        }
+    }
+    Some(pos)
+}
+
+/// A prompt inside a construct: text and constructs up to `: | ) ]` or the end.
+fn parse_prompt(chars: &[char], mut pos: usize) -> Option<(Vec<Node>, usize)> {
+    let mut nodes = Vec::new();
+    while pos < chars.len() {
+        match chars[pos] {
+            ':' | '|' | ')' | ']' => break,
+            '(' | '[' => {
+                let (node, end) = parse_construct(chars, pos)?;
+                nodes.extend(node);
+                pos = end;
+            }
+            _ => {
+                let end = plain_end(chars, pos)?;
+                nodes.push(Node::Text(chars[pos..end].iter().collect()));
+                pos = end;
+            }
+        }
+    }
+    Some((nodes, pos))
+}
+
+/// The construct opening at `pos`, as nodes, and the position after it.
+fn parse_construct(chars: &[char], pos: usize) -> Option<(Vec<Node>, usize)> {
+    let round = chars[pos] == '(';
+    let mut parts: Vec<Vec<Node>> = Vec::new();
+    let mut separators: Vec<char> = Vec::new();
+    let mut cur = pos + 1;
+    loop {
+        let (nodes, end) = parse_prompt(chars, cur)?;
+        parts.push(nodes);
+        match chars.get(end) {
+            Some(&c) if c == if round { ')' } else { ']' } => {
+                cur = end + 1;
+                break;
+            }
+            Some(&c) if c == ':' || (c == '|' && !round) => {
+                separators.push(c);
+                cur = end + 1;
+            }
+            _ => return None,
+        }
+    }
+    let text = |s: &str| Node::Text(s.to_string());
+    let verbatim = |open: &str, close: &str, parts: Vec<Vec<Node>>| {
+        let mut out = vec![text(open)];
+        for (i, part) in parts.into_iter().enumerate() {
+            if i > 0 {
+                out.push(text(":"));
+            }
+            out.extend(part);
+        }
+        out.push(text(close));
+        out
+    };
+    if round {
+        return (separators.len() <= 1).then(|| (verbatim("(", ")", parts), cur));
+    }
+    if separators.is_empty() {
+        return Some((verbatim("[", "]", parts), cur));
+    }
+    if separators.iter().all(|&c| c == '|') {
+        return Some((vec![Node::Alternate(parts)], cur));
+    }
+    if separators.contains(&'|') || separators.len() > 2 {
+        return None;
+    }
+    let when = match parts.pop()?.as_slice() {
+        [Node::Text(t)] => signed_number(t)?,
+        _ => return None,
+    };
+    let after = parts.pop()?;
+    let before = parts.pop().unwrap_or_default();
+    Some((
+        vec![Node::Edit {
+            before,
+            after,
+            when,
+        }],
+        cur,
+    ))
+}
+
+/// `\s* NUMBER \s*` with lark's SIGNED_NUMBER (`[+-]` then `1`, `1.`, `.5`, `1.5`, with an
+/// optional exponent); the number without the spaces.
+fn signed_number(text: &str) -> Option<String> {
+    let t = text.trim();
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let unsigned = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(i) => (&unsigned[..i], Some(&unsigned[i + 1..])),
+        None => (unsigned, None),
+    };
+    let mantissa_ok = match mantissa.split_once('.') {
+        Some((int, frac)) => {
+            (digits(int) && (frac.is_empty() || digits(frac))) || (int.is_empty() && digits(frac))
+        }
+        None => digits(mantissa),
+    };
+    let exponent_ok = exponent.is_none_or(|e| digits(e.strip_prefix(['+', '-']).unwrap_or(e)));
+    // An exponent needs a decimal mantissa or an integer (lark: INT _EXP | DECIMAL _EXP?).
+    (mantissa_ok && exponent_ok).then(|| t.to_string())
+}
+
+/// The step at which an edit switches (A1111's old scheduling: below 1 is a fraction of
+/// `steps`; truncated; at most `steps`).
+fn edit_step(when: &str, steps: usize) -> i64 {
+    let v: f64 = when.parse().unwrap_or(0.0);
+    let v = if v < 1.0 { v * steps as f64 } else { v };
+    // Python's int() truncates toward zero; an infinite value is clamped instead of raising.
+    (v.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64).min(steps as i64)
+}
+
+fn collect_steps(nodes: &[Node], steps: usize, ends: &mut Vec<usize>) {
+    for node in nodes {
+        match node {
+            Node::Text(_) => {}
+            Node::Edit {
+                before,
+                after,
+                when,
+            } => {
+                let step = edit_step(when, steps);
+                if step >= 1 {
+                    ends.push(step as usize);
+                }
+                collect_steps(before, steps, ends);
+                collect_steps(after, steps, ends);
+            }
+            Node::Alternate(options) => {
+                ends.extend(1..=steps);
+                for option in options {
+                    collect_steps(option, steps, ends);
+                }
+            }
+        }
+    }
+}
+
+fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
+    for node in nodes {
+        match node {
+            Node::Text(t) => out.push_str(t),
+            Node::Edit {
+                before,
+                after,
+                when,
+            } => {
+                let chosen = if step as i64 <= edit_step(when, steps) {
+                    before
+                } else {
+                    after
+                };
+                render(chosen, step, steps, out);
+            }
+            Node::Alternate(options) => {
+                let i = (step + options.len() - 1) % options.len();
+                render(&options[i], step, steps, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(prompt: &str) -> Vec<(usize, String)> {
+        prompt_schedule(prompt, 10)
+    }
+
+    fn v(pairs: &[(usize, &str)]) -> Vec<(usize, String)> {
+        pairs.iter().map(|(s, t)| (*s, t.to_string())).collect()
+    }
+
+    // The doctests of `get_learned_conditioning_prompt_schedules` (AUTOMATIC1111
+    // modules/prompt_parser.py, 10 steps, no hires pass).
+    #[test]
+    fn a1111_doctests() {
+        assert_eq!(g("test"), v(&[(10, "test")]));
+        assert_eq!(g("a [b:3]"), v(&[(3, "a "), (10, "a b")]));
+        assert_eq!(g("a [b: 3]"), v(&[(3, "a "), (10, "a b")]));
+        assert_eq!(g("a [[[b]]:2]"), v(&[(2, "a "), (10, "a [[b]]")]));
+        assert_eq!(g("[(a:2):3]"), v(&[(3, ""), (10, "(a:2)")]));
+        assert_eq!(g("a [b : c : 1] d"), v(&[(1, "a b  d"), (10, "a  c  d")]));
+        assert_eq!(
+            g("a[b:[c:d:2]:1]e"),
+            v(&[(1, "abe"), (2, "ace"), (10, "ade")])
+        );
+        assert_eq!(g("a [unbalanced"), v(&[(10, "a [unbalanced")]));
+        assert_eq!(g("a [b:.5] c"), v(&[(5, "a  c"), (10, "a b c")]));
+        // The doctest says [[5, 'a  c'], [10, 'a {b|d{ c']] ("not handling this right now"), but
+        // A1111's grammar cannot parse the prompt (`|` outside a construct) with lark 1.1.2 or
+        // 1.3.1, so A1111 uses it unchanged; so do we.
+        assert_eq!(g("a [{b|d{:.5] c"), v(&[(10, "a [{b|d{:.5] c")]));
+        assert_eq!(
+            g("((a][:b:c [d:3]"),
+            v(&[(3, "((a][:b:c "), (10, "((a][:b:c d")])
+        );
+        let alternating: Vec<(usize, String)> = (1..=10)
+            .map(|s| (s, if s % 2 == 1 { "a" } else { "(b:1.1)" }.to_string()))
+            .collect();
+        assert_eq!(g("[a|(b:1.1)]"), alternating);
+        let female: Vec<(usize, String)> = (1..=10)
+            .map(|s| (s, if s % 2 == 1 { "female" } else { "male" }.to_string()))
+            .collect();
+        assert_eq!(g("[fe|]male"), female);
+        let female4: Vec<(usize, String)> = (1..=10)
+            .map(|s| (s, if s % 4 == 1 { "female" } else { "male" }.to_string()))
+            .collect();
+        assert_eq!(g("[fe|||]male"), female4);
+    }
+
+    // The example in the comment at the top of A1111's prompt_parser.py (100 steps).
+    #[test]
+    fn a1111_header_example() {
+        let prompt = "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6][ in background:0.25] [shoddy:masterful:0.5]";
+        assert_eq!(
+            prompt_schedule(prompt, 100),
+            v(&[
+                (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+                (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+                (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+                (75, "fantasy landscape with a lake and an oak in background masterful"),
+                (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
+            ])
+        );
+    }
+
+    #[test]
+    fn from_nothing_and_to_nothing() {
+        assert_eq!(g("[a::4]"), v(&[(4, "a"), (10, "")]));
+        assert_eq!(g("[a:b:4 ]"), v(&[(4, "a"), (10, "b")]));
+        // A step past the end never switches; zero or below switches before the first step.
+        assert_eq!(g("[a:b:30]"), v(&[(10, "a")]));
+        assert_eq!(g("[a:b:0]"), v(&[(10, "b")]));
+    }
+
+    #[test]
+    fn unparseable_prompts_are_used_unchanged() {
+        assert_eq!(g("a | b [c:3]"), v(&[(10, "a | b [c:3]")]));
+        assert_eq!(g("(a|b) [c:3]"), v(&[(10, "(a|b) [c:3]")]));
+        assert_eq!(g(r"[c:3] a\"), v(&[(10, r"[c:3] a\")]));
+        // Not a number: plain text, no editing.
+        assert_eq!(g("[a:b:c]"), v(&[(10, "[a:b:c]")]));
+        assert_eq!(g(r"\[a:3]"), v(&[(10, r"\[a:3]")]));
+    }
+
+    #[test]
+    fn numbers_follow_lark_signed_number() {
+        for ok in ["3", "+3", "-3", "1.", ".5", "1.5", "1e1", "1.5E-1", " 2 "] {
+            assert!(signed_number(ok).is_some(), "{ok}");
+        }
+        for bad in ["", ".", "e1", "1e", "3a", "- 3", "1.2.3"] {
+            assert!(signed_number(bad).is_none(), "{bad}");
+        }
+    }
+
+    // Prompts with stray brackets beside editing, as lark 1.3.1 parses them with A1111's grammar
+    // (10 steps).
+    #[test]
+    fn stray_brackets_match_a1111s_parser() {
+        let cases: &[(&str, &[(usize, &str)])] = &[
+            (
+                "a (cat:1.2 with [dog:cat:0.5] in a hat",
+                &[
+                    (5, "a (cat:1.2 with dog in a hat"),
+                    (10, "a (cat:1.2 with cat in a hat"),
+                ],
+            ),
+            (
+                "(masterpiece), [dog:cat:5], ((best quality)",
+                &[
+                    (5, "(masterpiece), dog, ((best quality)"),
+                    (10, "(masterpiece), cat, ((best quality)"),
+                ],
+            ),
+            (
+                "a [dog:cat:5] )) extra",
+                &[(5, "a dog )) extra"), (10, "a cat )) extra")],
+            ),
+            (
+                "smile :) [dog:cat:5]",
+                &[(5, "smile :) dog"), (10, "smile :) cat")],
+            ),
+            ("[dog:cat:5] :(", &[(5, "dog :("), (10, "cat :(")]),
+            ("((a [b:c:3]", &[(3, "((a b"), (10, "((a c")]),
+            ("a: [b:c:3]", &[(3, "a: b"), (10, "a: c")]),
+            ("[b:c:3] (d", &[(3, "b (d"), (10, "c (d")]),
+            ("[[b:c:3]", &[(3, "[b"), (10, "[c")]),
+            ("([b:c:3]", &[(3, "(b"), (10, "(c")]),
+            ("(x:[b:c:3])", &[(3, "(x:b)"), (10, "(x:c)")]),
+            ("(x [b:c:3])", &[(3, "(x b)"), (10, "(x c)")]),
+            ("[x [b:c:3]]", &[(3, "[x b]"), (10, "[x c]")]),
+            ("[a:[b:c:3]:5]", &[(3, "a"), (5, "a"), (10, "c")]),
+            (
+                "((a:1.2) [b|c])",
+                &[
+                    (1, "((a:1.2) b)"),
+                    (2, "((a:1.2) c)"),
+                    (3, "((a:1.2) b)"),
+                    (4, "((a:1.2) c)"),
+                    (5, "((a:1.2) b)"),
+                    (6, "((a:1.2) c)"),
+                    (7, "((a:1.2) b)"),
+                    (8, "((a:1.2) c)"),
+                    (9, "((a:1.2) b)"),
+                    (10, "((a:1.2) c)"),
+                ],
+            ),
+            ("(x:1.2) :[b:c:3]", &[(3, "(x:1.2) :b"), (10, "(x:1.2) :c")]),
+            ("a :[b:c:3]", &[(3, "a :b"), (10, "a :c")]),
+            ("a:[b:c:3]", &[(3, "a:b"), (10, "a:c")]),
+            ("):[b:c:3]", &[(3, "):b"), (10, "):c")]),
+            ("(:[b:c:3]", &[(3, "(:b"), (10, "(:c")]),
+            ("x) [b:c:3]", &[(3, "x) b"), (10, "x) c")]),
+            ("[x] [b:c:3] (y)", &[(3, "[x] b (y)"), (10, "[x] c (y)")]),
+            ("a ([b:c:3]:1.2)", &[(3, "a (b:1.2)"), (10, "a (c:1.2)")]),
+        ];
+        for (prompt, want) in cases {
+            assert_eq!(g(prompt), v(want), "{prompt}");
+        }
+    }
+}

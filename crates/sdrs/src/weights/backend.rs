@@ -1,0 +1,123 @@
+//! A candle `SimpleBackend` that serves a file's tensors under diffusers names, in any dtype.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+use super::compvis::TensorName;
+use super::source::TensorFile;
+use crate::{Error, Result};
+
+/// One model's tensors: diffusers name → name in the file, with the names that could not be found.
+#[derive(Clone)]
+pub(crate) struct Component {
+    file: Arc<TensorFile>,
+    renames: Arc<HashMap<String, String>>,
+    missing: Vec<String>,
+}
+
+impl Component {
+    /// Resolves every name of `table` to the first of `candidates(name)` that the file has.
+    pub(crate) fn resolve(
+        file: Arc<TensorFile>,
+        table: &[TensorName],
+        candidates: impl Fn(&TensorName) -> Vec<String>,
+    ) -> Self {
+        let mut renames = HashMap::with_capacity(table.len());
+        let mut missing = Vec::new();
+        for name in table {
+            match candidates(name).into_iter().find(|c| file.contains(c)) {
+                Some(found) => {
+                    renames.insert(name.diffusers.clone(), found);
+                }
+                None => missing.push(name.diffusers.clone()),
+            }
+        }
+        Self {
+            file,
+            renames: Arc::new(renames),
+            missing,
+        }
+    }
+
+    /// A `VarBuilder` over these tensors, or the full list of diffusers names the file lacks.
+    pub(crate) fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        if !self.missing.is_empty() {
+            return Err(Error::MissingTensors(self.missing.clone()));
+        }
+        let backend = Renamed {
+            file: self.file.clone(),
+            renames: self.renames.clone(),
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ))
+    }
+}
+
+struct Renamed {
+    file: Arc<TensorFile>,
+    renames: Arc<HashMap<String, String>>,
+}
+
+impl Renamed {
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let stored =
+            self.renames
+                .get(name)
+                .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                })?;
+        self.file.load(stored, device)?.to_dtype(dtype)
+    }
+}
+
+impl SimpleBackend for Renamed {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.load(name, dtype, device)?;
+        if tensor.shape() == &shape {
+            return Ok(tensor);
+        }
+        // A 1×1 convolution and a linear layer hold the same numbers ([C, C, 1, 1] vs [C, C]):
+        // CompVis and diffusers disagree on which one the VAE attention (and SD2's proj_in) is.
+        if squeezed(tensor.dims()) == squeezed(shape.dims()) {
+            return tensor.reshape(shape);
+        }
+        Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: shape,
+            got: tensor.shape().clone(),
+        })
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.renames.contains_key(name)
+    }
+}
+
+/// Dimensions without trailing ones.
+fn squeezed(dims: &[usize]) -> &[usize] {
+    let end = dims.iter().rposition(|&d| d != 1).map_or(0, |p| p + 1);
+    &dims[..end]
+}

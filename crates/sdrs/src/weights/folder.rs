@@ -1,0 +1,130 @@
+//! diffusers folders: `model_index.json`, and `unet/`, `vae/`, `text_encoder/` each with a
+//! `config.json` and safetensors (preferred) or `.bin` weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use super::backend::Component;
+use super::compvis::{clip_names, unet_names};
+use super::detect::VaeNaming;
+use super::source::TensorFile;
+use super::{vae_component, Checkpoint, ModelFamily};
+use crate::models::clip::ClipConfig;
+use crate::models::unet::UNetConfig;
+use crate::models::vae::VaeConfig;
+use crate::{Error, Result};
+
+/// Opens a diffusers folder; the configs come from its `config.json` files.
+pub(crate) fn open(dir: &Path) -> Result<Checkpoint> {
+    let unet_json = dir.join("unet").join("config.json");
+    if !unet_json.is_file() {
+        return Err(
+            match read_json::<serde_json::Value>(&dir.join("model_index.json")) {
+                // A diffusers pipeline of another kind (SD3, Flux, ...): say which.
+                Ok(index) => Error::UnsupportedCheckpoint {
+                    detected: index["_class_name"]
+                        .as_str()
+                        .unwrap_or("a pipeline without a UNet")
+                        .to_string(),
+                },
+                Err(_) => Error::NotACheckpoint {
+                    path: dir.to_path_buf(),
+                    reason: "a folder without unet/config.json (not a diffusers model)".into(),
+                },
+            },
+        );
+    }
+    let unet_raw: serde_json::Value = read_json(&unet_json)?;
+    let unet_config: UNetConfig = from_value(&unet_json, unet_raw.clone())?;
+    let sdxl = dir.join("text_encoder_2").is_dir()
+        || unet_raw
+            .get("addition_embed_type")
+            .is_some_and(|v| !v.is_null());
+    let family = if sdxl {
+        ModelFamily::Sdxl
+    } else {
+        ModelFamily::of_unet(unet_config.in_channels, unet_config.cross_attention_dim)
+    }
+    .ensure_supported()?;
+
+    let clip_config: ClipConfig = read_json(&dir.join("text_encoder").join("config.json"))?;
+    let vae_config: VaeConfig = read_json(&dir.join("vae").join("config.json"))?;
+    // The name tables start from the first level and end at the last one.
+    if unet_config.block_out_channels.is_empty() || vae_config.block_out_channels.is_empty() {
+        return Err(Error::InvalidConfig(format!(
+            "{}: empty block_out_channels",
+            dir.display()
+        )));
+    }
+
+    let unet_files = weight_files(&dir.join("unet"))?;
+    let hash_file = unet_files[0].clone();
+    let unet_file = Arc::new(TensorFile::open_shards(&unet_files)?);
+    let clip_file = Arc::new(TensorFile::open_shards(&weight_files(
+        &dir.join("text_encoder"),
+    )?)?);
+    let vae_file = Arc::new(TensorFile::open_shards(&weight_files(&dir.join("vae"))?)?);
+
+    Ok(Checkpoint {
+        path: dir.to_path_buf(),
+        hash_file,
+        family,
+        unet: Component::resolve(unet_file, &unet_names(&unet_config), |n| {
+            vec![n.diffusers.clone()]
+        }),
+        // transformers 4 writes `text_model.*`; transformers 5 drops the prefix.
+        text_encoder: Component::resolve(clip_file, &clip_names(&clip_config), |n| {
+            vec![format!("text_model.{}", n.diffusers), n.diffusers.clone()]
+        }),
+        vae: vae_component(vae_file, &vae_config, VaeNaming::Diffusers),
+        clip_config,
+        unet_config,
+        vae_config,
+        open_clip: false,
+    })
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::InvalidConfig(format!("{}: {e}", path.display())))
+}
+
+fn from_value<T: DeserializeOwned>(path: &Path, value: serde_json::Value) -> Result<T> {
+    serde_json::from_value(value)
+        .map_err(|e| Error::InvalidConfig(format!("{}: {e}", path.display())))
+}
+
+/// The weight files of one model folder: safetensors before `.bin`, and the plain name
+/// (`model.safetensors`, or its shards `model-00001-of-00002.safetensors`) before variants
+/// such as `model.fp16.safetensors`, of which one variant is taken.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    for ext in [".safetensors", ".bin"] {
+        // For "model.fp16.safetensors" the variant is "fp16"; plain files have "".
+        let variant = |name: &String| {
+            name.strip_suffix(ext)
+                .map(|stem| stem.split_once('.').map_or("", |(_, v)| v).to_string())
+        };
+        let Some(chosen) = names.iter().filter_map(variant).min() else {
+            continue;
+        };
+        return Ok(names
+            .iter()
+            .filter(|n| variant(n).as_ref() == Some(&chosen))
+            .map(|n| dir.join(n))
+            .collect());
+    }
+    Err(Error::NotACheckpoint {
+        path: dir.to_path_buf(),
+        reason: "no .safetensors or .bin weights in the folder".into(),
+    })
+}

@@ -1,0 +1,165 @@
+//! Tensor files: memory-mapped safetensors and torch zip pickles (read without running any code).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::pickle::PthTensors;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// One or more files (shards) holding named tensors, with an index of names and shapes.
+pub(crate) struct TensorFile {
+    parts: Vec<Part>,
+    /// Tensor name → (part index, shape).
+    index: HashMap<String, (usize, Vec<usize>)>,
+}
+
+enum Part {
+    Safetensors(MmapedSafetensors),
+    Pickle(PthTensors),
+}
+
+/// What the first bytes of a file say it is.
+enum Kind {
+    Safetensors,
+    Zip,
+}
+
+impl TensorFile {
+    /// Opens one file, whatever its extension says: the content decides the reader.
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        Self::open_shards(&[path.to_path_buf()])
+    }
+
+    /// Opens the shards of one state dict (diffusers writes big models in several files).
+    pub(crate) fn open_shards(paths: &[PathBuf]) -> Result<Self> {
+        let mut parts = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let part = open_part(path)?;
+            for (name, shape) in part.shapes() {
+                index.insert(name, (i, shape));
+            }
+            parts.push(part);
+        }
+        Ok(Self { parts, index })
+    }
+
+    /// Every tensor name in the file.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The stored shape of `name`, if the file has it.
+    pub(crate) fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|(_, shape)| shape.as_slice())
+    }
+
+    /// Whether the file has a tensor called `name`.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Reads one tensor, in its stored dtype, onto `device`.
+    pub(crate) fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        let not_found = || candle_core::Error::CannotFindTensor {
+            path: name.to_string(),
+        };
+        let (part, _) = self.index.get(name).ok_or_else(not_found)?;
+        match &self.parts[*part] {
+            Part::Safetensors(st) => st.load(name, device),
+            Part::Pickle(pth) => pth.get(name)?.ok_or_else(not_found)?.to_device(device),
+        }
+    }
+}
+
+impl Part {
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Part::Safetensors(st) => st
+                .tensors()
+                .into_iter()
+                .map(|(name, view)| (name, view.shape().to_vec()))
+                .collect(),
+            Part::Pickle(pth) => pth
+                .tensor_infos()
+                .iter()
+                .map(|(name, info)| (name.clone(), info.layout.dims().to_vec()))
+                .collect(),
+        }
+    }
+}
+
+fn open_part(path: &Path) -> Result<Part> {
+    let not_a_checkpoint = |reason: String| Error::NotACheckpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match sniff(path)? {
+        Kind::Safetensors => {
+            // SAFETY: the mapping is read-only; like every mmap reader we rely on nobody
+            // truncating the file while it is open. Mapping (rather than reading) is what
+            // keeps a 4 GB checkpoint out of RAM until the tensors are asked for.
+            let st = unsafe { MmapedSafetensors::new(path) }
+                .map_err(|e| not_a_checkpoint(format!("truncated or corrupt safetensors ({e})")))?;
+            Ok(Part::Safetensors(st))
+        }
+        Kind::Zip => {
+            let read = |key| {
+                PthTensors::new(path, key).map_err(|e| {
+                    not_a_checkpoint(format!("unreadable torch zip (truncated or corrupt?): {e}"))
+                })
+            };
+            // Lightning checkpoints wrap the weights in {"state_dict": ...} next to other
+            // entries (some of them tensors); plain ones are the state dict itself.
+            let tensors = match read(Some("state_dict")) {
+                Ok(wrapped) => wrapped,
+                Err(_) => read(None)?,
+            };
+            if tensors.tensor_infos().is_empty() {
+                return Err(not_a_checkpoint(
+                    "a zip archive without torch tensors".into(),
+                ));
+            }
+            Ok(Part::Pickle(tensors))
+        }
+    }
+}
+
+/// Decides the reader from the first bytes, and names common wrong files plainly.
+fn sniff(path: &Path) -> Result<Kind> {
+    let mut head = Vec::with_capacity(16);
+    File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| Error::io(path, e))?;
+    let reason = |r: &str| {
+        Err(Error::NotACheckpoint {
+            path: path.to_path_buf(),
+            reason: r.to_string(),
+        })
+    };
+    if head.is_empty() {
+        return reason("the file is empty");
+    }
+    if head.starts_with(b"PK\x03\x04") {
+        return Ok(Kind::Zip);
+    }
+    if head.starts_with(b"\x89PNG") {
+        return reason("it is a PNG image");
+    }
+    if head.starts_with(b"\xff\xd8\xff") {
+        return reason("it is a JPEG image");
+    }
+    if head.first() == Some(&0x80) {
+        return reason("an old-style (pre-zip) torch pickle; re-save it with a recent torch or convert it to safetensors");
+    }
+    // safetensors: a little-endian u64 header length, then a JSON object.
+    if head.len() > 8 && head[8] == b'{' {
+        return Ok(Kind::Safetensors);
+    }
+    reason("neither safetensors nor a torch zip archive")
+}

@@ -1,0 +1,77 @@
+//! The CLIP text encoder against transformers' `CLIPTextModel` on the tiny fixtures.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sdrs::models::clip::{ClipConfig, ClipTextTransformer};
+
+fn load_clip(dir: &str) -> (ClipTextTransformer, ClipConfig) {
+    let dir = common::fixtures().join(dir);
+    let config = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let cfg: ClipConfig = serde_json::from_str(&config).expect("CLIP config");
+    let weights = dir.join("model.safetensors");
+    // SAFETY: the fixture file is not modified while the test runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
+        .expect("weights");
+    // transformers 5 stores the tensors without the `text_model.` prefix; the loader strips it for us.
+    let model = ClipTextTransformer::new(vb, &cfg).expect("model");
+    (model, cfg)
+}
+
+fn check_against_reference(model_dir: &str, reference_file: &str) {
+    let (model, cfg) = load_clip(model_dir);
+    let reference = common::reference(reference_file);
+    let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
+    let start = std::time::Instant::now();
+    let last = model.forward(&ids, 1).expect("forward clip_skip 1");
+    println!(
+        "{model_dir}: forward {:?} in {:?}",
+        ids.dims(),
+        start.elapsed()
+    );
+    common::assert_close(
+        &format!("{model_dir} last_hidden_state"),
+        &last,
+        &reference["last_hidden_state"],
+        1e-4,
+    );
+    let skip2 = model.forward(&ids, 2).expect("forward clip_skip 2");
+    common::assert_close(
+        &format!("{model_dir} clip_skip2"),
+        &skip2,
+        &reference["clip_skip2"],
+        1e-4,
+    );
+    assert_eq!(skip2.dim(2).unwrap(), cfg.hidden_size);
+}
+
+#[test]
+fn one_head_clip_matches_transformers_last_and_penultimate_layer() {
+    check_against_reference("tiny-sd1/text_encoder", "clip.safetensors");
+}
+
+#[test]
+fn four_head_clip_matches_transformers_last_and_penultimate_layer() {
+    check_against_reference("tiny-clip-4heads", "clip4.safetensors");
+}
+
+#[test]
+fn clip_skip_out_of_range_is_an_error_not_a_panic() {
+    let (model, cfg) = load_clip("tiny-sd1/text_encoder");
+    let ids = Tensor::zeros((1, 77), DType::U32, &Device::Cpu).unwrap();
+    for skip in [0, cfg.num_hidden_layers + 1] {
+        let err = model
+            .forward(&ids, skip)
+            .expect_err("clip_skip out of range");
+        assert!(err.to_string().contains("clip_skip"), "{err}");
+    }
+}
+
+#[test]
+fn too_many_tokens_is_an_error_not_a_panic() {
+    let (model, _) = load_clip("tiny-sd1/text_encoder");
+    let ids = Tensor::zeros((1, 78), DType::U32, &Device::Cpu).unwrap();
+    let err = model.forward(&ids, 1).expect_err("78 tokens");
+    assert!(err.to_string().contains("78 tokens"), "{err}");
+}

@@ -1,0 +1,128 @@
+//! Shared helpers for the integration tests: fixture paths, reference tensors, comparisons
+//! that say where they failed.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// `tests/fixtures` at the repository root.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A reference file's tensors, by name.
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    let path = fixtures().join("reference").join(name);
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// A reference JSON file.
+pub fn reference_json(name: &str) -> serde_json::Value {
+    let path = fixtures().join("reference").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Asserts `max |got − want| ≤ tol · max |want|`, naming the worst position on failure.
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rel_tol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g: Vec<f32> = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let w: Vec<f32> = want
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_slices_close(what, &g, &w, want.dims(), rel_tol);
+}
+
+/// Slice version of [`assert_close`]; `dims` only names positions in the message.
+pub fn assert_slices_close(what: &str, got: &[f32], want: &[f32], dims: &[usize], rel_tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs() as f64))
+        .max(1e-12);
+    let (mut worst, mut at) = (0f64, 0usize);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let d = (*a as f64 - *b as f64).abs();
+        if d > worst || d.is_nan() {
+            worst = d;
+            at = i;
+            if d.is_nan() {
+                break;
+            }
+        }
+    }
+    let rel = worst / scale;
+    eprintln!(
+        "{what}: max error {worst:.2e} ({rel:.2e} of output scale {scale:.3e}) at index {at}"
+    );
+    assert!(
+        rel <= rel_tol,
+        "{what}: max error {worst:.3e} ({rel:.3e} of output scale {scale:.3e}, tolerance {rel_tol:.0e}) at index {at} {:?}: got {}, want {}",
+        unravel(at, dims),
+        got[at],
+        want[at]
+    );
+}
+
+/// The A1111 sampler name for a reference's sampler key.
+pub fn sampler_name(key: &str) -> &'static str {
+    match key {
+        "ddim" => "DDIM",
+        "plms" => "PLMS",
+        "euler" => "Euler",
+        "euler_a" => "Euler a",
+        "heun" => "Heun",
+        "dpmpp_2m" => "DPM++ 2M",
+        other => panic!("fixture names an unknown sampler {other}"),
+    }
+}
+
+/// Whole-image parity: no channel off by more than 2/255, at most 0.1% off by more than 1/255.
+pub fn assert_images_close(name: &str, got: &image::RgbImage, want: &image::RgbImage) {
+    assert_eq!(got.dimensions(), want.dimensions(), "{name}: size");
+    let (mut over_one, mut worst, mut at) = (0usize, 0u8, 0usize);
+    for (i, (a, b)) in got.as_raw().iter().zip(want.as_raw()).enumerate() {
+        let d = a.abs_diff(*b);
+        if d > 1 {
+            over_one += 1;
+        }
+        if d > worst {
+            worst = d;
+            at = i;
+        }
+    }
+    let total = got.as_raw().len();
+    eprintln!(
+        "{name}: max difference {worst}/255, {over_one} of {total} values off by more than 1"
+    );
+    let (x, y) = ((at / 3) as u32 % got.width(), (at / 3) as u32 / got.width());
+    assert!(
+        worst <= 2 && over_one * 1000 <= total,
+        "{name}: max difference {worst}/255 at pixel ({x}, {y}) channel {}, {over_one} of {total} values off by more than 1",
+        at % 3
+    );
+}
+
+fn unravel(mut i: usize, dims: &[usize]) -> Vec<usize> {
+    let mut pos = vec![0; dims.len()];
+    for (k, d) in dims.iter().enumerate().rev() {
+        if *d > 0 {
+            pos[k] = i % d;
+            i /= d;
+        }
+    }
+    pos
+}
