@@ -6,69 +6,10 @@
 mod common;
 
 use candle_core::Device;
-use image::RgbImage;
 use sdrs::image_io::{flatten_alpha, load_image, resize_for_mode, ResizeMode};
 use sdrs::pipeline::{img2img, GenerationRequest, StableDiffusion};
-use sdrs::sampling::{Flow, SigmaSchedule};
+use sdrs::sampling::Flow;
 use sdrs::weights::Checkpoint;
-
-fn sampler_name(key: &str) -> &'static str {
-    match key {
-        "ddim" => "DDIM",
-        "euler" => "Euler",
-        "euler_a" => "Euler a",
-        "dpmpp_2m" => "DPM++ 2M",
-        other => panic!("fixture names an unknown sampler {other}"),
-    }
-}
-
-fn reference_image(file: &str) -> RgbImage {
-    let path = common::fixtures().join("reference").join(file);
-    image::open(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .to_rgb8()
-}
-
-fn request(case: &serde_json::Value) -> GenerationRequest {
-    let s = |k: &str| case[k].as_str().unwrap_or_else(|| panic!("{k} in {case}"));
-    let n = |k: &str| case[k].as_f64().unwrap_or_else(|| panic!("{k} in {case}"));
-    GenerationRequest {
-        prompt: s("prompt").into(),
-        negative_prompt: s("negative_prompt").into(),
-        width: n("width") as usize,
-        height: n("height") as usize,
-        steps: n("steps") as usize,
-        cfg_scale: n("cfg_scale"),
-        sampler_name: sampler_name(s("sampler")).into(),
-        scheduler: s("schedule").parse::<SigmaSchedule>().expect("schedule"),
-        seed: n("seed") as i64,
-        denoising_strength: n("strength"),
-        ..Default::default()
-    }
-}
-
-/// Per-channel differences: none above `tolerance`, and (unless it is 0) at most 0.1% above 1.
-fn compare(name: &str, got: &RgbImage, want: &RgbImage, tolerance: u8) {
-    assert_eq!(got.dimensions(), want.dimensions(), "{name}: size");
-    let (mut over_one, mut worst, mut at) = (0usize, 0u8, 0usize);
-    for (i, (a, b)) in got.as_raw().iter().zip(want.as_raw()).enumerate() {
-        let d = a.abs_diff(*b);
-        over_one += usize::from(d > 1);
-        if d > worst {
-            (worst, at) = (d, i);
-        }
-    }
-    let total = got.as_raw().len();
-    let (x, y) = ((at / 3) as u32 % got.width(), (at / 3) as u32 / got.width());
-    eprintln!(
-        "{name}: max difference {worst}/255, {over_one} of {total} values off by more than 1"
-    );
-    assert!(
-        worst <= tolerance && (tolerance == 0 || over_one * 1000 <= total),
-        "{name}: max difference {worst}/255 at pixel ({x}, {y}) channel {}, {over_one} of {total} values off by more than 1",
-        at % 3
-    );
-}
 
 #[test]
 fn ddim_and_k_samplers_match_the_python_reference_at_both_strengths() {
@@ -85,9 +26,10 @@ fn ddim_and_k_samplers_match_the_python_reference_at_both_strengths() {
     let mut samplers = std::collections::BTreeSet::new();
     for case in cases {
         let file = case["file"].as_str().expect("file");
-        let images = img2img(&sd, &request(case), &init, &mut |_| Flow::Continue).expect(file);
+        let images =
+            img2img(&sd, &common::request(case), &init, &mut |_| Flow::Continue).expect(file);
         assert_eq!(images.len(), 1);
-        compare(file, &images[0].image, &reference_image(file), 2);
+        common::assert_images_close(file, &images[0].image, &common::reference_image(file), 2);
         let info = sdrs::pipeline::infotext::parse(&images[0].infotext);
         assert_eq!(
             info.to_request().denoising_strength,
@@ -108,7 +50,7 @@ fn strength_zero_is_the_decoded_init_latent_for_every_sampler() {
     let ckpt = Checkpoint::open(&common::fixtures().join("tiny-sd1.safetensors")).expect("open");
     let sd = StableDiffusion::load(&ckpt, &Device::Cpu).expect("load");
     let init = load_image(&common::fixtures().join("reference/img2img/init.png")).expect("init");
-    let want = reference_image("img2img/strength0_s0.0_seed42.png");
+    let want = common::reference_image("img2img/strength0_s0.0_seed42.png");
     for sampler in ["DDIM", "PLMS", "Euler a", "Heun"] {
         let req = GenerationRequest {
             width: 64,
@@ -128,7 +70,7 @@ fn strength_zero_is_the_decoded_init_latent_for_every_sampler() {
         })
         .expect(sampler);
         assert_eq!(steps, 0, "{sampler}: no sampling step at strength 0");
-        compare(sampler, &images[0].image, &want, 2);
+        common::assert_images_close(sampler, &images[0].image, &want, 2);
     }
 }
 
@@ -140,17 +82,17 @@ fn alpha_flattening_matches_pillow_alpha_composite_on_white() {
         .join("reference")
         .join(resize["source"].as_str().expect("source"));
     let rgba = image::open(&path).expect("source").to_rgba8();
-    let want = reference_image(resize["flattened"].as_str().expect("flattened"));
-    compare("flatten", &flatten_alpha(&rgba), &want, 0);
+    let want = common::reference_image(resize["flattened"].as_str().expect("flattened"));
+    common::assert_images_close("flatten", &flatten_alpha(&rgba), &want, 0);
     // Loading a file with alpha flattens it the same way.
-    compare("load_image", &load_image(&path).expect("load"), &want, 0);
+    common::assert_images_close("load_image", &load_image(&path).expect("load"), &want, 0);
 }
 
 #[test]
 fn resize_modes_match_a1111_resize_image_exactly() {
     let manifest = common::reference_json("img2img.json");
     let resize = &manifest["resize"];
-    let flat = reference_image(resize["flattened"].as_str().expect("flattened"));
+    let flat = common::reference_image(resize["flattened"].as_str().expect("flattened"));
     let cases = resize["cases"].as_array().expect("resize cases");
     for case in cases {
         let mode: ResizeMode = case["mode"].as_str().unwrap().parse().expect("mode");
@@ -160,7 +102,7 @@ fn resize_modes_match_a1111_resize_image_exactly() {
         );
         let file = case["file"].as_str().unwrap();
         let got = resize_for_mode(&flat, mode, w as u32, h as u32);
-        compare(file, &got, &reference_image(file), 0);
+        common::assert_images_close(file, &got, &common::reference_image(file), 0);
     }
     assert_eq!(cases.len(), 9);
 }

@@ -15,16 +15,10 @@ use candle_core::{Device, Tensor};
 use sdrs::pipeline::{txt2img, CfgDenoiser, GenerationRequest, StableDiffusion};
 use sdrs::prompt::plan;
 use sdrs::sampling::rng::TorchRng;
-use sdrs::sampling::{Flow, NoiseSource, SigmaSchedule};
-use sdrs::weights::Checkpoint;
+use sdrs::sampling::{Flow, NoiseSource};
 
 /// Relative tolerance on the final latents (Rust and torch agree to ~1e-6 of their scale).
 const LATENT_TOL: f64 = 3e-5;
-
-fn load() -> StableDiffusion {
-    let ckpt = Checkpoint::open(&common::fixtures().join("tiny-sd1")).expect("open tiny model");
-    StableDiffusion::load(&ckpt, &Device::Cpu).expect("load tiny model")
-}
 
 fn cases() -> Vec<serde_json::Value> {
     let manifest = common::reference_json("prompt_pipeline.json");
@@ -37,28 +31,6 @@ fn cases() -> Vec<serde_json::Value> {
 
 fn name(case: &serde_json::Value) -> &str {
     case["name"].as_str().unwrap_or("case")
-}
-
-fn request(case: &serde_json::Value) -> GenerationRequest {
-    let s = |k: &str| {
-        case[k]
-            .as_str()
-            .unwrap_or_else(|| panic!("{k} in {case}"))
-            .to_string()
-    };
-    let n = |k: &str| case[k].as_f64().unwrap_or_else(|| panic!("{k} in {case}"));
-    GenerationRequest {
-        prompt: s("prompt"),
-        negative_prompt: s("negative_prompt"),
-        width: n("width") as usize,
-        height: n("height") as usize,
-        steps: n("steps") as usize,
-        cfg_scale: n("cfg_scale"),
-        sampler_name: common::sampler_name(&s("sampler")).into(),
-        scheduler: s("schedule").parse::<SigmaSchedule>().expect("schedule"),
-        seed: n("seed") as i64,
-        ..Default::default()
-    }
 }
 
 /// `[[until_step, [[text, weight], …]], …]` as the reference wrote a schedule.
@@ -95,7 +67,7 @@ fn planned_schedule(plan: &sdrs::prompt::PlanPart) -> Vec<(usize, Vec<(String, f
 #[test]
 fn plans_match_the_reference_schedules() {
     for case in cases() {
-        let req = request(&case);
+        let req = common::request(&case);
         let planned = plan(&req.prompt, req.prompt_syntax, req.steps).expect("plan");
         let parts = case["parts"].as_array().expect("parts");
         assert_eq!(
@@ -124,16 +96,16 @@ fn plans_match_the_reference_schedules() {
 
 #[test]
 fn prompt_language_images_match_the_python_reference() {
-    let sd = load();
+    let sd = common::load_model("tiny-sd1");
     for case in cases() {
         let path = common::fixtures()
             .join("reference")
             .join(case["file"].as_str().expect("file"));
         let want = image::open(path).expect("reference image").to_rgb8();
-        let images = txt2img(&sd, &request(&case), &mut |_| Flow::Continue)
+        let images = txt2img(&sd, &common::request(&case), &mut |_| Flow::Continue)
             .unwrap_or_else(|e| panic!("{}: {e}", name(&case)));
         assert_eq!(images.len(), 1);
-        common::assert_images_close(name(&case), &images[0].image, &want);
+        common::assert_images_close(name(&case), &images[0].image, &want, 2);
     }
 }
 
@@ -175,11 +147,11 @@ fn final_latent(sd: &StableDiffusion, req: &GenerationRequest) -> Tensor {
 
 #[test]
 fn prompt_language_latents_match_the_python_reference() {
-    let sd = load();
+    let sd = common::load_model("tiny-sd1");
     let latents = common::reference("prompt_pipeline_latents.safetensors");
     for case in cases() {
         let want = &latents[name(&case)];
-        let got = final_latent(&sd, &request(&case));
+        let got = final_latent(&sd, &common::request(&case));
         common::assert_close(name(&case), &got, want, LATENT_TOL);
     }
 }
