@@ -7,6 +7,7 @@ pub mod pipeline;
 pub mod prompt;
 pub mod sampling;
 pub mod tokenizer;
+pub mod upscale;
 pub mod weights;
 
 pub use error::{Error, Result};
