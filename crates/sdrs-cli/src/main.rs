@@ -5,6 +5,7 @@ mod output;
 mod timing;
 mod tokenize;
 mod txt2img;
+mod upscale;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ enum Command {
     Img2img(Box<img2img::Img2ImgArgs>),
     /// Show how a prompt is split into CLIP tokens (JSON).
     Tokenize(tokenize::TokenizeArgs),
+    /// Enlarge a picture with an ESRGAN / Real-ESRGAN network, or Lanczos.
+    Upscale(upscale::UpscaleArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +35,7 @@ fn main() -> std::process::ExitCode {
         Command::Txt2img(args) => txt2img::run(*args),
         Command::Img2img(args) => img2img::run(*args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Upscale(args) => upscale::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

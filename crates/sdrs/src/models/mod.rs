@@ -1,5 +1,6 @@
 //! The networks as candle modules: weights in through a `VarBuilder` (diffusers names), tensors out.
 
 pub mod clip;
+pub mod esrgan;
 pub mod unet;
 pub mod vae;

@@ -1,26 +1,80 @@
-//! Image upscalers: the built-in Lanczos filter and, in `esrgan`, trained networks.
+//! Image upscalers: the built-in Lanczos filter and trained ESRGAN-family networks.
 
+mod model;
+
+use std::path::Path;
+
+use candle_core::Device;
 use image::RgbImage;
 
 use crate::image_io::resize_lanczos;
 use crate::{Error, Result};
+pub use model::{ModelUpscaler, Tiling};
 
 /// Something that enlarges an RGB image by an integer factor.
 pub enum Upscaler {
     /// Pillow's Lanczos filter: no model, any factor.
     Lanczos,
+    /// An ESRGAN / Real-ESRGAN network: one fixed factor, run in tiles.
+    Model(Box<ModelUpscaler>),
 }
 
 impl Upscaler {
+    /// Opens an upscaler network file (`.pth` or `.safetensors`) to run on `device`.
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        Ok(Upscaler::Model(Box::new(ModelUpscaler::open(
+            path, device,
+        )?)))
+    }
+
+    /// A built-in upscaler by name: only "Lanczos" (any case) so far.
+    pub fn by_name(name: &str) -> Result<Self> {
+        if name.eq_ignore_ascii_case("lanczos") {
+            Ok(Upscaler::Lanczos)
+        } else {
+            Err(Error::InvalidRequest(format!(
+                "unknown built-in upscaler {name:?}; built-in: Lanczos (networks are opened from their file)"
+            )))
+        }
+    }
+
+    /// Sets how a network is run in tiles (filters have no tiles and ignore it); refuses a
+    /// tile no larger than its overlap.
+    pub fn set_tiling(&mut self, tiling: Tiling) -> Result<()> {
+        match self {
+            Upscaler::Lanczos => Ok(()),
+            Upscaler::Model(m) => m.set_tiling(tiling),
+        }
+    }
+
     /// A short name for infotexts and listings.
     pub fn name(&self) -> &str {
         match self {
             Upscaler::Lanczos => "Lanczos",
+            Upscaler::Model(m) => m.name(),
+        }
+    }
+
+    /// The one factor a network enlarges by; `None` for filters, which take any.
+    pub fn native_scale(&self) -> Option<u32> {
+        match self {
+            Upscaler::Lanczos => None,
+            Upscaler::Model(m) => Some(m.scale()),
         }
     }
 
     /// Enlarges `image` by `scale` (≥ 1) in both directions.
     pub fn upscale(&self, image: &RgbImage, scale: u32) -> Result<RgbImage> {
+        self.upscale_with_progress(image, scale, &mut |_, _| {})
+    }
+
+    /// [`Upscaler::upscale`], calling `on_tile(done, total)` after each tile a network runs.
+    pub fn upscale_with_progress(
+        &self,
+        image: &RgbImage,
+        scale: u32,
+        on_tile: &mut dyn FnMut(usize, usize),
+    ) -> Result<RgbImage> {
         if scale == 0 {
             return Err(Error::InvalidRequest(
                 "upscale factor must be at least 1".into(),
@@ -32,6 +86,13 @@ impl Upscaler {
                 image.width() * scale,
                 image.height() * scale,
             )),
+            Upscaler::Model(m) if m.scale() != scale => Err(Error::InvalidRequest(format!(
+                "{} ({}) upscales {}x only, not {scale}x",
+                m.name(),
+                m.config().describe(),
+                m.scale()
+            ))),
+            Upscaler::Model(m) => m.upscale(image, on_tile),
         }
     }
 }

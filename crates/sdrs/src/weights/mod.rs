@@ -7,6 +7,7 @@ mod compvis_vae;
 mod detect;
 mod folder;
 mod source;
+mod upscaler;
 
 use std::fmt;
 use std::io::Read;
@@ -25,6 +26,7 @@ use backend::Component;
 use compvis::TensorName;
 use detect::VaeNaming;
 use source::TensorFile;
+pub use upscaler::UpscalerFile;
 
 /// Which Stable Diffusion a checkpoint belongs to, as far as its weights tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
