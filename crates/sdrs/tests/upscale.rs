@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use common::{assert_close, assert_images_close};
 use sdrs::image_io::load_image;
-use sdrs::models::esrgan::{Esrgan, EsrganConfig};
+use sdrs::models::esrgan::{Esrgan, EsrganConfig, Rrdb};
 use sdrs::upscale::{Tiling, Upscaler};
 use sdrs::weights::UpscalerFile;
 use sdrs::Error;
@@ -56,6 +56,25 @@ fn networks_match_basicsr_in_every_layout_and_format() {
         .unwrap();
         let out = net.forward(&reference[&format!("{name}.input")]).unwrap();
         assert_close(file, &out, &reference[&format!("{name}.output")], 1e-5);
+    }
+}
+
+#[test]
+fn rrdb_output_stage_in_strips_equals_basicsr() {
+    let reference = common::reference("../upscale/reference.safetensors");
+    for (file, name) in [("rrdb-x4.pth", "rrdb-x4"), ("rrdb-x2.pth", "rrdb-x2")] {
+        let weights = UpscalerFile::open(&upscale_dir().join(file)).unwrap();
+        let EsrganConfig::Rrdb(config) = weights.config() else {
+            panic!("{file} is not an RRDBNet")
+        };
+        let mut net = Rrdb::new(weights.var_builder(DType::F32, &Device::Cpu), config).unwrap();
+        // 2× height 34 (x4) or 18 (x2): strips of 1 and 5 rows, the last one shorter.
+        for rows in [1, 5] {
+            net.set_tail_rows(rows);
+            let out = net.forward(&reference[&format!("{name}.input")]).unwrap();
+            let what = format!("{file}, tail strips of {rows} rows");
+            assert_close(&what, &out, &reference[&format!("{name}.output")], 1e-5);
+        }
     }
 }
 

@@ -90,9 +90,17 @@ impl Block {
     }
 }
 
+/// Rows of the last upsampling stage's input run at once (see [`Rrdb::set_tail_rows`]).
+const TAIL_ROWS: usize = 64;
+
+/// Context rows around each strip of the tail: its three 3×3 convolutions see 3 output rows,
+/// fewer than 3 input rows once upsampled.
+const TAIL_HALO: usize = 3;
+
 /// Residual-in-residual dense block network.
 pub struct Rrdb {
     config: RrdbConfig,
+    tail_rows: usize,
     conv_first: Conv2d,
     body: Vec<Block>,
     conv_body: Conv2d,
@@ -114,6 +122,7 @@ impl Rrdb {
             .collect::<Result<_>>()?;
         Ok(Self {
             config: config.clone(),
+            tail_rows: TAIL_ROWS,
             conv_first: conv3(vb.clone(), "conv_first", first_in, feat)?,
             body,
             conv_body: conv3(vb.clone(), "conv_body", feat, feat)?,
@@ -136,12 +145,42 @@ impl Rrdb {
         }
         let mut feat = (feat + self.conv_body.forward(&body)?)?;
         drop(body);
-        for conv in &self.conv_up {
+        let Some((last_up, first_ups)) = self.conv_up.split_last() else {
+            return self.tail(&feat, None);
+        };
+        for conv in first_ups {
             let (_, _, h, w) = feat.dims4()?;
             let up = feat.upsample_nearest2d(h * 2, w * 2)?;
             feat = leaky_relu(&conv.forward(&up)?)?;
         }
-        let feat = leaky_relu(&self.conv_hr.forward(&feat)?)?;
-        self.conv_last.forward(&feat)
+        self.tail(&feat, Some(last_up))
+    }
+
+    /// Sets how many rows of the last upsampling stage's input are run at once. That stage
+    /// (upsample, conv_up, conv_hr, conv_last) works at the output resolution with 64
+    /// channels: in strips its peak memory is a strip's, not the whole tile's. Strips overlap
+    /// by enough rows that the result does not depend on their height.
+    pub fn set_tail_rows(&mut self, rows: usize) {
+        self.tail_rows = rows.max(1);
+    }
+
+    /// The last upsampling (if any), conv_hr and conv_last, strip by strip.
+    fn tail(&self, feat: &Tensor, last_up: Option<&Conv2d>) -> Result<Tensor> {
+        let (_, _, h, _) = feat.dims4()?;
+        let factor = if last_up.is_some() { 2 } else { 1 };
+        let mut strips = Vec::with_capacity(h.div_ceil(self.tail_rows));
+        for start in (0..h).step_by(self.tail_rows) {
+            let end = (start + self.tail_rows).min(h);
+            let (from, to) = (start.saturating_sub(TAIL_HALO), (end + TAIL_HALO).min(h));
+            let mut x = feat.narrow(2, from, to - from)?.contiguous()?;
+            if let Some(conv) = last_up {
+                let (_, _, sh, sw) = x.dims4()?;
+                x = leaky_relu(&conv.forward(&x.upsample_nearest2d(sh * 2, sw * 2)?)?)?;
+            }
+            let x = leaky_relu(&self.conv_hr.forward(&x)?)?;
+            let x = self.conv_last.forward(&x)?;
+            strips.push(x.narrow(2, (start - from) * factor, (end - start) * factor)?);
+        }
+        Tensor::cat(&strips, 2)
     }
 }
