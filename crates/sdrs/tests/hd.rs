@@ -278,3 +278,30 @@ fn hd_refuses_sizes_and_overlaps_it_cannot_do() {
     assert_eq!(tile_seed(1000, 0, 0), 1001);
     assert_eq!(tile_seed(1000, 1, 3), 11004);
 }
+
+/// The full-size figure for the README: a 1024² decode (128² latent) with the default tiling
+/// against the whole-image decode, on the checkpoint named by `SDRS_FULL_MODEL` (the random
+/// full-size SD 1.5 of `tools/make_fixtures.py --full-size`). Needs ~14 GB for the whole decode.
+#[test]
+#[ignore = "needs SDRS_FULL_MODEL, a full-size checkpoint, and minutes"]
+fn full_size_tiled_decode_of_1024_pixels_stays_close() {
+    let Some(path) = std::env::var_os("SDRS_FULL_MODEL") else {
+        panic!("set SDRS_FULL_MODEL to a full-size checkpoint");
+    };
+    let ckpt = sdrs::weights::Checkpoint::open(std::path::Path::new(&path)).expect("open");
+    let vae_config = ckpt.vae_config().clone();
+    let vae = sdrs::models::vae::AutoencoderKL::new(
+        ckpt.vae(DType::F32, &Device::Cpu).expect("vae weights"),
+        &vae_config,
+    )
+    .expect("vae");
+    let latent = TorchRng::new(11, Default::default())
+        .sample(&[1, 4, 128, 128], &Device::Cpu)
+        .expect("latent");
+    let tiled = vae_tiling::decode(&vae, 8, &latent, &VaeTiling::default()).expect("tiled");
+    let whole = vae.decode(&latent).expect("whole");
+    let mad = mean_abs_diff(&tiled, &whole);
+    let spread = mean_abs_diff(&whole, &whole.zeros_like().expect("zeros"));
+    eprintln!("1024² tiled decode: MAD {mad:.5} on [-1, 1] (mean |x| {spread:.4})");
+    assert!(mad < 0.5 * spread, "MAD {mad} vs mean |x| {spread}");
+}
