@@ -1,5 +1,6 @@
 //! `sdrs`: Stable Diffusion from the command line.
 
+mod hd;
 mod img2img;
 mod output;
 mod timing;
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt.
     Txt2img(Box<txt2img::Txt2ImgArgs>),
+    /// Generate (or take) a picture, enlarge it and redraw it in tiles (txt2imghd).
+    Hd(Box<hd::HdArgs>),
     /// Redraw a picture guided by a text prompt.
     Img2img(Box<img2img::Img2ImgArgs>),
     /// Show how a prompt is split into CLIP tokens (JSON).
@@ -33,6 +36,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Txt2img(args) => txt2img::run(*args),
+        Command::Hd(args) => hd::run(*args),
         Command::Img2img(args) => img2img::run(*args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Upscale(args) => upscale::run(args),

@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sdrs::image_io::{encode_jpeg, encode_png, grid};
 use sdrs::pipeline::{
-    resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, StableDiffusion,
+    resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, StableDiffusion, TilingMode,
 };
 use sdrs::prompt::PromptSyntax;
 use sdrs::sampling::rng::NormalVariant;
@@ -31,6 +31,16 @@ enum Precision {
     Autocast,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum VaeTilingArg {
+    /// Tile images larger than 512² pixels.
+    Auto,
+    /// Tile any image larger than one 512² tile.
+    Always,
+    /// Decode and encode whole images (needs much memory for large ones).
+    Never,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     Png,
@@ -42,6 +52,18 @@ enum Format {
 pub struct Txt2ImgArgs {
     #[command(flatten)]
     common: GenerationArgs,
+    /// Hires fix: sample at --W x --H, enlarge by this factor, and redraw at the larger size.
+    #[arg(long = "hires-scale")]
+    hires_scale: Option<f64>,
+    /// Hires fix: steps of the second pass [default: --steps].
+    #[arg(long = "hires-steps")]
+    hires_steps: Option<usize>,
+    /// Hires fix: how much the second pass redraws (A1111's denoising strength).
+    #[arg(long = "hires-strength", default_value_t = 0.7)]
+    hires_strength: f64,
+    /// Hires fix upscaler: latent, "latent (nearest)", lanczos, or an ESRGAN model file.
+    #[arg(long = "hires-upscaler", default_value = "Latent")]
+    hires_upscaler: String,
 }
 
 /// The flags txt2img and img2img share; the CompVis/optimizedSD spellings are accepted as
@@ -117,6 +139,41 @@ pub struct GenerationArgs {
     /// Accepted for optimizedSD compatibility: the default mode is already the fast one.
     #[arg(long)]
     turbo: bool,
+    /// When the VAE works in overlapping tiles, which bounds memory for large images.
+    #[arg(long = "vae-tiling", value_enum, default_value = "auto")]
+    vae_tiling: VaeTilingArg,
+}
+
+impl GenerationArgs {
+    /// The output folder given on the command line.
+    pub fn outdir(&self) -> Option<PathBuf> {
+        self.outdir.clone()
+    }
+
+    /// The device the flags ask for.
+    pub fn device(&self) -> Result<candle_core::Device> {
+        device(self.device)
+    }
+
+    /// Loads the checkpoint (and separate VAE) the flags name, with their VAE tiling.
+    pub fn load_model(&self, device: &candle_core::Device) -> Result<StableDiffusion> {
+        let mut checkpoint = Checkpoint::open(&self.model)
+            .with_context(|| format!("loading checkpoint {}", self.model.display()))?;
+        if let Some(vae) = &self.vae {
+            checkpoint
+                .set_vae_file(vae)
+                .with_context(|| format!("loading VAE {}", vae.display()))?;
+        }
+        let mut sd = StableDiffusion::load(&checkpoint, device)
+            .with_context(|| format!("loading checkpoint {}", self.model.display()))?;
+        sd.vae_tiling.mode = match self.vae_tiling {
+            VaeTilingArg::Auto => TilingMode::Auto,
+            VaeTilingArg::Always => TilingMode::Always,
+            VaeTilingArg::Never => TilingMode::Never,
+        };
+        // The models now own their weights; dropping the checkpoint unmaps the file.
+        Ok(sd)
+    }
 }
 
 fn device(arg: DeviceArg) -> Result<candle_core::Device> {
@@ -132,10 +189,19 @@ fn device(arg: DeviceArg) -> Result<candle_core::Device> {
 }
 
 pub fn run(args: Txt2ImgArgs) -> Result<()> {
+    let mut request = args.common.request();
+    request.width = args.common.width.unwrap_or(512);
+    request.height = args.common.height.unwrap_or(512);
+    if let Some(scale) = args.hires_scale {
+        request.enable_hr = true;
+        request.hr_scale = scale;
+        request.hr_second_pass_steps = args.hires_steps.unwrap_or(0);
+        request.denoising_strength = args.hires_strength;
+        request.hr_upscaler = args.hires_upscaler.clone();
+    } else if args.hires_steps.is_some() {
+        bail!("--hires-steps needs --hires-scale");
+    }
     let args = args.common;
-    let mut request = args.request();
-    request.width = args.width.unwrap_or(512);
-    request.height = args.height.unwrap_or(512);
     execute(
         &args,
         request,
@@ -183,7 +249,7 @@ pub fn execute(
     if args.seed < 0 {
         eprintln!("seed: {}", request.seed);
     }
-    let device = device(args.device)?;
+    let device = args.device()?;
     let outdir = args
         .outdir
         .clone()
@@ -191,17 +257,7 @@ pub fn execute(
     let mut out = OutputDir::prepare(&outdir)?;
 
     let started = Instant::now();
-    let mut checkpoint = Checkpoint::open(&args.model)
-        .with_context(|| format!("loading checkpoint {}", args.model.display()))?;
-    if let Some(vae) = &args.vae {
-        checkpoint
-            .set_vae_file(vae)
-            .with_context(|| format!("loading VAE {}", vae.display()))?;
-    }
-    let sd = StableDiffusion::load(&checkpoint, &device)
-        .with_context(|| format!("loading checkpoint {}", args.model.display()))?;
-    // The models now own their weights; unmapping the file frees its pages for the run.
-    drop(checkpoint);
+    let sd = args.load_model(&device)?;
     let load_time = started.elapsed();
 
     let ext = match args.format {
@@ -230,6 +286,7 @@ pub fn execute(
                     b.set_message(format!("image {}/{images}", image + 1));
                     b
                 });
+                b.set_length(steps as u64);
                 b.set_position(step as u64);
                 clock.step_done();
             }

@@ -368,3 +368,113 @@ fn img2img_bad_input_gets_a_clear_message() {
     run(&["--init-img", init, "--W", "60"], "multiples of 8");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+fn png_in(dir: &std::path::Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .expect("outdir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "png"))
+        .expect("a png in the outdir")
+}
+
+#[test]
+fn hd_doubles_a_non_square_image_per_pass_and_says_how_in_its_parameters() {
+    let out = temp_dir("hd");
+    let model = tiny_model();
+    let result = sdrs(&[
+        "hd",
+        "--model",
+        &model,
+        "--prompt",
+        "a castle",
+        "--W",
+        "64",
+        "--H",
+        "40",
+        "--seed",
+        "5",
+        "--steps",
+        "4",
+        "--sampler",
+        "Euler",
+        "--passes",
+        "2",
+        "--overlap",
+        "16",
+        "--detail-steps",
+        "4",
+        "--outdir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let png = png_in(&out);
+    let img = image::open(&png).expect("hd png").to_rgb8();
+    assert_eq!(img.dimensions(), (256, 160));
+    let bytes = std::fs::read(&png).expect("read");
+    let text = sdrs::image_io::read_png_parameters(&bytes)
+        .expect("png")
+        .expect("parameters");
+    assert!(
+        text.contains("SD upscale overlap: 16") && text.contains("HD passes: 2"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+
+    assert_fails_with(
+        &[
+            "hd", "--model", &model, "--passes", "6", "--W", "512", "--H", "512",
+        ],
+        "32768x32768",
+    );
+}
+
+#[test]
+fn txt2img_hires_fix_writes_the_larger_image_with_a1111_hires_keys() {
+    let out = temp_dir("hires");
+    let model = tiny_model();
+    let result = sdrs(&[
+        "txt2img",
+        "--model",
+        &model,
+        "--prompt",
+        "a lake",
+        "--W",
+        "48",
+        "--H",
+        "64",
+        "--seed",
+        "9",
+        "--steps",
+        "3",
+        "--sampler",
+        "DPM++ 2M",
+        "--hires-scale",
+        "2",
+        "--hires-steps",
+        "2",
+        "--hires-strength",
+        "0.55",
+        "--hires-upscaler",
+        "lanczos",
+        "--outdir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let png = png_in(&out);
+    let bytes = std::fs::read(&png).expect("read");
+    let img = image::load_from_memory(&bytes).expect("png").to_rgb8();
+    assert_eq!(img.dimensions(), (96, 128));
+    let text = sdrs::image_io::read_png_parameters(&bytes)
+        .expect("png")
+        .expect("parameters");
+    for key in [
+        "Size: 48x64",
+        "Denoising strength: 0.55",
+        "Hires upscale: 2",
+        "Hires steps: 2",
+        "Hires upscaler: lanczos",
+    ] {
+        assert!(text.contains(key), "{key} missing from {text}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -21,6 +21,7 @@
 use image::RgbImage;
 
 use super::txt2img::{decode, generate, sample_and_decode};
+use super::vae_tiling;
 use super::{Event, GeneratedImage, GenerationRequest, StableDiffusion};
 use crate::image_io::{image_to_tensor, resize_for_mode};
 use crate::sampling::{Flow, NoiseSource, Sampler};
@@ -60,7 +61,12 @@ pub fn img2img(
 ) -> Result<Vec<GeneratedImage>> {
     let sampling = req.validate()?;
     let fitted = resize_for_mode(init, req.resize_mode, req.width as u32, req.height as u32);
-    let posterior = sd.vae.encode(&image_to_tensor(&fitted, &sd.device)?)?;
+    let posterior = vae_tiling::encode(
+        &sd.vae,
+        sd.vae_config.downscale_factor(),
+        &image_to_tensor(&fitted, &sd.device)?,
+        &sd.vae_tiling,
+    )?;
     let full = sampling
         .sampler
         .sigmas(&sd.schedule, req.steps, sampling.schedule);

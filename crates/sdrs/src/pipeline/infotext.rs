@@ -58,8 +58,22 @@ pub fn render(
     if !facts.model_name.is_empty() {
         params.push(("Model", facts.model_name.clone()));
     }
-    if facts.img2img {
+    if facts.img2img || req.enable_hr {
         params.push(("Denoising strength", number(req.denoising_strength)));
+    }
+    if req.enable_hr {
+        if req.hr_resize_x > 0 || req.hr_resize_y > 0 {
+            params.push((
+                "Hires resize",
+                format!("{}x{}", req.hr_resize_x, req.hr_resize_y),
+            ));
+        } else {
+            params.push(("Hires upscale", number(req.hr_scale)));
+        }
+        if req.hr_second_pass_steps > 0 {
+            params.push(("Hires steps", req.hr_second_pass_steps.to_string()));
+        }
+        params.push(("Hires upscaler", req.hr_upscaler.clone()));
     }
     if req.eta != 0.0 {
         params.push(("Eta DDIM", number(req.eta)));
@@ -137,6 +151,20 @@ impl Infotext {
         }
         if let Some(v) = parsed("Denoising strength") {
             req.denoising_strength = v;
+        }
+        if let Some(v) = parsed("Hires upscale") {
+            (req.enable_hr, req.hr_scale) = (true, v);
+        }
+        if let Some((x, y)) = self.get("Hires resize").and_then(|s| s.split_once('x')) {
+            if let (Ok(x), Ok(y)) = (x.trim().parse(), y.trim().parse()) {
+                (req.enable_hr, req.hr_resize_x, req.hr_resize_y) = (true, x, y);
+            }
+        }
+        if let Some(v) = parsed("Hires steps") {
+            req.hr_second_pass_steps = v as usize;
+        }
+        if let Some(v) = self.get("Hires upscaler") {
+            req.hr_upscaler = v.to_string();
         }
         if let Some(v) = parsed("Eta DDIM") {
             req.eta = v;

@@ -2,11 +2,15 @@
 
 mod conditioning;
 mod denoiser;
+pub mod hd;
+pub mod hires;
 mod img2img;
 pub mod infotext;
 mod model;
 mod request;
+pub mod tiles;
 mod txt2img;
+pub mod vae_tiling;
 
 pub use conditioning::{Conditioning, EncodedPart};
 pub use denoiser::CfgDenoiser;
@@ -14,3 +18,4 @@ pub use img2img::{img2img, img2img_sigmas};
 pub use model::StableDiffusion;
 pub use request::{GenerationRequest, ResolvedSampling, MAX_PIXELS, MAX_SIDE};
 pub use txt2img::{decode, resolve_seed, txt2img, Event, GeneratedImage};
+pub use vae_tiling::{TilingMode, VaeTiling};

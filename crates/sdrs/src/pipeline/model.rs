@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device};
 
+use super::vae_tiling::VaeTiling;
 use crate::models::clip::ClipTextTransformer;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::{AutoencoderKL, VaeConfig};
@@ -21,6 +22,8 @@ pub struct StableDiffusion {
     pub device: Device,
     pub model_name: String,
     pub model_hash: Option<String>,
+    /// When the VAE works in tiles.
+    pub vae_tiling: VaeTiling,
 }
 
 impl StableDiffusion {
@@ -44,6 +47,7 @@ impl StableDiffusion {
             device: device.clone(),
             model_name: checkpoint.name(),
             model_hash: checkpoint.hash().ok(),
+            vae_tiling: VaeTiling::default(),
         })
     }
 }

@@ -45,6 +45,19 @@ pub struct GenerationRequest {
     pub denoising_strength: f64,
     /// img2img: how the init image is fitted to `width` × `height` (A1111's 0/1/2).
     pub resize_mode: ResizeMode,
+    /// txt2img hires fix: sample at `width` × `height`, enlarge, then redraw at the larger
+    /// size at `denoising_strength`.
+    pub enable_hr: bool,
+    /// Hires fix: the enlargement (unless `hr_resize_x`/`hr_resize_y` give the size).
+    pub hr_scale: f64,
+    /// Hires fix upscaler: "Latent", "Latent (nearest)", "Lanczos", or an upscaler model file.
+    pub hr_upscaler: String,
+    /// Hires fix steps of the second pass; 0 = as many as the first.
+    pub hr_second_pass_steps: usize,
+    /// Hires fix target width (0 = from `hr_scale`, or from the height's aspect).
+    pub hr_resize_x: usize,
+    /// Hires fix target height (0 = from `hr_scale`, or from the width's aspect).
+    pub hr_resize_y: usize,
 }
 
 impl Default for GenerationRequest {
@@ -67,6 +80,12 @@ impl Default for GenerationRequest {
             rng_math: NormalVariant::default(),
             denoising_strength: 0.75,
             resize_mode: ResizeMode::default(),
+            enable_hr: false,
+            hr_scale: 2.0,
+            hr_upscaler: "Latent".into(),
+            hr_second_pass_steps: 0,
+            hr_resize_x: 0,
+            hr_resize_y: 0,
         }
     }
 }
@@ -122,6 +141,19 @@ impl GenerationRequest {
         }
         if self.clip_skip == 0 {
             return Err(Error::InvalidRequest("clip_skip starts at 1".into()));
+        }
+        if self.enable_hr {
+            let (tw, th) = super::hires::target_size(self)?;
+            if tw > MAX_SIDE || th > MAX_SIDE || tw * th > MAX_PIXELS {
+                return Err(Error::InvalidSize {
+                    width: tw,
+                    height: th,
+                    reason: format!(
+                        "the hires fix would make this size; at most {MAX_SIDE} pixels a side \
+                         and {MAX_PIXELS} pixels in all"
+                    ),
+                });
+            }
         }
         let choice: SamplerChoice = self.sampler_name.parse()?;
         let schedule = choice.schedule.unwrap_or(self.scheduler);

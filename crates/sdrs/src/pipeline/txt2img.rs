@@ -5,7 +5,9 @@ use std::cell::Cell;
 use candle_core::Tensor;
 use image::RgbImage;
 
+use super::hires::HiresPass;
 use super::infotext::{self, ImageFacts};
+use super::vae_tiling;
 use super::{CfgDenoiser, GenerationRequest, ResolvedSampling, StableDiffusion};
 use crate::image_io::tensor_to_images;
 use crate::sampling::rng::TorchRng;
@@ -64,15 +66,34 @@ pub fn txt2img(
         req.width / factor,
     ];
     let start_scale = sampling.sampler.initial_noise_scale(sigmas[0]);
+    let hires = HiresPass::prepare(sd, req, sampling)?;
     generate(sd, req, sampling, false, on_event, &mut |run| {
         let x = (run.noise.sample(&shape, &sd.device)? * start_scale)?;
-        sample_and_decode(sd, run, x, &sigmas)
+        let Some(hires) = &hires else {
+            return sample_and_decode(sd, run, x, &sigmas);
+        };
+        let total = req.steps + hires.steps();
+        let x = {
+            let mut report = offset_steps(&mut *run.on_step, 0, total);
+            run.sampling.sampler.run(
+                &mut *run.denoiser,
+                x,
+                &sigmas,
+                &mut *run.noise,
+                &mut report,
+                run.eta,
+            )?
+        };
+        let last_sigma = sigmas.last().copied().unwrap_or(0.0);
+        hires.run(sd, req, run, x, last_sigma, req.steps)
     })
 }
 
 /// What the per-image step of [`generate`] works with: the image's seeded generator, the
 /// guided denoiser, and the progress callback.
 pub(super) struct ImageRun<'a, 'b> {
+    /// The image's seed (request seed + image index).
+    pub seed: u64,
     pub noise: &'a mut TorchRng,
     pub denoiser: &'a mut CfgDenoiser<'b>,
     pub on_step: &'a mut dyn FnMut(&Step) -> Flow,
@@ -96,6 +117,23 @@ pub(super) fn sample_and_decode(
         run.eta,
     )?;
     decode(sd, &x, sigmas.last().copied().unwrap_or(0.0))
+}
+
+/// Reports a sampler's steps as steps `offset + 1 ..` of `total` (a hires fix's second
+/// pass follows its first).
+pub(super) fn offset_steps<'a>(
+    on_step: &'a mut dyn FnMut(&Step) -> Flow,
+    offset: usize,
+    total: usize,
+) -> impl FnMut(&Step) -> Flow + 'a {
+    move |s: &Step| {
+        on_step(&Step {
+            index: s.index + offset,
+            total,
+            sigma: s.sigma,
+            denoised: s.denoised,
+        })
+    }
 }
 
 /// What txt2img and img2img share: the prompts, the seeds, one generator and denoiser per
@@ -135,6 +173,7 @@ pub(super) fn generate(
                 })
             };
             make_image(&mut ImageRun {
+                seed,
                 noise: &mut noise,
                 denoiser: &mut denoiser,
                 on_step: &mut on_step,
@@ -169,7 +208,12 @@ pub(super) fn generate(
 /// PLMS end at σ_0 > 0, where the latent is x·sqrt(ᾱ_0)), then through the VAE.
 pub fn decode(sd: &StableDiffusion, x: &Tensor, last_sigma: f64) -> Result<RgbImage> {
     let latent = (x / (1.0 + last_sigma * last_sigma).sqrt())?;
-    let decoded = sd.vae.decode(&(latent / sd.vae_config.scaling_factor)?)?;
+    let decoded = vae_tiling::decode(
+        &sd.vae,
+        sd.vae_config.downscale_factor(),
+        &(latent / sd.vae_config.scaling_factor)?,
+        &sd.vae_tiling,
+    )?;
     tensor_to_images(&decoded)?
         .pop()
         .ok_or_else(|| Error::Image("the VAE returned no image".into()))

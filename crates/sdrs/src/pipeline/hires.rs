@@ -1,0 +1,229 @@
+//! txt2img's hires fix, as A1111's `sample_hr_pass` does it: sample at the requested size,
+//! enlarge, then redraw at the larger size.
+//!
+//! - The target is `int(width · hr_scale)` × `int(height · hr_scale)`, or `hr_resize_x/y`
+//!   (one of them 0: the other side follows the aspect ratio), rounded down to a multiple of 8.
+//! - "Latent" upscalers enlarge the first pass's latent (bilinear, or nearest); any other
+//!   upscaler ("Lanczos", an ESRGAN model file) enlarges the decoded image, which is then
+//!   fitted to the target with Lanczos and encoded by the VAE.
+//! - The second pass is an img2img from that latent. Its noise comes from a fresh generator
+//!   seeded with the image's seed (A1111 makes a new `ImageRNG` from the same seeds): first
+//!   the VAE posterior sample (image upscalers only), then the initial noise, then any sampler
+//!   noise.
+//! - Steps: `hr_second_pass_steps` (or the first pass's count) N steps are run, the last N of
+//!   a schedule of `int(N / min(strength, 0.999))` steps (A1111's `img2img_fix_steps`
+//!   arithmetic, which it always uses for this pass).
+
+use std::cell::Cell;
+use std::path::Path;
+
+use candle_core::Tensor;
+use image::RgbImage;
+
+use super::conditioning::Conditioning;
+use super::txt2img::{decode, offset_steps, ImageRun};
+use super::vae_tiling;
+use super::{CfgDenoiser, GenerationRequest, ResolvedSampling, StableDiffusion};
+use crate::image_io::{image_to_tensor, resize_lanczos};
+use crate::sampling::rng::TorchRng;
+use crate::sampling::NoiseSource;
+use crate::upscale::Upscaler;
+use crate::{Error, Result};
+
+/// The size the hires fix redraws at.
+pub fn target_size(req: &GenerationRequest) -> Result<(usize, usize)> {
+    let (w, h) = (req.width as f64, req.height as f64);
+    let (tw, th) = match (req.hr_resize_x, req.hr_resize_y) {
+        (0, 0) => {
+            if !(req.hr_scale.is_finite() && req.hr_scale >= 1.0) {
+                return Err(Error::InvalidRequest(format!(
+                    "the hires fix scale must be at least 1, got {}",
+                    req.hr_scale
+                )));
+            }
+            ((w * req.hr_scale) as usize, (h * req.hr_scale) as usize)
+        }
+        (x, 0) => (x, (x as f64 * h / w) as usize),
+        (0, y) => ((y as f64 * w / h) as usize, y),
+        (x, y) => (x, y),
+    };
+    let (tw, th) = (tw / 8 * 8, th / 8 * 8);
+    if tw < req.width || th < req.height {
+        return Err(Error::InvalidRequest(format!(
+            "the hires fix target {tw}x{th} is smaller than the first pass {}x{}",
+            req.width, req.height
+        )));
+    }
+    Ok((tw, th))
+}
+
+/// How the first pass is enlarged.
+enum HiresUpscaler {
+    /// The latent, by torch's `interpolate` (bilinear without antialiasing, or nearest).
+    Latent { nearest: bool },
+    /// The decoded image.
+    Image(Upscaler),
+}
+
+impl HiresUpscaler {
+    /// A1111's names ("Latent", "Latent (nearest)", "Lanczos", "None"), or a model file.
+    fn from_name(name: &str, sd: &StableDiffusion) -> Result<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "latent" | "" => return Ok(Self::Latent { nearest: false }),
+            "latent (nearest)" | "latent (nearest-exact)" => {
+                return Ok(Self::Latent { nearest: true })
+            }
+            "lanczos" | "none" => return Ok(Self::Image(Upscaler::Lanczos)),
+            _ => {}
+        }
+        let path = Path::new(name);
+        if path.is_file() {
+            return Ok(Self::Image(Upscaler::open(path, &sd.device)?));
+        }
+        Err(Error::InvalidRequest(format!(
+            "unknown hires upscaler {name:?}: use Latent, Latent (nearest), Lanczos, or the \
+             path of an ESRGAN/Real-ESRGAN model file"
+        )))
+    }
+}
+
+/// Everything the second pass needs, prepared once per request.
+pub(super) struct HiresPass {
+    width: usize,
+    height: usize,
+    steps: usize,
+    upscaler: HiresUpscaler,
+    conditioning: Conditioning,
+    sigmas: Vec<f64>,
+}
+
+impl HiresPass {
+    /// The second pass `req` asks for, or `None` without `enable_hr`.
+    pub(super) fn prepare(
+        sd: &StableDiffusion,
+        req: &GenerationRequest,
+        sampling: ResolvedSampling,
+    ) -> Result<Option<Self>> {
+        if !req.enable_hr {
+            return Ok(None);
+        }
+        let (width, height) = target_size(req)?;
+        let steps = match req.hr_second_pass_steps {
+            0 => req.steps,
+            n => n,
+        };
+        let strength = req.denoising_strength;
+        let sigmas = if strength > 0.0 {
+            let schedule_steps = ((steps as f64 / strength.min(0.999)) as usize).max(steps);
+            let full = sampling
+                .sampler
+                .sigmas(&sd.schedule, schedule_steps, sampling.schedule);
+            full[full.len() - steps - 1..].to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(Some(Self {
+            width,
+            height,
+            steps: if sigmas.is_empty() { 0 } else { steps },
+            upscaler: HiresUpscaler::from_name(&req.hr_upscaler, sd)?,
+            conditioning: sd.conditioning(
+                &req.prompt,
+                &req.negative_prompt,
+                req.prompt_syntax,
+                steps,
+                req.clip_skip,
+            )?,
+            sigmas,
+        }))
+    }
+
+    /// Steps the second pass takes.
+    pub(super) fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Enlarges the first pass's result `x` (sampler space, ending at `last_sigma`), redraws
+    /// it, and decodes it. `first_steps` is the first pass's step count, for progress.
+    pub(super) fn run(
+        &self,
+        sd: &StableDiffusion,
+        req: &GenerationRequest,
+        run: &mut ImageRun,
+        x: Tensor,
+        last_sigma: f64,
+        first_steps: usize,
+    ) -> Result<RgbImage> {
+        let factor = sd.vae_config.downscale_factor();
+        let (lh, lw) = (self.height / factor, self.width / factor);
+        let latent = (x / (1.0 + last_sigma * last_sigma).sqrt())?;
+        let mut noise = TorchRng::new(run.seed, req.rng_math);
+        let latent = match &self.upscaler {
+            HiresUpscaler::Latent { nearest: false } => {
+                latent.upsample_bilinear2d(lh, lw, false)?
+            }
+            HiresUpscaler::Latent { nearest: true } => latent.upsample_nearest2d(lh, lw)?,
+            HiresUpscaler::Image(upscaler) => {
+                let image = decode(sd, &latent, 0.0)?;
+                let enlarged = enlarge(upscaler, &image, self.width, self.height)?;
+                let pixels = image_to_tensor(&enlarged, &sd.device)?;
+                let posterior = vae_tiling::encode(&sd.vae, factor, &pixels, &sd.vae_tiling)?;
+                let unit = noise.sample(posterior.mean.dims(), &sd.device)?;
+                ((&posterior.mean + (&posterior.std * unit)?)? * sd.vae_config.scaling_factor)?
+            }
+        };
+        if self.sigmas.is_empty() {
+            return decode(sd, &latent, 0.0);
+        }
+        let start = noise.sample(latent.dims(), &sd.device)?;
+        let x = (latent + (start * self.sigmas[0])?)?;
+        let step = Cell::new(0);
+        let mut denoiser = CfgDenoiser::new(
+            &sd.unet,
+            &sd.schedule,
+            &self.conditioning,
+            req.cfg_scale,
+            &step,
+        );
+        let total = first_steps + self.steps;
+        let on_step = &mut *run.on_step;
+        let mut report = offset_steps(on_step, first_steps, total);
+        let mut tracked = |s: &crate::sampling::Step| {
+            step.set(s.index + 1);
+            report(s)
+        };
+        let x = run.sampling.sampler.run(
+            &mut denoiser,
+            x,
+            &self.sigmas,
+            &mut noise,
+            &mut tracked,
+            run.eta,
+        )?;
+        decode(sd, &x, self.sigmas.last().copied().unwrap_or(0.0))
+    }
+}
+
+/// A1111's `resize_image` with an upscaler: enlarge by the upscaler until the target is
+/// reached, then fit exactly with Lanczos.
+pub(super) fn enlarge(
+    upscaler: &Upscaler,
+    image: &RgbImage,
+    width: usize,
+    height: usize,
+) -> Result<RgbImage> {
+    let (w, h) = (width as u32, height as u32);
+    if upscaler.native_scale().is_none() {
+        return Ok(resize_lanczos(image, w, h));
+    }
+    let mut current = image.clone();
+    while current.width() < w || current.height() < h {
+        let needed = (w.div_ceil(current.width())).max(h.div_ceil(current.height()));
+        let scale = upscaler.native_scale().unwrap_or(needed).max(2);
+        current = upscaler.upscale(&current, scale)?;
+    }
+    if current.dimensions() == (w, h) {
+        return Ok(current);
+    }
+    Ok(resize_lanczos(&current, w, h))
+}
