@@ -305,3 +305,32 @@ fn full_size_tiled_decode_of_1024_pixels_stays_close() {
     eprintln!("1024² tiled decode: MAD {mad:.5} on [-1, 1] (mean |x| {spread:.4})");
     assert!(mad < 0.5 * spread, "MAD {mad} vs mean |x| {spread}");
 }
+
+/// The peak memory of a 2048² tiled decode (256² latent) with the full-size VAE named by
+/// `SDRS_FULL_MODEL`: prints the process's peak RSS (VmHWM) after decoding.
+#[test]
+#[ignore = "needs SDRS_FULL_MODEL, a full-size checkpoint, and about 20 minutes"]
+fn full_size_tiled_decode_of_2048_pixels_reports_its_peak_memory() {
+    let Some(path) = std::env::var_os("SDRS_FULL_MODEL") else {
+        panic!("set SDRS_FULL_MODEL to a full-size checkpoint");
+    };
+    let ckpt = sdrs::weights::Checkpoint::open(std::path::Path::new(&path)).expect("open");
+    let vae_config = ckpt.vae_config().clone();
+    let vae = sdrs::models::vae::AutoencoderKL::new(
+        ckpt.vae(DType::F32, &Device::Cpu).expect("vae weights"),
+        &vae_config,
+    )
+    .expect("vae");
+    drop(ckpt);
+    let latent = TorchRng::new(12, Default::default())
+        .sample(&[1, 4, 256, 256], &Device::Cpu)
+        .expect("latent");
+    let image = vae_tiling::decode(&vae, 8, &latent, &VaeTiling::default()).expect("tiled");
+    assert_eq!(image.dims(), &[1, 3, 2048, 2048]);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("VmHWM: ?");
+    eprintln!("2048² tiled decode: {peak}");
+}
