@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sdrs::image_io::{encode_jpeg, encode_png, grid};
+use sdrs::models::unet::Prediction;
 use sdrs::pipeline::{
     resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, StableDiffusion, TilingMode,
 };
@@ -139,6 +140,10 @@ pub struct GenerationArgs {
     /// Accepted for optimizedSD compatibility: the default mode is already the fast one.
     #[arg(long)]
     turbo: bool,
+    /// What the UNet predicts, eps or v, overriding detection (a diffusers folder's scheduler
+    /// config; for single files A1111's sidecar .yaml or a "768-v"/"v-pred" name, else eps).
+    #[arg(long)]
+    prediction: Option<Prediction>,
     /// When the VAE works in overlapping tiles, which bounds memory for large images.
     #[arg(long = "vae-tiling", value_enum, default_value = "auto")]
     vae_tiling: VaeTilingArg,
@@ -166,6 +171,9 @@ impl GenerationArgs {
         }
         let mut sd = StableDiffusion::load(&checkpoint, device)
             .with_context(|| format!("loading checkpoint {}", self.model.display()))?;
+        if let Some(prediction) = self.prediction {
+            sd.prediction = prediction;
+        }
         sd.vae_tiling.mode = match self.vae_tiling {
             VaeTilingArg::Auto => TilingMode::Auto,
             VaeTilingArg::Always => TilingMode::Always,

@@ -478,3 +478,52 @@ fn txt2img_hires_fix_writes_the_larger_image_with_a1111_hires_keys() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn prediction_flag_overrides_detection_and_rejects_unknown_types() {
+    let model = fixtures().join("tiny-sd1").display().to_string();
+    let run = |prediction: &str, name: &str| {
+        let out = temp_dir(name);
+        let r = sdrs(&[
+            "txt2img",
+            "--model",
+            &model,
+            "--prompt",
+            "a boat",
+            "--W",
+            "64",
+            "--H",
+            "64",
+            "--seed",
+            "3",
+            "--steps",
+            "3",
+            "--sampler",
+            "Euler",
+            "--prediction",
+            prediction,
+            "--outdir",
+            out.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let img = image::open(png_in(&out)).expect("png").to_rgb8();
+        let _ = std::fs::remove_dir_all(&out);
+        img
+    };
+    let eps = run("eps", "pred-eps");
+    let v = run("v", "pred-v");
+    let differing = eps
+        .as_raw()
+        .iter()
+        .zip(v.as_raw())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        differing > eps.as_raw().len() / 2,
+        "only {differing} values differ"
+    );
+    assert_fails_with(
+        &["txt2img", "--model", &model, "--prediction", "x0"],
+        "unknown prediction type",
+    );
+}

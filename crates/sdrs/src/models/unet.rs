@@ -29,6 +29,31 @@ impl PerBlock {
     }
 }
 
+/// What the UNet's output means: the noise (SD 1.x, SD 2.x base) or the velocity
+/// `v = α·ε − σ·x₀` (SD 2.x 768-v, SD-Turbo's teacher), in diffusers' scheduler names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+pub enum Prediction {
+    #[default]
+    #[serde(rename = "epsilon", alias = "eps")]
+    Epsilon,
+    #[serde(rename = "v_prediction", alias = "v")]
+    V,
+}
+
+impl std::str::FromStr for Prediction {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "eps" | "epsilon" => Ok(Prediction::Epsilon),
+            "v" | "v_prediction" | "v-prediction" => Ok(Prediction::V),
+            other => Err(Error::InvalidRequest(format!(
+                "unknown prediction type {other:?}: use eps or v"
+            ))),
+        }
+    }
+}
+
 /// Architecture of the UNet, as in diffusers' `unet/config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct UNetConfig {

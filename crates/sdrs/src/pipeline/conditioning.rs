@@ -30,9 +30,10 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
-    /// Whether guidance has nothing to add at `cfg_scale` (one part of weight 1 at scale 1).
+    /// Whether the unconditional pass is skipped: one part of weight 1 at a scale of at most 1
+    /// (diffusers' `guidance_scale > 1` test; SD-Turbo runs at 0), which halves the UNet work.
     pub fn unguided(&self, cfg_scale: f64) -> bool {
-        cfg_scale == 1.0 && self.parts.len() == 1 && self.parts[0].weight == 1.0
+        cfg_scale <= 1.0 && self.parts.len() == 1 && self.parts[0].weight == 1.0
     }
 }
 

@@ -7,14 +7,15 @@ use std::cell::Cell;
 use candle_core::Tensor;
 
 use super::conditioning::Conditioning;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{Prediction, UNet2DConditionModel};
 use crate::sampling::{Denoiser, NoiseSchedule};
 use crate::Result;
 
-/// `D(x, σ)` for an ε-predicting UNet with classifier-free guidance (k-diffusion's
-/// `CompVisDenoiser` around A1111's `CFGDenoiser`).
+/// `D(x, σ)` for an ε- or v-predicting UNet with classifier-free guidance (k-diffusion's
+/// `CompVisDenoiser` / `CompVisVDenoiser` around A1111's `CFGDenoiser`).
 pub struct CfgDenoiser<'a> {
     unet: &'a UNet2DConditionModel,
+    prediction: Prediction,
     schedule: &'a NoiseSchedule,
     conditioning: &'a Conditioning,
     cfg_scale: f64,
@@ -24,9 +25,11 @@ pub struct CfgDenoiser<'a> {
 }
 
 impl<'a> CfgDenoiser<'a> {
-    /// A guided denoiser reading the current step from `step`.
+    /// A guided denoiser for a UNet predicting `prediction`, reading the current step from
+    /// `step`.
     pub fn new(
         unet: &'a UNet2DConditionModel,
+        prediction: Prediction,
         schedule: &'a NoiseSchedule,
         conditioning: &'a Conditioning,
         cfg_scale: f64,
@@ -34,6 +37,7 @@ impl<'a> CfgDenoiser<'a> {
     ) -> Self {
         Self {
             unet,
+            prediction,
             schedule,
             conditioning,
             cfg_scale,
@@ -61,8 +65,9 @@ impl<'a> CfgDenoiser<'a> {
             .collect()
     }
 
-    /// `ε_u + Σ_i w_i · s · (ε_i − ε_u)` (A1111's `combine_denoised`, in ε).
-    fn guided_eps(&self, x_in: &Tensor, t: f64) -> Result<Tensor> {
+    /// `ε_u + Σ_i w_i · s · (ε_i − ε_u)` (A1111's `combine_denoised`, in the UNet's output,
+    /// which is linear in the denoised latent for ε and v alike).
+    fn guided_output(&self, x_in: &Tensor, t: f64) -> Result<Tensor> {
         let step = self.step.get();
         let parts = &self.conditioning.parts;
         if self.conditioning.unguided(self.cfg_scale) {
@@ -84,7 +89,11 @@ impl Denoiser for CfgDenoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor> {
         let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
         let t = self.schedule.sigma_to_t(sigma);
-        let eps = self.guided_eps(&(x * c_in)?, t)?;
-        Ok((x - (eps * sigma)?)?)
+        let out = self.guided_output(&(x * c_in)?, t)?;
+        match self.prediction {
+            Prediction::Epsilon => Ok((x - (out * sigma)?)?),
+            // c_skip = 1/(σ²+1), c_out = −σ/√(σ²+1) (k-diffusion's CompVisVDenoiser).
+            Prediction::V => Ok(((x * (c_in * c_in))? - (out * (sigma * c_in))?)?),
+        }
     }
 }

@@ -180,6 +180,7 @@ impl HiresPass {
         let step = Cell::new(0);
         let mut denoiser = CfgDenoiser::new(
             &sd.unet,
+            sd.prediction,
             &sd.schedule,
             &self.conditioning,
             req.cfg_scale,

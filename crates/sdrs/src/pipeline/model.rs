@@ -4,7 +4,7 @@ use candle_core::{DType, Device};
 
 use super::vae_tiling::VaeTiling;
 use crate::models::clip::ClipTextTransformer;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{Prediction, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::sampling::NoiseSchedule;
 use crate::tokenizer::Tokenizer;
@@ -22,6 +22,8 @@ pub struct StableDiffusion {
     pub device: Device,
     pub model_name: String,
     pub model_hash: Option<String>,
+    /// What the UNet predicts (detected from the checkpoint; `--prediction` overrides it).
+    pub prediction: Prediction,
     /// When the VAE works in tiles.
     pub vae_tiling: VaeTiling,
 }
@@ -47,6 +49,7 @@ impl StableDiffusion {
             device: device.clone(),
             model_name: checkpoint.name(),
             model_hash: checkpoint.hash().ok(),
+            prediction: checkpoint.prediction(),
             vae_tiling: VaeTiling::default(),
         })
     }

@@ -160,8 +160,14 @@ pub(super) fn generate(
         let seed = base_seed.wrapping_add(index as u64);
         let mut noise = TorchRng::new(seed, req.rng_math);
         let step = Cell::new(0);
-        let mut denoiser =
-            CfgDenoiser::new(&sd.unet, &sd.schedule, &conditioning, req.cfg_scale, &step);
+        let mut denoiser = CfgDenoiser::new(
+            &sd.unet,
+            sd.prediction,
+            &sd.schedule,
+            &conditioning,
+            req.cfg_scale,
+            &step,
+        );
         let image = {
             let mut on_step = |s: &Step| {
                 step.set(s.index + 1);

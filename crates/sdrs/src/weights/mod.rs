@@ -19,7 +19,7 @@ use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
 use crate::models::clip::ClipConfig;
-use crate::models::unet::UNetConfig;
+use crate::models::unet::{Prediction, UNetConfig};
 use crate::models::vae::VaeConfig;
 use crate::{Error, Result};
 use backend::Component;
@@ -105,6 +105,36 @@ impl Checkpoint {
     /// The model family detected from the weights.
     pub fn family(&self) -> ModelFamily {
         self.family
+    }
+
+    /// What the UNet predicts: a diffusers folder's `scheduler/scheduler_config.json` says; a
+    /// single file cannot tell from its weights, so A1111's sidecar `NAME.yaml`
+    /// (`parameterization: "v"`) or a name hint ("768-v", "v-pred", "vpred") decides, else ε.
+    pub fn prediction(&self) -> Prediction {
+        if self.path.is_dir() {
+            let config = self.path.join("scheduler").join("scheduler_config.json");
+            return std::fs::read_to_string(config)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .and_then(|v| v["prediction_type"].as_str().map(str::to_string))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_default();
+        }
+        let yaml = std::fs::read_to_string(self.path.with_extension("yaml")).unwrap_or_default();
+        let sidecar_v = yaml.lines().any(|l| {
+            let l = l.trim().replace(['"', '\''], "");
+            l == "parameterization: v"
+        });
+        let name = self.name().to_ascii_lowercase();
+        if sidecar_v
+            || ["768-v", "v-pred", "vpred", "v_pred"]
+                .iter()
+                .any(|h| name.contains(h))
+        {
+            Prediction::V
+        } else {
+            Prediction::Epsilon
+        }
     }
 
     /// The text encoder's architecture.
