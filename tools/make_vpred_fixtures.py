@@ -1,7 +1,8 @@
 """v-prediction and no-CFG txt2img references on the tiny model: k-diffusion's
 CompVisVDenoiser (Euler, Euler a, DPM++ 2M) and diffusers' DDIM with
 `prediction_type="v_prediction"`, plus guidance scale 0 (diffusers and SD-Turbo: the
-conditional prediction alone, no unconditional pass) for ε and v.
+conditional prediction alone, no unconditional pass) for ε and v, and SD-Turbo-style runs:
+Euler a over A1111's "SGM Uniform" sigmas in 1 and 4 steps without guidance.
 
     /opt/venv/bin/python tools/make_vpred_fixtures.py
 
@@ -25,14 +26,16 @@ from txt2img_ref import NEGATIVE, PROMPT, SCALE, STEPS, encode  # noqa: E402
 
 OUT = os.path.join(REF, "vpred")
 SEED = 42
-# name -> (prediction, sampler, cfg)
+# name -> (prediction, sampler, cfg, schedule, steps)
 CASES = {
-    "v_euler": ("v", "euler", 7.5),
-    "v_euler_a": ("v", "euler_a", 7.5),
-    "v_dpmpp_2m": ("v", "dpmpp_2m", 7.5),
-    "v_ddim": ("v", "ddim", 7.5),
-    "v_euler_a_cfg0": ("v", "euler_a", 0.0),
-    "eps_euler_a_cfg0": ("eps", "euler_a", 0.0),
+    "v_euler": ("v", "euler", 7.5, "normal", STEPS),
+    "v_euler_a": ("v", "euler_a", 7.5, "normal", STEPS),
+    "v_dpmpp_2m": ("v", "dpmpp_2m", 7.5, "normal", STEPS),
+    "v_ddim": ("v", "ddim", 7.5, "normal", STEPS),
+    "v_euler_a_cfg0": ("v", "euler_a", 0.0, "normal", STEPS),
+    "eps_euler_a_cfg0": ("eps", "euler_a", 0.0, "normal", STEPS),
+    "turbo_1step": ("eps", "euler_a", 0.0, "sgm_uniform", 1),
+    "turbo_4steps": ("eps", "euler_a", 0.0, "sgm_uniform", 4),
 }
 
 
@@ -53,10 +56,18 @@ class Model(torch.nn.Module):
         return u + self.cfg * (c - u)
 
 
-def k_sample(ks, kext, model, prediction, sampler, noise, gen):
+def sgm_uniform(den, n):
+    """A1111's `sgm_uniform` scheduler (modules/sd_schedulers.py)."""
+    start = den.sigma_to_t(den.sigma_max.clone())
+    end = den.sigma_to_t(den.sigma_min.clone())
+    sigs = [den.t_to_sigma(ts) for ts in torch.linspace(start, end, n + 1)[:-1]]
+    return torch.FloatTensor(sigs + [0.0])
+
+
+def k_sample(ks, kext, model, prediction, sampler, schedule, steps, noise, gen):
     wrap = kext.CompVisVDenoiser if prediction == "v" else kext.CompVisDenoiser
     den = wrap(model, quantize=False)
-    sigmas = den.get_sigmas(STEPS)
+    sigmas = sgm_uniform(den, steps) if schedule == "sgm_uniform" else den.get_sigmas(steps)
     x = noise * sigmas[0]
     if prediction == "v":
         # CompVisVDenoiser.get_v takes a positional `cond`; the model carries its own.
@@ -98,23 +109,23 @@ def main():
     manifest = []
     with torch.no_grad():
         uncond, cond = encode(clip, tok, NEGATIVE), encode(clip, tok, PROMPT)
-        for name, (prediction, sampler, cfg) in CASES.items():
+        for name, (prediction, sampler, cfg, schedule, steps) in CASES.items():
             gen = torch.Generator("cpu").manual_seed(SEED)
             noise = torch.randn((1, 4, 8, 8), generator=gen)
             if sampler == "ddim":
                 img = ddim(unet, vae, clip, tok, noise, gen, cfg)
             else:
                 model = Model(unet, ac, uncond, cond, cfg)
-                lat = k_sample(ks, kext, model, prediction, sampler, noise, gen)
+                lat = k_sample(ks, kext, model, prediction, sampler, schedule, steps, noise, gen)
                 x = (vae.decode(lat / SCALE).sample / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
                 img = (x * 255).round().astype(np.uint8)
             Image.fromarray(img).save(os.path.join(OUT, f"{name}.png"))
             stats = image_stats(img)
             print(f"  {name}: {stats}")
             manifest.append({
-                "name": name, "prediction": prediction, "sampler": sampler, "schedule": "normal",
+                "name": name, "prediction": prediction, "sampler": sampler, "schedule": schedule,
                 "eta": 1.0 if sampler == "euler_a" else 0.0, "seed": SEED, "width": 64, "height": 64,
-                "steps": STEPS, "cfg_scale": cfg, "prompt": PROMPT, "negative_prompt": NEGATIVE,
+                "steps": steps, "cfg_scale": cfg, "prompt": PROMPT, "negative_prompt": NEGATIVE,
                 "file": f"vpred/{name}.png", "stats": stats,
             })
     with open(os.path.join(REF, "vpred.json"), "w") as f:

@@ -157,9 +157,9 @@ impl GenerationRequest {
         }
         let choice: SamplerChoice = self.sampler_name.parse()?;
         let schedule = choice.schedule.unwrap_or(self.scheduler);
-        if schedule == SigmaSchedule::Karras && !choice.sampler.uses_sigma_schedule() {
+        if schedule != SigmaSchedule::Normal && !choice.sampler.uses_sigma_schedule() {
             return Err(Error::InvalidRequest(format!(
-                "{} walks the training timesteps; a Karras schedule does not apply to it",
+                "{} walks the training timesteps; a {schedule} schedule does not apply to it",
                 choice.sampler.name()
             )));
         }

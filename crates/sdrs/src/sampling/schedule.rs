@@ -25,6 +25,10 @@ pub enum SigmaSchedule {
     Normal,
     /// Karras et al. 2022, ρ = 7.
     Karras,
+    /// A1111's "SGM Uniform": timesteps evenly spaced from 999 towards 0 without reaching it
+    /// (the spacing SD-Turbo's few-step sampling expects).
+    #[serde(rename = "sgm_uniform", alias = "sgm uniform")]
+    SgmUniform,
 }
 
 impl std::str::FromStr for SigmaSchedule {
@@ -33,8 +37,9 @@ impl std::str::FromStr for SigmaSchedule {
         match s.trim().to_ascii_lowercase().as_str() {
             "normal" | "automatic" | "uniform" | "default" => Ok(Self::Normal),
             "karras" => Ok(Self::Karras),
+            "sgm_uniform" | "sgm uniform" | "sgm-uniform" => Ok(Self::SgmUniform),
             _ => Err(Error::InvalidRequest(format!(
-                "unknown schedule {s:?}; valid: normal, karras"
+                "unknown schedule {s:?}; valid: normal, karras, sgm_uniform"
             ))),
         }
     }
@@ -45,6 +50,7 @@ impl std::fmt::Display for SigmaSchedule {
         f.write_str(match self {
             Self::Normal => "Automatic",
             Self::Karras => "Karras",
+            Self::SgmUniform => "SGM Uniform",
         })
     }
 }
@@ -148,6 +154,18 @@ impl NoiseSchedule {
         out
     }
 
+    /// A1111's `sgm_uniform(n)`: the sigmas of `linspace(t(σ_max), t(σ_min), n + 1)[:-1]`
+    /// (timesteps 999 down to, not including, 0), then 0.
+    pub fn sigmas_sgm_uniform(&self, steps: usize) -> Vec<f64> {
+        let ts = linspace_f32((TRAIN_STEPS - 1) as f32, 0.0, steps + 1);
+        let mut out: Vec<f64> = ts[..steps]
+            .iter()
+            .map(|&t| self.t_to_sigma(t) as f64)
+            .collect();
+        out.push(0.0);
+        out
+    }
+
     /// k-diffusion's `get_sigmas_karras(n, σ_min, σ_max, ρ=7)` over the training range, then 0.
     pub fn sigmas_karras(&self, steps: usize) -> Vec<f64> {
         let (sigma_min, sigma_max) = self.sigma_range();
@@ -206,6 +224,21 @@ mod tests {
         for t in [0usize, 1, 101, 500, 998, 999] {
             assert_eq!(s.sigma_to_t(s.sigmas()[t] as f64), t as f64, "t = {t}");
         }
+    }
+
+    #[test]
+    fn sgm_uniform_stops_short_of_timestep_zero() {
+        let s = NoiseSchedule::stable_diffusion();
+        let (_, sigma_max) = s.sigma_range();
+        assert_eq!(s.sigmas_sgm_uniform(1), vec![sigma_max as f32 as f64, 0.0]);
+        // linspace(999, 0, 5)[:-1] = 999, 749.25, 499.5, 249.75.
+        let four = s.sigmas_sgm_uniform(4);
+        let want: Vec<f64> = [999.0, 749.25, 499.5, 249.75]
+            .iter()
+            .map(|&t| s.t_to_sigma(t) as f64)
+            .chain([0.0])
+            .collect();
+        assert_eq!(four, want);
     }
 
     #[test]

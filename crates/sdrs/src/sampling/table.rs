@@ -115,6 +115,7 @@ impl Sampler {
             (false, _) => schedule.sigmas_ddim(steps),
             (true, SigmaSchedule::Normal) => schedule.sigmas_normal(steps),
             (true, SigmaSchedule::Karras) => schedule.sigmas_karras(steps),
+            (true, SigmaSchedule::SgmUniform) => schedule.sigmas_sgm_uniform(steps),
         }
     }
 
