@@ -5,7 +5,6 @@ use candle_core::Tensor;
 
 use super::StableDiffusion;
 use crate::prompt::{encode_batch, encode_blend, plan, PromptPlan, PromptSyntax};
-use crate::tokenizer::EOS;
 use crate::{Error, Result};
 
 /// One encoded prompt part: its AND weight and the conditioning for each stretch of steps.
@@ -61,11 +60,13 @@ fn encode_plan(
                     .iter()
                     .map(|s| s.blend[0].0.as_str())
                     .collect();
-                encode_batch(&sd.tokenizer, &texts, syntax, EOS, &mut encoder)?
+                encode_batch(&sd.tokenizer, &texts, syntax, sd.pad_token, &mut encoder)?
             } else {
                 part.schedule
                     .iter()
-                    .map(|s| encode_blend(&sd.tokenizer, &s.blend, syntax, EOS, &mut encoder))
+                    .map(|s| {
+                        encode_blend(&sd.tokenizer, &s.blend, syntax, sd.pad_token, &mut encoder)
+                    })
                     .collect::<Result<Vec<_>>>()?
             };
             Ok(EncodedPart {

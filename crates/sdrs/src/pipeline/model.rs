@@ -22,6 +22,8 @@ pub struct StableDiffusion {
     pub device: Device,
     pub model_name: String,
     pub model_hash: Option<String>,
+    /// The id that pads prompts after their EOS (SD 2: 0).
+    pub pad_token: u32,
     /// What the UNet predicts (detected from the checkpoint; `--prediction` overrides it).
     pub prediction: Prediction,
     /// When the VAE works in tiles.
@@ -49,6 +51,7 @@ impl StableDiffusion {
             device: device.clone(),
             model_name: checkpoint.name(),
             model_hash: checkpoint.hash().ok(),
+            pad_token: checkpoint.pad_token(),
             prediction: checkpoint.prediction(),
             vae_tiling: VaeTiling::default(),
         })

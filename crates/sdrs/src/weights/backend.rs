@@ -11,11 +11,21 @@ use super::compvis::TensorName;
 use super::source::TensorFile;
 use crate::{Error, Result};
 
-/// One model's tensors: diffusers name → name in the file, with the names that could not be found.
+/// Where a diffusers tensor lives in the file: a stored tensor, or a band of its rows (the
+/// q, k and v projections that OpenCLIP keeps fused in one `in_proj`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub name: String,
+    /// `(first row, rows)` along dimension 0, or the whole tensor.
+    pub rows: Option<(usize, usize)>,
+}
+
+/// One model's tensors: diffusers name → where it is in the file, with the names that could
+/// not be found.
 #[derive(Clone)]
 pub(crate) struct Component {
     file: Arc<TensorFile>,
-    renames: Arc<HashMap<String, String>>,
+    renames: Arc<HashMap<String, Stored>>,
     missing: Vec<String>,
 }
 
@@ -31,9 +41,31 @@ impl Component {
         for name in table {
             match candidates(name).into_iter().find(|c| file.contains(c)) {
                 Some(found) => {
-                    renames.insert(name.diffusers.clone(), found);
+                    let stored = Stored {
+                        name: found,
+                        rows: None,
+                    };
+                    renames.insert(name.diffusers.clone(), stored);
                 }
                 None => missing.push(name.diffusers.clone()),
+            }
+        }
+        Self {
+            file,
+            renames: Arc::new(renames),
+            missing,
+        }
+    }
+
+    /// A component from explicit `(diffusers name, stored place)` pairs.
+    pub(crate) fn from_places(file: Arc<TensorFile>, places: Vec<(String, Stored)>) -> Self {
+        let mut renames = HashMap::with_capacity(places.len());
+        let mut missing = Vec::new();
+        for (diffusers, stored) in places {
+            if file.contains(&stored.name) {
+                renames.insert(diffusers, stored);
+            } else {
+                missing.push(diffusers);
             }
         }
         Self {
@@ -62,7 +94,7 @@ impl Component {
 
 struct Renamed {
     file: Arc<TensorFile>,
-    renames: Arc<HashMap<String, String>>,
+    renames: Arc<HashMap<String, Stored>>,
 }
 
 impl Renamed {
@@ -73,7 +105,12 @@ impl Renamed {
                 .ok_or_else(|| candle_core::Error::CannotFindTensor {
                     path: name.to_string(),
                 })?;
-        self.file.load(stored, device)?.to_dtype(dtype)
+        let tensor = self.file.load(&stored.name, device)?;
+        let tensor = match stored.rows {
+            Some((first, rows)) => tensor.narrow(0, first, rows)?.contiguous()?,
+            None => tensor,
+        };
+        tensor.to_dtype(dtype)
     }
 }
 

@@ -109,7 +109,8 @@ pub(crate) fn open_clip_config(file: &TensorFile) -> Result<ClipConfig> {
         vocab_size: s.dim("token_embedding.weight", 0)?,
         hidden_size,
         intermediate_size: s.dim("transformer.resblocks.0.mlp.c_fc.weight", 0)?,
-        num_hidden_layers: s.count("transformer.resblocks."),
+        // SD 2 stops at the penultimate layer (see `weights::openclip`).
+        num_hidden_layers: s.count("transformer.resblocks.").saturating_sub(1).max(1),
         num_attention_heads: (hidden_size / 64).max(1),
         max_position_embeddings: s.dim("positional_embedding", 0)?,
         hidden_act: Activation::Gelu,

@@ -82,8 +82,26 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint> {
         clip_config,
         unet_config,
         vae_config,
-        open_clip: false,
+        pad_token: pad_token(dir),
     })
+}
+
+/// The tokenizer's padding token: SD 2's folders say `"!"` (id 0); SD 1's pad with EOS.
+fn pad_token(dir: &Path) -> u32 {
+    let declared = ["special_tokens_map.json", "tokenizer_config.json"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(dir.join("tokenizer").join(f)).ok())
+        .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .find_map(|v| {
+            let pad = &v["pad_token"];
+            pad.as_str()
+                .or_else(|| pad["content"].as_str())
+                .map(str::to_string)
+        });
+    match declared.as_deref() {
+        Some("!") => 0,
+        _ => crate::tokenizer::EOS,
+    }
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {

@@ -6,6 +6,7 @@ mod compvis;
 mod compvis_vae;
 mod detect;
 mod folder;
+mod openclip;
 mod source;
 mod upscaler;
 
@@ -87,8 +88,8 @@ pub struct Checkpoint {
     text_encoder: Component,
     unet: Component,
     vae: Component,
-    /// SD2 single files keep OpenCLIP names, which we do not map yet.
-    open_clip: bool,
+    /// The padding id after a prompt's end: EOS for SD 1's CLIP, 0 ("!") for SD 2's OpenCLIP.
+    pad_token: u32,
 }
 
 impl Checkpoint {
@@ -154,15 +155,12 @@ impl Checkpoint {
 
     /// Text-encoder weights, rooted at transformers' `text_model`.
     pub fn text_encoder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        if self.open_clip {
-            return Err(Error::UnsupportedCheckpoint {
-                detected: format!(
-                    "{} with an OpenCLIP text encoder in a single file",
-                    self.family
-                ),
-            });
-        }
         self.text_encoder.var_builder(dtype, device)
+    }
+
+    /// The token that pads a prompt after its EOS: EOS itself for SD 1, 0 (`!`) for SD 2.
+    pub fn pad_token(&self) -> u32 {
+        self.pad_token
     }
 
     /// UNet weights under diffusers `UNet2DConditionModel` names.
@@ -267,11 +265,15 @@ fn open_single_file(path: &Path) -> Result<Checkpoint> {
         // No text encoder inside: SD1's, so that the error names what is missing.
         (false, None) => ClipConfig::sd1(),
     };
-    let text_encoder = Component::resolve(
-        file.clone(),
-        &compvis::clip_names(&clip_config),
-        compvis_under(clip_prefix.unwrap_or(detect::CLIP_PREFIXES[0])),
-    );
+    let text_encoder = if open_clip {
+        Component::from_places(file.clone(), openclip::places(&clip_config))
+    } else {
+        Component::resolve(
+            file.clone(),
+            &compvis::clip_names(&clip_config),
+            compvis_under(clip_prefix.unwrap_or(detect::CLIP_PREFIXES[0])),
+        )
+    };
 
     let vae_naming = VaeNaming::CompVis(detect::VAE_PREFIX);
     let vae_config = if detect::vae_naming(&file) == Some(vae_naming) {
@@ -294,6 +296,6 @@ fn open_single_file(path: &Path) -> Result<Checkpoint> {
         clip_config,
         unet_config,
         vae_config,
-        open_clip,
+        pad_token: if open_clip { 0 } else { crate::tokenizer::EOS },
     })
 }
