@@ -461,7 +461,7 @@ fn sdxl_and_inpainting_folders_are_refused_by_name() {
 }
 
 #[test]
-fn sd2_single_file_is_detected_and_its_text_encoder_refused() {
+fn sd2_single_file_is_detected_and_a_partial_text_encoder_names_what_it_lacks() {
     let mut tensors = load(&fixture("tiny-sd1.safetensors"));
     tensors.retain(|k, _| !k.starts_with("cond_stage_model."));
     for (name, shape) in [
@@ -484,12 +484,24 @@ fn sd2_single_file_is_detected_and_its_text_encoder_refused() {
             clip.num_hidden_layers,
             clip.intermediate_size
         ),
-        (64, 2, 256)
+        // Two resblocks; SD 2 conditions on the penultimate one.
+        (64, 1, 256)
     );
-    assert!(matches!(
-        ckpt.text_encoder(DType::F32, &Device::Cpu),
-        Err(Error::UnsupportedCheckpoint { .. })
-    ));
+    match ckpt.text_encoder(DType::F32, &Device::Cpu) {
+        Err(Error::MissingTensors(names)) => {
+            assert!(
+                names.contains(&"encoder.layers.0.self_attn.q_proj.weight".to_string())
+                    && names.contains(&"final_layer_norm.weight".to_string()),
+                "{names:?}"
+            );
+            assert!(
+                !names.iter().any(|n| n.starts_with("embeddings.")),
+                "{names:?}"
+            );
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a text encoder without its layers loaded"),
+    }
     assert!(ckpt.unet(DType::F32, &Device::Cpu).is_ok());
 }
 
