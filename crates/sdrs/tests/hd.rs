@@ -279,22 +279,27 @@ fn hd_refuses_sizes_and_overlaps_it_cannot_do() {
     assert_eq!(tile_seed(1000, 1, 3), 11004);
 }
 
+/// The VAE of the checkpoint named by `SDRS_FULL_MODEL`.
+fn full_size_vae() -> sdrs::models::vae::AutoencoderKL {
+    let Some(path) = std::env::var_os("SDRS_FULL_MODEL") else {
+        panic!("set SDRS_FULL_MODEL to a full-size checkpoint");
+    };
+    let ckpt = sdrs::weights::Checkpoint::open(std::path::Path::new(&path)).expect("open");
+    let vae_config = ckpt.vae_config().clone();
+    sdrs::models::vae::AutoencoderKL::new(
+        ckpt.vae(DType::F32, &Device::Cpu).expect("vae weights"),
+        &vae_config,
+    )
+    .expect("vae")
+}
+
 /// The full-size figure for the README: a 1024² decode (128² latent) with the default tiling
 /// against the whole-image decode, on the checkpoint named by `SDRS_FULL_MODEL` (the random
 /// full-size SD 1.5 of `tools/make_fixtures.py --full-size`). Needs ~14 GB for the whole decode.
 #[test]
 #[ignore = "needs SDRS_FULL_MODEL, a full-size checkpoint, and minutes"]
 fn full_size_tiled_decode_of_1024_pixels_stays_close() {
-    let Some(path) = std::env::var_os("SDRS_FULL_MODEL") else {
-        panic!("set SDRS_FULL_MODEL to a full-size checkpoint");
-    };
-    let ckpt = sdrs::weights::Checkpoint::open(std::path::Path::new(&path)).expect("open");
-    let vae_config = ckpt.vae_config().clone();
-    let vae = sdrs::models::vae::AutoencoderKL::new(
-        ckpt.vae(DType::F32, &Device::Cpu).expect("vae weights"),
-        &vae_config,
-    )
-    .expect("vae");
+    let vae = full_size_vae();
     let latent = TorchRng::new(11, Default::default())
         .sample(&[1, 4, 128, 128], &Device::Cpu)
         .expect("latent");
@@ -311,17 +316,7 @@ fn full_size_tiled_decode_of_1024_pixels_stays_close() {
 #[test]
 #[ignore = "needs SDRS_FULL_MODEL, a full-size checkpoint, and about 20 minutes"]
 fn full_size_tiled_decode_of_2048_pixels_reports_its_peak_memory() {
-    let Some(path) = std::env::var_os("SDRS_FULL_MODEL") else {
-        panic!("set SDRS_FULL_MODEL to a full-size checkpoint");
-    };
-    let ckpt = sdrs::weights::Checkpoint::open(std::path::Path::new(&path)).expect("open");
-    let vae_config = ckpt.vae_config().clone();
-    let vae = sdrs::models::vae::AutoencoderKL::new(
-        ckpt.vae(DType::F32, &Device::Cpu).expect("vae weights"),
-        &vae_config,
-    )
-    .expect("vae");
-    drop(ckpt);
+    let vae = full_size_vae();
     let latent = TorchRng::new(12, Default::default())
         .sample(&[1, 4, 256, 256], &Device::Cpu)
         .expect("latent");
