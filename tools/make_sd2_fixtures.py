@@ -5,11 +5,16 @@ computed by transformers' CLIPTextModel on the same weights, and one Euler txt2i
 
     /opt/venv/bin/python tools/make_sd2_fixtures.py
 
-Writes tests/fixtures/tiny-sd2-openclip.safetensors (f16), reference/sd2.json and
-reference/sd2/*."""
+Also the same model as a diffusers folder the way SD 2 repositories ship it (text encoder cut to
+the penultimate layer, tokenizer padding with "!", a v-prediction scheduler config; UNet and VAE
+linked to tiny-sd1's), with a v-prediction Euler image.
+
+Writes tests/fixtures/tiny-sd2-openclip.safetensors (f16), tests/fixtures/tiny-sd2-v/,
+reference/sd2.json and reference/sd2/*."""
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -27,6 +32,37 @@ from txt2img_ref import NEGATIVE, PROMPT, SCALE, STEPS  # noqa: E402
 
 OPEN_CLIP_CFG = dict(CLIP_CFG, hidden_act="gelu", num_hidden_layers=3, num_attention_heads=1)
 OUT = os.path.join(REF, "sd2")
+FOLDER = os.path.join(FIX, "tiny-sd2-v")
+
+
+def write_folder(clip):
+    """The diffusers SD 2 layout: a text encoder one layer shorter, "!" padding, v-prediction."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    shutil.rmtree(FOLDER, ignore_errors=True)
+    src = os.path.join(FIX, "tiny-sd1")
+    for part in ("unet", "vae"):
+        os.makedirs(FOLDER, exist_ok=True)
+        os.symlink(os.path.join("..", "tiny-sd1", part), os.path.join(FOLDER, part))
+    shutil.copy(os.path.join(src, "model_index.json"), FOLDER)
+    os.makedirs(os.path.join(FOLDER, "scheduler"))
+    with open(os.path.join(src, "scheduler", "scheduler_config.json")) as f:
+        sched = json.load(f)
+    sched["prediction_type"] = "v_prediction"
+    with open(os.path.join(FOLDER, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched, f, indent=1)
+    os.makedirs(os.path.join(FOLDER, "tokenizer"))
+    with open(os.path.join(src, "tokenizer", "tokenizer_config.json")) as f:
+        tok_cfg = json.load(f)
+    tok_cfg["pad_token"] = "!"
+    with open(os.path.join(FOLDER, "tokenizer", "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f, indent=1)
+    short = CLIPTextModel(CLIPTextConfig(**dict(OPEN_CLIP_CFG, num_hidden_layers=OPEN_CLIP_CFG["num_hidden_layers"] - 1)))
+    missing, unexpected = short.load_state_dict(clip.state_dict(), strict=False)
+    assert not missing, missing
+    short = short.half().eval()
+    short.save_pretrained(os.path.join(FOLDER, "text_encoder"), safe_serialization=True)
+    return short.float()
 FILE = os.path.join(FIX, "tiny-sd2-openclip.safetensors")
 
 
@@ -85,11 +121,21 @@ def main():
         lat = k_sample(ks, kext, Model(unet, ac, uncond, cond, 7.5), "eps", "euler", "normal", STEPS, noise, gen)
         x = (vae.decode(lat / SCALE).sample / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
         Image.fromarray((x * 255).round().astype(np.uint8)).save(os.path.join(OUT, "euler.png"))
+        short = write_folder(clip)
+        v_cond, v_uncond = short(ids[PROMPT]).last_hidden_state, short(ids[NEGATIVE]).last_hidden_state
+        assert torch.equal(v_cond, cond), "the cut encoder's last layer is the penultimate one"
+        gen = torch.Generator("cpu").manual_seed(42)
+        noise = torch.randn((1, 4, 8, 8), generator=gen)
+        lat = k_sample(ks, kext, Model(unet, ac, v_uncond, v_cond, 7.5), "v", "euler", "normal", STEPS, noise, gen)
+        x = (vae.decode(lat / SCALE).sample / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        Image.fromarray((x * 255).round().astype(np.uint8)).save(os.path.join(OUT, "folder_v_euler.png"))
     case = {"name": "euler", "sampler": "euler", "schedule": "normal", "eta": 0.0, "seed": 42, "width": 64,
             "height": 64, "steps": STEPS, "cfg_scale": 7.5, "prompt": PROMPT, "negative_prompt": NEGATIVE,
             "file": "sd2/euler.png"}
     with open(os.path.join(REF, "sd2.json"), "w") as f:
-        json.dump({"cases": [case], "versions": versions()}, f, indent=1)
+        folder_case = dict(case, name="folder_v_euler", file="sd2/folder_v_euler.png", model="tiny-sd2-v")
+        json.dump({"cases": [dict(case, model="tiny-sd2-openclip.safetensors"), folder_case],
+                   "versions": versions()}, f, indent=1)
         f.write("\n")
     print("wrote", FILE, os.path.getsize(FILE), "bytes")
 

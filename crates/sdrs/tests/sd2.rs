@@ -1,11 +1,13 @@
-//! SD 2's single-file layout on a tiny model (tools/make_sd2_fixtures.py): the OpenCLIP text
-//! encoder under `cond_stage_model.model.*` (fused q/k/v, GELU, penultimate layer + ln_final,
-//! "!" padding) against transformers' CLIPTextModel, and a whole txt2img image.
+//! SD 2 on a tiny model (tools/make_sd2_fixtures.py): the single-file OpenCLIP text encoder
+//! under `cond_stage_model.model.*` (fused q/k/v, GELU, penultimate layer + ln_final, "!"
+//! padding) against transformers' CLIPTextModel, and whole txt2img images from the single file
+//! (ε) and from the diffusers-layout folder (v-prediction, padding from its tokenizer config).
 
 mod common;
 
 use candle_core::{DType, Device};
 use sdrs::models::clip::ClipTextTransformer;
+use sdrs::models::unet::Prediction;
 use sdrs::pipeline::txt2img;
 use sdrs::sampling::Flow;
 use sdrs::tokenizer::Tokenizer;
@@ -39,12 +41,23 @@ fn openclip_text_encoder_gives_sd2s_penultimate_conditioning() {
 }
 
 #[test]
-fn sd2_single_file_txt2img_matches_the_python_reference() {
-    let sd = common::load_model(FILE);
-    assert_eq!(sd.pad_token, 0);
+fn sd2_file_and_folder_txt2img_match_the_python_reference() {
     let manifest = common::reference_json("sd2.json");
-    for case in manifest["cases"].as_array().expect("cases") {
+    let cases = manifest["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 2);
+    for case in cases {
         let file = case["file"].as_str().expect("file");
+        let sd = common::load_model(case["model"].as_str().expect("model"));
+        assert_eq!(sd.pad_token, 0, "{file}");
+        let v = file.contains("_v_");
+        assert_eq!(
+            sd.prediction,
+            if v {
+                Prediction::V
+            } else {
+                Prediction::Epsilon
+            }
+        );
         let images = txt2img(&sd, &common::request(case), &mut |_| Flow::Continue).expect(file);
         common::assert_images_close(file, &images[0].image, &common::reference_image(file), 2);
     }
