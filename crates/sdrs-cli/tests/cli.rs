@@ -426,6 +426,44 @@ fn hd_doubles_a_non_square_image_per_pass_and_says_how_in_its_parameters() {
         ],
         "32768x32768",
     );
+
+    // A network as the ×2 upscaler (a tiny random Real-ESRGAN compact x2 from the fixtures).
+    let upscaler = fixtures().join("upscale/compact-x2.pth");
+    let out = temp_dir("hd-model");
+    let result = sdrs(&[
+        "hd",
+        "--model",
+        &model,
+        "--prompt",
+        "a castle",
+        "--W",
+        "64",
+        "--H",
+        "64",
+        "--seed",
+        "5",
+        "--steps",
+        "3",
+        "--sampler",
+        "Euler",
+        "--overlap",
+        "16",
+        "--upscaler",
+        upscaler.to_str().unwrap(),
+        "--outdir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let png = png_in(&out);
+    assert_eq!(
+        image::open(&png).expect("png").to_rgb8().dimensions(),
+        (128, 128)
+    );
+    let text = sdrs::image_io::read_png_parameters(&std::fs::read(&png).expect("read"))
+        .expect("png")
+        .expect("parameters");
+    assert!(text.contains("SD upscale upscaler: compact-x2"), "{text}");
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
