@@ -1,6 +1,6 @@
 //! Timing harness for the kernels and the full-size models (`cargo bench -p sdrs --bench models`).
 //!
-//! `SDRS_BENCH=matmul,unet256,unet512,vae512` picks the cases (default: matmul and unet256);
+//! `SDRS_BENCH=matmul,kernels,unet256,unet512,vae512` picks the cases (default: matmul and unet256);
 //! `SDRS_MODEL` points at a full-size SD 1.5 file (default `/work/full/sd15-random.safetensors`);
 //! `SDRS_REPEATS` sets the repeats (default 3); `SDRS_HALF=1` keeps f16 weights resident.
 //! Each case prints the minimum over the repeats, because the machine is shared.
@@ -40,6 +40,38 @@ fn matmul(repeats: usize) -> Res<()> {
     Ok(())
 }
 
+/// The UNet's kernel shapes at a 32² latent (256² image), batch 2, with their GFLOP/s.
+fn kernels(repeats: usize) -> Res<()> {
+    let dev = Device::Cpu;
+    for (c, side) in [(320, 32), (640, 16), (1280, 8), (1280, 4)] {
+        let x = Tensor::randn(0f32, 1., (2, c, side, side), &dev)?;
+        let w = Tensor::randn(0f32, 1., (c, c, 3, 3), &dev)?;
+        let t = min_time(repeats, || {
+            sdrs::ops::conv2d(&x, &w, None, 1, 1)?;
+            Ok(())
+        })?;
+        let gflops = 2.0 * (2 * c * c * 9 * side * side) as f64 / t / 1e9;
+        println!(
+            "conv3x3 {c}ch {side}²: {:.2} ms, {gflops:.0} GFLOP/s",
+            t * 1e3
+        );
+    }
+    for (c, tokens, keys) in [(320, 1024, 1024), (320, 4096, 4096), (320, 1024, 77)] {
+        let q = Tensor::randn(0f32, 1., (2, tokens, c), &dev)?;
+        let k = Tensor::randn(0f32, 1., (2, keys, c), &dev)?;
+        let t = min_time(repeats, || {
+            sdrs::ops::attention(&q, &k, &k, 8, 0.15)?;
+            Ok(())
+        })?;
+        let gflops = 4.0 * (2 * tokens * keys * c) as f64 / t / 1e9;
+        println!(
+            "attention {tokens}x{keys} {c}ch: {:.2} ms, {gflops:.0} GFLOP/s",
+            t * 1e3
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Res<()> {
     let cases = std::env::var("SDRS_BENCH").unwrap_or_else(|_| "matmul,unet256".into());
     let repeats = std::env::var("SDRS_REPEATS")
@@ -55,6 +87,7 @@ fn main() -> Res<()> {
     for case in cases.split(',') {
         match case {
             "matmul" => matmul(repeats)?,
+            "kernels" => kernels(repeats)?,
             "unet256" | "unet512" => {
                 let load = Instant::now();
                 let ckpt = Checkpoint::open(std::path::Path::new(&model))?;

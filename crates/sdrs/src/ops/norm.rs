@@ -82,12 +82,10 @@ impl CustomOp3 for FusedGroupNorm {
             .enumerate()
             .for_each(|(i, group)| {
                 let n = group.len() as f64;
-                let mean = group.iter().map(|&v| v as f64).sum::<f64>() / n;
-                let var = group
-                    .iter()
-                    .map(|&v| (v as f64 - mean).powi(2))
-                    .sum::<f64>()
-                    / n;
+                let mean = math::centered_sums(group, 0.0).0 / n;
+                // The second pass around the mean keeps the variance accurate for large means.
+                let (offset, squares) = math::centered_sums(group, mean);
+                let var = (squares - offset * offset / n) / n;
                 let inv = 1.0 / (var + self.eps).sqrt();
                 let c0 = (i % self.groups) * (channels / self.groups);
                 for (j, chan) in group.chunks_mut(spatial).enumerate() {
