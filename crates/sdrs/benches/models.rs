@@ -45,7 +45,8 @@ fn kernels(repeats: usize) -> Res<()> {
     let dev = Device::Cpu;
     for (c, side) in [(320, 32), (640, 16), (1280, 8), (1280, 4)] {
         let x = Tensor::randn(0f32, 1., (2, c, side, side), &dev)?;
-        let w = Tensor::randn(0f32, 1., (c, c, 3, 3), &dev)?;
+        // Stored [Cout, 3, 3, Cin] as the layers keep convolution weights.
+        let w = Tensor::randn(0f32, 1., (c, 3, 3, c), &dev)?.permute((0, 3, 1, 2))?;
         let t = min_time(repeats, || {
             sdrs::ops::conv2d(&x, &w, None, 1, 1)?;
             Ok(())

@@ -39,7 +39,8 @@ fn widen(t: &Tensor, dtype: DType) -> Result<Tensor> {
 /// A 2-D convolution with bias.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    /// Stored [Cout, kh, kw, Cin] so each tap's matrix has unit column stride for the direct kernel.
+    taps: Tensor,
     bias: Option<Tensor>,
     padding: usize,
     stride: usize,
@@ -58,8 +59,9 @@ pub fn conv2d(
             "grouped or dilated convolutions are not supported".into(),
         ));
     }
+    let weight = vb.get((out_channels, in_channels, k, k), "weight")?;
     Ok(Conv2d {
-        weight: vb.get((out_channels, in_channels, k, k), "weight")?,
+        taps: weight.permute((0, 2, 3, 1))?.contiguous()?,
         bias: Some(vb.get(out_channels, "bias")?),
         padding: cfg.padding,
         stride: cfg.stride,
@@ -69,7 +71,8 @@ pub fn conv2d(
 impl Conv2d {
     /// The convolution of `x` [B,Cin,H,W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = widen(&self.weight, x.dtype())?;
+        // Widened in storage order, then viewed as [Cout, Cin, kh, kw] through strides.
+        let weight = widen(&self.taps, x.dtype())?.permute((0, 3, 1, 2))?;
         let bias = self
             .bias
             .as_ref()

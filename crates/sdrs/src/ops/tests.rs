@@ -41,7 +41,21 @@ fn conv3x3_matches_candle() -> Result<()> {
     let want = x
         .conv2d(&w, 1, 1, 1, 1)?
         .broadcast_add(&b.reshape((1, 6, 1, 1))?)?;
-    check("conv 3x3", &got, &want, 1e-5)
+    check("conv 3x3", &got, &want, 1e-5)?;
+    // The same weights stored [Cout, 3, 3, Cin], as the layers keep them.
+    let taps = w
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .permute((0, 3, 1, 2))?;
+    let got = super::conv2d(&x, &taps, Some(&b), 1, 1)?;
+    check("conv 3x3, channels-last weights", &got, &want, 1e-5)?;
+    // A large image takes the shifted-view path rather than the im2col one.
+    let x = randn(&[2, 5, 17, 19])?;
+    let got = super::conv2d(&x, &taps, Some(&b), 1, 1)?;
+    let want = x
+        .conv2d(&w, 1, 1, 1, 1)?
+        .broadcast_add(&b.reshape((1, 6, 1, 1))?)?;
+    check("conv 3x3 on 17x19", &got, &want, 1e-5)
 }
 
 #[test]
