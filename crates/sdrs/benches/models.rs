@@ -43,7 +43,7 @@ fn matmul(repeats: usize) -> Res<()> {
 /// The UNet's kernel shapes at a 32² latent (256² image), batch 2, with their GFLOP/s.
 fn kernels(repeats: usize) -> Res<()> {
     let dev = Device::Cpu;
-    for (c, side) in [(320, 32), (640, 16), (1280, 8), (1280, 4)] {
+    for (c, side) in [(320, 64), (320, 32), (640, 16), (1280, 8), (1280, 4)] {
         let x = Tensor::randn(0f32, 1., (2, c, side, side), &dev)?;
         // Stored [Cout, 3, 3, Cin] as the layers keep convolution weights.
         let w = Tensor::randn(0f32, 1., (c, 3, 3, c), &dev)?.permute((0, 3, 1, 2))?;
@@ -85,6 +85,8 @@ fn main() -> Res<()> {
     let model =
         std::env::var("SDRS_MODEL").unwrap_or_else(|_| "/work/full/sd15-random.safetensors".into());
     let dev = Device::Cpu;
+    // As the model constructors do, so the kernel cases see the same allocator behaviour.
+    sdrs::ops::keep_freed_memory();
     for case in cases.split(',') {
         match case {
             "matmul" => matmul(repeats)?,

@@ -175,7 +175,7 @@ fn conv3x3(x: &[f32], w: &Weights, bias: &[f32], dims: [usize; 5]) -> Vec<f32> {
 }
 
 /// Images of at most this many pixels go through [`small_conv3x3`].
-const SMALL_IMAGE: usize = 256;
+const SMALL_IMAGE: usize = 1024;
 
 /// The im2col form for small images: columns [(tap, ci) × (b, pixel)] gathered from the
 /// padded input, one product, then scattered to [B, Cout, H, W] with the bias.
