@@ -46,7 +46,7 @@ pub fn conv2d(
         Some(b) => b.contiguous()?,
         None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
     };
-    Ok(x.apply_op3_no_bwd(&weight, &bias, &DirectConv)?)
+    Ok(x.apply_op3_no_bwd(weight, &bias, &DirectConv)?)
 }
 
 struct DirectConv;
