@@ -31,6 +31,8 @@ impl ModelOptions {
 fn widen(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(if t.dtype() == dtype {
         t.clone()
+    } else if dtype == DType::F32 {
+        ops::widen::to_f32(t)?
     } else {
         t.to_dtype(dtype)?
     })

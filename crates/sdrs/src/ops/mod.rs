@@ -8,6 +8,7 @@ pub mod attention;
 pub mod conv;
 mod math;
 pub mod norm;
+pub mod widen;
 
 use candle_core::{CpuStorage, Layout};
 

@@ -100,3 +100,19 @@ fn group_norm_silu_matches_candle() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn widening_matches_to_dtype() -> Result<()> {
+    let x = randn(&[3, 70])?;
+    for dtype in [candle_core::DType::F16, candle_core::DType::BF16] {
+        let half = x.to_dtype(dtype)?;
+        let got = super::widen::to_f32(&half)?;
+        check(
+            "widened",
+            &got,
+            &half.to_dtype(candle_core::DType::F32)?,
+            0.0,
+        )?;
+    }
+    Ok(())
+}
