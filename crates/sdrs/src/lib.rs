@@ -3,6 +3,7 @@
 pub mod error;
 pub mod image_io;
 pub mod models;
+pub mod ops;
 pub mod pipeline;
 pub mod prompt;
 pub mod sampling;

@@ -2,5 +2,8 @@
 
 pub mod clip;
 pub mod esrgan;
+pub mod layers;
 pub mod unet;
 pub mod vae;
+
+pub use layers::ModelOptions;

@@ -4,10 +4,13 @@ mod blocks;
 mod resnet;
 mod transformer;
 
-use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
+use crate::models::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
+use crate::models::ModelOptions;
+use crate::ops;
 use crate::{Error, Result};
 use blocks::{has_cross_attention, DownBlock, LevelShape, MidBlock, UpBlock};
 
@@ -203,6 +206,13 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Builds the UNet the config describes from weights under diffusers' names.
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        Self::new_with(vb, cfg, ModelOptions::default())
+    }
+
+    /// Builds the UNet with explicit kernel and weight-residency options.
+    pub fn new_with(vb: VarBuilder, cfg: &UNetConfig, opts: ModelOptions) -> Result<Self> {
+        ops::keep_freed_memory();
+        let vb = opts.weights(vb);
         let levels = cfg.block_out_channels.len();
         if levels == 0 || cfg.down_block_types.len() != levels || cfg.up_block_types.len() != levels
         {
@@ -323,7 +333,7 @@ impl UNet2DConditionModel {
         for block in &self.up {
             x = block.forward(x, &emb_silu, &context, &mut skips)?;
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
-        Ok(self.conv_out.forward(&x)?)
+        let x = self.conv_norm_out.forward_silu(&x)?;
+        self.conv_out.forward(&x)
     }
 }

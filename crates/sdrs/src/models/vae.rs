@@ -3,10 +3,13 @@
 mod blocks;
 mod coder;
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::models::layers::Conv2d;
+use crate::models::ModelOptions;
+use crate::ops;
 use crate::{Error, Result};
 use blocks::conv1x1;
 use coder::{Decoder, Encoder};
@@ -88,6 +91,13 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// Builds the VAE from weights with diffusers' names (`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`).
     pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+        Self::new_with(vb, cfg, ModelOptions::default())
+    }
+
+    /// Builds the VAE with explicit kernel and weight-residency options.
+    pub fn new_with(vb: VarBuilder, cfg: &VaeConfig, opts: ModelOptions) -> Result<Self> {
+        ops::keep_freed_memory();
+        let vb = opts.weights(vb);
         if cfg.block_out_channels.is_empty() {
             return Err(Error::InvalidConfig(
                 "VAE block_out_channels is empty".to_string(),

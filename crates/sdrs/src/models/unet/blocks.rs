@@ -1,7 +1,9 @@
 //! The UNet's levels: down blocks, the middle block, up blocks.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::models::layers::{conv2d, Conv2d};
 
 use super::resnet::ResnetBlock;
 use super::transformer::{SpatialTransformer, TransformerShape};
@@ -50,7 +52,7 @@ fn conv3x3(vb: VarBuilder, channels: usize, stride: usize, padding: usize) -> Re
         stride,
         ..Default::default()
     };
-    Ok(conv2d(channels, channels, 3, cfg, vb)?)
+    conv2d(channels, channels, 3, cfg, vb)
 }
 
 /// Whether a block type name has cross-attention (`CrossAttnDownBlock2D`, `CrossAttnUpBlock2D`).

@@ -1,7 +1,9 @@
 //! The UNet's residual block (diffusers' `ResnetBlock2D` with a time embedding).
 
-use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::models::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
 
 use crate::Result;
 
@@ -53,14 +55,14 @@ impl ResnetBlock {
 
     /// `x` is `[B, C, H, W]`; `temb` is `[B, temb_channels]` (already through SiLU).
     pub fn forward(&self, x: &Tensor, temb_silu: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(temb_silu)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

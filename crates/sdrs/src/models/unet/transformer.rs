@@ -1,11 +1,13 @@
 //! The UNet's spatial transformer (diffusers' `Transformer2DModel` with
 //! `BasicTransformerBlock`s): self-attention, cross-attention on the text, GEGLU MLP.
 
-use candle_core::{Module, Tensor, D};
-use candle_nn::{
+use candle_core::{Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::models::layers::{
     conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
-    VarBuilder,
 };
+use crate::ops;
 
 use crate::Result;
 
@@ -39,29 +41,13 @@ impl Attention {
         })
     }
 
-    /// `[B, N, C]` → `[B·heads, N, C/heads]`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, c / self.heads))?
-            .transpose(1, 2)?
-            .reshape((b * self.heads, n, c / self.heads))?)
-    }
-
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        // Scaling the queries rather than the scores touches N·d values instead of N².
-        let q = (self.split_heads(&self.to_q.forward(x)?)? * self.scale)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
-        // The matmul reads the transposed keys through their strides; no copy needed.
-        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let out = probs.matmul(&v)?;
-        let d = out.dim(D::Minus1)?;
-        let out = out
-            .reshape((b, self.heads, n, d))?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * d))?;
-        Ok(self.to_out.forward(&out)?)
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        // The kernel reads each head through strides and writes the heads side by side.
+        let out = ops::attention(&q, &k, &v, self.heads, self.scale)?;
+        self.to_out.forward(&out)
     }
 }
 
@@ -86,7 +72,7 @@ impl FeedForward {
         let half = h.dim(D::Minus1)? / 2;
         let hidden = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        Ok(self.out.forward(&(hidden * gate)?)?)
+        self.out.forward(&(hidden * gate)?)
     }
 }
 

@@ -1,18 +1,18 @@
 //! The VAE's building blocks: resnets without time embedding, single-head spatial attention,
 //! the mid block and the 2× resamplers.
 
-use candle_core::{Module, Tensor};
-use candle_nn::ops::softmax_last_dim;
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::Result;
+use crate::models::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
+use crate::{ops, Result};
 
 /// Every GroupNorm of the VAE uses this epsilon (diffusers' `resnet_eps` for `AutoencoderKL`).
 const NORM_EPS: f64 = 1e-6;
 
 /// A GroupNorm with the VAE's epsilon.
 pub(super) fn norm(groups: usize, channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    Ok(group_norm(groups, channels, NORM_EPS, vb)?)
+    group_norm(groups, channels, NORM_EPS, vb)
 }
 
 /// A 3×3 convolution that keeps the spatial size.
@@ -21,17 +21,17 @@ pub(super) fn conv3x3(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Con
         padding: 1,
         ..Default::default()
     };
-    Ok(conv2d(in_ch, out_ch, 3, cfg, vb)?)
+    conv2d(in_ch, out_ch, 3, cfg, vb)
 }
 
 /// A 1×1 convolution (channel mixing only).
 pub(super) fn conv1x1(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Conv2d> {
-    Ok(conv2d(in_ch, out_ch, 1, Conv2dConfig::default(), vb)?)
+    conv2d(in_ch, out_ch, 1, Conv2dConfig::default(), vb)
 }
 
 /// GroupNorm followed by SiLU, the pre-activation used throughout the VAE.
 pub(super) fn norm_silu(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-    Ok(norm.forward(x)?.silu()?)
+    norm.forward_silu(x)
 }
 
 /// diffusers' `ResnetBlock2D` without time embedding: x + conv(silu(norm(conv(silu(norm(x)))))).
@@ -78,60 +78,43 @@ impl ResnetBlock {
 #[derive(Debug, Clone)]
 pub(super) struct AttentionBlock {
     group_norm: GroupNorm,
-    /// Projection weights [C,C] and biases [C,1], applied as W·x on channel-major [B,C,HW] data.
-    to_q: (Tensor, Tensor),
-    to_k: (Tensor, Tensor),
-    to_v: (Tensor, Tensor),
-    to_out: (Tensor, Tensor),
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
 }
 
 impl AttentionBlock {
     pub(super) fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
-        let projection = |name: &str| -> Result<(Tensor, Tensor)> {
-            let vb = vb.pp(name);
-            let weight = vb.get((channels, channels), "weight")?;
-            let bias = vb.get(channels, "bias")?.reshape((channels, 1))?;
-            Ok((weight, bias))
-        };
         Ok(Self {
             group_norm: norm(groups, channels, vb.pp("group_norm"))?,
-            to_q: projection("to_q")?,
-            to_k: projection("to_k")?,
-            to_v: projection("to_v")?,
-            to_out: projection("to_out.0")?,
+            to_q: linear(channels, channels, vb.pp("to_q"))?,
+            to_k: linear(channels, channels, vb.pp("to_k"))?,
+            to_v: linear(channels, channels, vb.pp("to_v"))?,
+            to_out: linear(channels, channels, vb.pp("to_out.0"))?,
         })
-    }
-
-    /// W·x + b for x [B,C,N]: the Linear layer applied per pixel without transposing the image.
-    fn project(&self, (weight, bias): &(Tensor, Tensor), x: &Tensor) -> Result<Tensor> {
-        let batch = x.dim(0)?;
-        Ok(weight
-            .broadcast_left(batch)?
-            .matmul(x)?
-            .broadcast_add(bias)?)
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
-        let pixels = height * width;
-        let h = self
+        // Token-major [B, HW, C] so the projections are plain matrix products and the
+        // attention kernel sees the layout it reads through strides.
+        let tokens = self
             .group_norm
             .forward(x)?
-            .reshape((batch, channels, pixels))?;
-        // Channel-major q, k, v ([B,C,N]); the transposes below are views the matmul reads directly.
-        let scale = (channels as f64).powf(-0.5);
-        let q = (self.project(&self.to_q, &h)? * scale)?;
-        let k = self.project(&self.to_k, &h)?;
-        let v = self.project(&self.to_v, &h)?;
-        drop(h);
-        // scores[b, i, j] = q_i · k_j; softmax over the keys j.
-        let probs = softmax_last_dim(&q.t()?.matmul(&k)?)?;
-        drop((q, k));
-        // out[b, c, i] = Σ_j v[b, c, j] · probs[b, i, j], again channel-major.
-        let out = v.matmul(&probs.t()?)?;
-        drop(probs);
+            .flatten_from(2)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        drop(tokens);
+        let out = ops::attention(&q, &k, &v, 1, (channels as f64).powf(-0.5))?;
+        drop((q, k, v));
         let out = self
-            .project(&self.to_out, &out)?
+            .to_out
+            .forward(&out)?
+            .transpose(1, 2)?
             .reshape((batch, channels, height, width))?;
         Ok((out + x)?)
     }
@@ -181,7 +164,7 @@ impl Downsample {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // The asymmetric padding is what the SD VAE was trained with; symmetric padding shifts the grid.
         let padded = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-        Ok(self.conv.forward(&padded)?)
+        self.conv.forward(&padded)
     }
 }
 
@@ -201,6 +184,6 @@ impl Upsample {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let upsampled = x.upsample_nearest2d(2 * height, 2 * width)?;
-        Ok(self.conv.forward(&upsampled)?)
+        self.conv.forward(&upsampled)
     }
 }

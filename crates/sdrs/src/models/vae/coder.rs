@@ -1,7 +1,9 @@
 //! The VAE's encoder (image → latent moments) and decoder (latent → image).
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::models::layers::{Conv2d, GroupNorm};
 
 use super::blocks::{conv3x3, norm, norm_silu, Downsample, MidBlock, ResnetBlock, Upsample};
 use super::VaeConfig;
@@ -93,7 +95,7 @@ impl Encoder {
         }
         h = self.mid_block.forward(&h)?;
         h = norm_silu(&self.conv_norm_out, &h)?;
-        Ok(self.conv_out.forward(&h)?)
+        self.conv_out.forward(&h)
     }
 }
 
@@ -151,6 +153,6 @@ impl Decoder {
             }
         }
         h = norm_silu(&self.conv_norm_out, &h)?;
-        Ok(self.conv_out.forward(&h)?)
+        self.conv_out.forward(&h)
     }
 }
