@@ -46,8 +46,7 @@ pub struct HdArgs {
 
 pub fn run(args: HdArgs) -> Result<()> {
     let mut request = args.common.request();
-    request.width = args.common.width.unwrap_or(512);
-    request.height = args.common.height.unwrap_or(512);
+    (request.width, request.height) = args.common.size();
     request.validate()?;
     let start = match &args.img {
         Some(path) => Some(load_image(path).context("reading the start picture")?),

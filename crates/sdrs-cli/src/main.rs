@@ -1,7 +1,9 @@
 //! `sdrs`: Stable Diffusion from the command line.
 
+mod download;
 mod hd;
 mod img2img;
+mod models;
 mod output;
 mod timing;
 mod tokenize;
@@ -30,6 +32,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Enlarge a picture with an ESRGAN / Real-ESRGAN network, or Lanczos.
     Upscale(upscale::UpscaleArgs),
+    /// List, download or delete the well-known models (SD-Turbo, SD 1.5, SD 2.1).
+    Models(models::ModelsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Img2img(args) => img2img::run(*args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Upscale(args) => upscale::run(args),
+        Command::Models(args) => models::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use sdrs::hub::{Hub, ModelDefaults};
 use sdrs::image_io::{encode_jpeg, encode_png, grid};
 use sdrs::models::unet::Prediction;
 use sdrs::pipeline::{
@@ -17,6 +18,7 @@ use sdrs::sampling::rng::NormalVariant;
 use sdrs::sampling::{Flow, SigmaSchedule};
 use sdrs::weights::Checkpoint;
 
+use crate::download::DownloadBars;
 use crate::output::OutputDir;
 use crate::timing::PhaseClock;
 
@@ -71,9 +73,10 @@ pub struct Txt2ImgArgs {
 /// aliases.
 #[derive(Args)]
 pub struct GenerationArgs {
-    /// The checkpoint: a .safetensors/.ckpt file or a diffusers folder.
+    /// The checkpoint: a .safetensors/.ckpt file, a diffusers folder, or a name from
+    /// `sdrs models list` (downloaded on first use) [default: $SDRS_DEFAULT_MODEL, else sd-turbo].
     #[arg(long, alias = "ckpt")]
-    model: PathBuf,
+    model: Option<String>,
     /// A separate VAE file to use instead of the checkpoint's.
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -83,10 +86,12 @@ pub struct GenerationArgs {
     /// What to steer away from.
     #[arg(long, alias = "negative_prompt", default_value = "")]
     negative_prompt: String,
-    /// Image height in pixels, a multiple of 8 [default: 512; img2img: the init image's].
+    /// Image height in pixels, a multiple of 8 [default: the model's, 512 for most; img2img: the
+    /// init image's].
     #[arg(long = "H", visible_alias = "height")]
     pub height: Option<usize>,
-    /// Image width in pixels, a multiple of 8 [default: 512; img2img: the init image's].
+    /// Image width in pixels, a multiple of 8 [default: the model's, 512 for most; img2img: the
+    /// init image's].
     #[arg(long = "W", visible_alias = "width")]
     pub width: Option<usize>,
     /// Seed of the first image; −1 picks one. Image i uses seed + i.
@@ -98,18 +103,21 @@ pub struct GenerationArgs {
     /// Images per batch.
     #[arg(long = "n-samples", alias = "n_samples", default_value_t = 1)]
     n_samples: usize,
-    /// Sampling steps.
-    #[arg(long = "steps", visible_aliases = ["ddim-steps", "ddim_steps"], default_value_t = 50)]
-    steps: usize,
-    /// Classifier-free guidance scale (1 turns guidance off).
-    #[arg(long = "scale", visible_aliases = ["cfg-scale", "cfg_scale"], default_value_t = 7.5)]
-    scale: f64,
-    /// Sampler, by A1111 name: DDIM, PLMS, Euler, "Euler a", Heun, "DPM++ 2M" (add " Karras").
-    #[arg(long, default_value = "PLMS")]
-    sampler: String,
-    /// Sigma schedule for the k-diffusion samplers.
-    #[arg(long, default_value = "normal")]
-    schedule: SigmaSchedule,
+    /// Sampling steps [default: the model's; 50, SD-Turbo 1].
+    #[arg(long = "steps", visible_aliases = ["ddim-steps", "ddim_steps"])]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale, 1 or less turns guidance off [default: the model's; 7.5,
+    /// SD-Turbo 1].
+    #[arg(long = "scale", visible_aliases = ["cfg-scale", "cfg_scale"])]
+    scale: Option<f64>,
+    /// Sampler, by A1111 name: DDIM, PLMS, Euler, "Euler a", Heun, "DPM++ 2M" (add " Karras")
+    /// [default: the model's; PLMS, SD-Turbo "Euler a"].
+    #[arg(long)]
+    sampler: Option<String>,
+    /// Sigma schedule for the k-diffusion samplers: normal, karras, sgm_uniform [default: the
+    /// model's; normal, SD-Turbo sgm_uniform].
+    #[arg(long)]
+    schedule: Option<SigmaSchedule>,
     /// DDIM's η (0 = deterministic).
     #[arg(long = "ddim-eta", visible_aliases = ["ddim_eta", "eta"], default_value_t = 0.0)]
     eta: f64,
@@ -160,17 +168,55 @@ impl GenerationArgs {
         device(self.device)
     }
 
-    /// Loads the checkpoint (and separate VAE) the flags name, with their VAE tiling.
+    /// The settings the named model is made for; knowing them needs no download.
+    pub fn model_defaults(&self) -> ModelDefaults {
+        let hub = Hub::from_env();
+        let name = self.model.as_deref().unwrap_or(&hub.default_model);
+        match sdrs::hub::catalogue::find(name) {
+            Some(entry) if !std::path::Path::new(name).exists() => entry.defaults,
+            _ => sdrs::hub::catalogue::CLASSIC_DEFAULTS,
+        }
+    }
+
+    /// Width and height from the flags, else the model's size.
+    pub fn size(&self) -> (usize, usize) {
+        let side = self.model_defaults().size;
+        (self.width.unwrap_or(side), self.height.unwrap_or(side))
+    }
+
+    /// Loads the checkpoint (and separate VAE) the flags name, with their VAE tiling; a
+    /// catalogue model missing from the Hub cache is downloaded first.
     pub fn load_model(&self, device: &candle_core::Device) -> Result<StableDiffusion> {
-        let mut checkpoint = Checkpoint::open(&self.model)
-            .with_context(|| format!("loading checkpoint {}", self.model.display()))?;
+        let hub = Hub::from_env();
+        let name = self.model.as_deref().unwrap_or(&hub.default_model);
+        if let Some(entry) = sdrs::hub::catalogue::find(name) {
+            let missing = !std::path::Path::new(name).exists()
+                && hub.local(name).is_none()
+                && hub.cached(entry).is_none();
+            if missing && !hub.offline {
+                eprintln!(
+                    "downloading {name} ({}) from {} into {}",
+                    entry.repo,
+                    hub.endpoint,
+                    hub.cache_dir.display()
+                );
+            }
+        }
+        let resolved = hub.resolve(Some(name), &mut DownloadBars::default())?;
+        let path = &resolved.path;
+        let mut checkpoint = Checkpoint::open(path)
+            .with_context(|| format!("loading checkpoint {}", path.display()))?;
         if let Some(vae) = &self.vae {
             checkpoint
                 .set_vae_file(vae)
                 .with_context(|| format!("loading VAE {}", vae.display()))?;
         }
         let mut sd = StableDiffusion::load(&checkpoint, device)
-            .with_context(|| format!("loading checkpoint {}", self.model.display()))?;
+            .with_context(|| format!("loading checkpoint {}", path.display()))?;
+        if let Some(entry) = resolved.entry {
+            // A Hub snapshot folder is named by its commit; the short name says more.
+            sd.model_name = entry.name.to_string();
+        }
         if let Some(prediction) = self.prediction {
             sd.prediction = prediction;
         }
@@ -198,8 +244,7 @@ fn device(arg: DeviceArg) -> Result<candle_core::Device> {
 
 pub fn run(args: Txt2ImgArgs) -> Result<()> {
     let mut request = args.common.request();
-    request.width = args.common.width.unwrap_or(512);
-    request.height = args.common.height.unwrap_or(512);
+    (request.width, request.height) = args.common.size();
     if let Some(scale) = args.hires_scale {
         request.enable_hr = true;
         request.hr_scale = scale;
@@ -219,15 +264,17 @@ pub fn run(args: Txt2ImgArgs) -> Result<()> {
 }
 
 impl GenerationArgs {
-    /// The request these flags describe; the caller sets the size and img2img's fields.
+    /// The request these flags describe, the model's settings where they are silent; the
+    /// caller sets the size and img2img's fields.
     pub fn request(&self) -> GenerationRequest {
+        let defaults = self.model_defaults();
         GenerationRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
-            steps: self.steps,
-            cfg_scale: self.scale,
-            sampler_name: self.sampler.clone(),
-            scheduler: self.schedule,
+            steps: self.steps.unwrap_or(defaults.steps),
+            cfg_scale: self.scale.unwrap_or(defaults.cfg_scale),
+            sampler_name: self.sampler.clone().unwrap_or(defaults.sampler.into()),
+            scheduler: self.schedule.unwrap_or(defaults.schedule),
             seed: resolve_seed(self.seed) as i64,
             batch_size: self.n_samples,
             n_iter: self.n_iter,

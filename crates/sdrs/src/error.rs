@@ -32,6 +32,14 @@ pub enum Error {
     InvalidRequest(String),
     #[error("image: {0}")]
     Image(String),
+    #[error("no model {name:?}: not a file or folder, not in the model folder, and not one of the catalogue's ({}); {hint}", crate::hub::CATALOGUE.iter().map(|e| e.name).collect::<Vec<_>>().join(", "))]
+    UnknownModel { name: String, hint: String },
+    #[error("could not download {model}: tried {tried}. To work offline, {hint}")]
+    Download {
+        model: String,
+        tried: String,
+        hint: String,
+    },
     #[error("cancelled")]
     Cancelled,
     #[error(transparent)]

@@ -1,6 +1,7 @@
 //! sdrs: Stable Diffusion in Rust — tokenizer, models, samplers and pipelines.
 
 pub mod error;
+pub mod hub;
 pub mod image_io;
 pub mod models;
 pub mod ops;
