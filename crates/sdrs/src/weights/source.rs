@@ -71,10 +71,45 @@ impl TensorFile {
         };
         let (part, _) = self.index.get(name).ok_or_else(not_found)?;
         match &self.parts[*part] {
-            Part::Safetensors(st) => st.load(name, device),
+            Part::Safetensors(st) => {
+                let view = st.get(name)?;
+                let tensor = candle_core::safetensors::Load::load(&view, device)?;
+                release_pages(view.data());
+                Ok(tensor)
+            }
             Part::Pickle(pth) => pth.get(name)?.ok_or_else(not_found)?.to_device(device),
         }
     }
+}
+
+/// Drops the file pages behind `data`, a slice of a read-only file mapping, from this process's
+/// resident memory once its tensor has been copied out. Without this the mapped checkpoint is
+/// counted in the process's memory next to the converted weights until it is unmapped, which
+/// doubles the peak while a model loads. The pages stay in the page cache, and a later read of
+/// the same bytes maps them back in unchanged.
+fn release_pages(data: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        const MADV_DONTNEED: i32 = 4;
+        extern "C" {
+            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+        }
+        let start = data.as_ptr() as usize;
+        // Only whole pages inside the slice: a neighbouring tensor's pages stay.
+        let first = start.div_ceil(PAGE) * PAGE;
+        let end = (start + data.len()) / PAGE * PAGE;
+        if end > first {
+            // SAFETY: [first, end) lies inside a live read-only file mapping; MADV_DONTNEED on
+            // such a mapping only discards resident copies of file pages, which fault back in
+            // with the same contents. The result is ignored: failing leaves the pages resident.
+            unsafe {
+                madvise(first as *mut std::ffi::c_void, end - first, MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = data;
 }
 
 impl Part {
