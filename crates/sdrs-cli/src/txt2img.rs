@@ -11,7 +11,8 @@ use sdrs::hub::{Hub, ModelDefaults};
 use sdrs::image_io::{encode_jpeg, encode_png, grid};
 use sdrs::models::unet::Prediction;
 use sdrs::pipeline::{
-    resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, StableDiffusion, TilingMode,
+    resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, Residency, StableDiffusion,
+    TilingMode,
 };
 use sdrs::prompt::PromptSyntax;
 use sdrs::sampling::rng::NormalVariant;
@@ -155,6 +156,10 @@ pub struct GenerationArgs {
     /// When the VAE works in overlapping tiles, which bounds memory for large images.
     #[arg(long = "vae-tiling", value_enum, default_value = "auto")]
     vae_tiling: VaeTilingArg,
+    /// Keep only the network in use in memory (text encoder, then UNet, then VAE), the UNet's
+    /// and VAE's weights in half precision: optimizedSD's trade of some load time for memory.
+    #[arg(long)]
+    lowmem: bool,
 }
 
 impl GenerationArgs {
@@ -211,7 +216,12 @@ impl GenerationArgs {
                 .set_vae_file(vae)
                 .with_context(|| format!("loading VAE {}", vae.display()))?;
         }
-        let mut sd = StableDiffusion::load(&checkpoint, device)
+        let residency = if self.lowmem {
+            Residency::OneAtATime
+        } else {
+            Residency::All
+        };
+        let mut sd = StableDiffusion::load_with(&checkpoint, device, residency)
             .with_context(|| format!("loading checkpoint {}", path.display()))?;
         if let Some(entry) = resolved.entry {
             // A Hub snapshot folder is named by its commit; the short name says more.

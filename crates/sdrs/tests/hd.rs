@@ -56,8 +56,9 @@ fn tiled_vae_decode_and_encode_stay_close_to_the_whole_image() {
         tile: 16,
         overlap: 6,
     };
-    let whole = sd.vae.decode(&latent).expect("decode");
-    let tiled = vae_tiling::decode(&sd.vae, factor, &latent, &tiling).expect("tiled decode");
+    let whole = sd.vae().unwrap().decode(&latent).expect("decode");
+    let tiled =
+        vae_tiling::decode(&sd.vae().unwrap(), factor, &latent, &tiling).expect("tiled decode");
     assert_eq!(tiled.dims(), whole.dims());
     let mad = mean_abs_diff(&tiled, &whole);
     let spread = mean_abs_diff(&whole, &whole.zeros_like().expect("zeros"));
@@ -72,12 +73,14 @@ fn tiled_vae_decode_and_encode_stay_close_to_the_whole_image() {
         mode: TilingMode::Never,
         ..tiling
     };
-    let untouched = vae_tiling::decode(&sd.vae, factor, &latent, &never).expect("decode");
+    let untouched =
+        vae_tiling::decode(&sd.vae().unwrap(), factor, &latent, &never).expect("decode");
     assert_eq!(mean_abs_diff(&untouched, &whole), 0.0);
 
     let image = whole.clamp(-1f32, 1f32).expect("clamp");
-    let enc_whole = sd.vae.encode(&image).expect("encode");
-    let enc_tiled = vae_tiling::encode(&sd.vae, factor, &image, &tiling).expect("tiled encode");
+    let enc_whole = sd.vae().unwrap().encode(&image).expect("encode");
+    let enc_tiled =
+        vae_tiling::encode(&sd.vae().unwrap(), factor, &image, &tiling).expect("tiled encode");
     let mad = mean_abs_diff(&enc_tiled.mean, &enc_whole.mean);
     let spread = mean_abs_diff(
         &enc_whole.mean,

@@ -126,14 +126,7 @@ fn final_latent(sd: &StableDiffusion, req: &GenerationRequest) -> Tensor {
         )
         .expect("conditioning");
     let step = Cell::new(0);
-    let mut denoiser = CfgDenoiser::new(
-        &sd.unet,
-        sd.prediction,
-        &sd.schedule,
-        &conditioning,
-        req.cfg_scale,
-        &step,
-    );
+    let mut denoiser = CfgDenoiser::new(sd, &conditioning, req.cfg_scale, &step);
     let mut noise = TorchRng::new(req.seed as u64, req.rng_math);
     let shape = [1, 4, req.height / 8, req.width / 8];
     let scale = sampling.sampler.initial_noise_scale(sigmas[0]);

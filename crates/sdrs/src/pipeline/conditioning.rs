@@ -42,10 +42,8 @@ fn encode_plan(
     syntax: PromptSyntax,
     clip_skip: usize,
 ) -> Result<Vec<EncodedPart>> {
-    let mut encoder = |ids: &Tensor| {
-        sd.text_encoder
-            .forward(&ids.to_device(&sd.device)?, clip_skip)
-    };
+    let text_encoder = sd.text_encoder()?;
+    let mut encoder = |ids: &Tensor| text_encoder.forward(&ids.to_device(&sd.device)?, clip_skip);
     plan.parts
         .iter()
         .map(|part| {

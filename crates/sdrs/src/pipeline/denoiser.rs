@@ -7,16 +7,17 @@ use std::cell::Cell;
 use candle_core::Tensor;
 
 use super::conditioning::Conditioning;
-use crate::models::unet::{Prediction, UNet2DConditionModel};
-use crate::sampling::{Denoiser, NoiseSchedule};
+use super::StableDiffusion;
+use crate::models::unet::Prediction;
+use crate::sampling::Denoiser;
 use crate::Result;
 
 /// `D(x, σ)` for an ε- or v-predicting UNet with classifier-free guidance (k-diffusion's
 /// `CompVisDenoiser` / `CompVisVDenoiser` around A1111's `CFGDenoiser`).
 pub struct CfgDenoiser<'a> {
-    unet: &'a UNet2DConditionModel,
-    prediction: Prediction,
-    schedule: &'a NoiseSchedule,
+    /// Asked for its UNet at each call, so that no UNet is held between steps (with one network
+    /// resident at a time, the VAE's turn can then free it).
+    sd: &'a StableDiffusion,
     conditioning: &'a Conditioning,
     cfg_scale: f64,
     /// The sampling step in progress, which picks the scheduled prompt; the pipeline advances
@@ -25,20 +26,16 @@ pub struct CfgDenoiser<'a> {
 }
 
 impl<'a> CfgDenoiser<'a> {
-    /// A guided denoiser for a UNet predicting `prediction`, reading the current step from
-    /// `step`.
+    /// A guided denoiser around `sd`'s UNet (predicting `sd.prediction`), reading the current
+    /// step from `step`.
     pub fn new(
-        unet: &'a UNet2DConditionModel,
-        prediction: Prediction,
-        schedule: &'a NoiseSchedule,
+        sd: &'a StableDiffusion,
         conditioning: &'a Conditioning,
         cfg_scale: f64,
         step: &'a Cell<usize>,
     ) -> Self {
         Self {
-            unet,
-            prediction,
-            schedule,
+            sd,
             conditioning,
             cfg_scale,
             step,
@@ -48,18 +45,14 @@ impl<'a> CfgDenoiser<'a> {
     /// ε for each context: one batched UNet call when the contexts have the same length (the
     /// usual case), else one call per context (prompts of different chunk counts).
     fn eps_per_context(&self, x_in: &Tensor, t: f64, contexts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let unet = self.sd.unet()?;
         let same_shape = contexts.windows(2).all(|w| w[0].dims() == w[1].dims());
         if !same_shape {
-            return contexts
-                .iter()
-                .map(|c| self.unet.forward(x_in, t, c))
-                .collect();
+            return contexts.iter().map(|c| unet.forward(x_in, t, c)).collect();
         }
         let batch = x_in.dim(0)?;
         let xs = vec![x_in; contexts.len()];
-        let eps = self
-            .unet
-            .forward(&Tensor::cat(&xs, 0)?, t, &Tensor::cat(contexts, 0)?)?;
+        let eps = unet.forward(&Tensor::cat(&xs, 0)?, t, &Tensor::cat(contexts, 0)?)?;
         (0..contexts.len())
             .map(|i| Ok(eps.narrow(0, i * batch, batch)?))
             .collect()
@@ -71,7 +64,7 @@ impl<'a> CfgDenoiser<'a> {
         let step = self.step.get();
         let parts = &self.conditioning.parts;
         if self.conditioning.unguided(self.cfg_scale) {
-            return self.unet.forward(x_in, t, parts[0].at(step));
+            return self.sd.unet()?.forward(x_in, t, parts[0].at(step));
         }
         let mut contexts = vec![self.conditioning.uncond.at(step)];
         contexts.extend(parts.iter().map(|p| p.at(step)));
@@ -88,9 +81,9 @@ impl<'a> CfgDenoiser<'a> {
 impl Denoiser for CfgDenoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor> {
         let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
-        let t = self.schedule.sigma_to_t(sigma);
+        let t = self.sd.schedule.sigma_to_t(sigma);
         let out = self.guided_output(&(x * c_in)?, t)?;
-        match self.prediction {
+        match self.sd.prediction {
             Prediction::Epsilon => Ok((x - (out * sigma)?)?),
             // c_skip = 1/(σ²+1), c_out = −σ/√(σ²+1) (k-diffusion's CompVisVDenoiser).
             Prediction::V => Ok(((x * (c_in * c_in))? - (out * (sigma * c_in))?)?),

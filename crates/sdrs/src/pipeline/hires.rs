@@ -167,7 +167,7 @@ impl HiresPass {
                 let image = decode(sd, &latent, 0.0)?;
                 let enlarged = enlarge(upscaler, &image, self.width, self.height)?;
                 let pixels = image_to_tensor(&enlarged, &sd.device)?;
-                let posterior = vae_tiling::encode(&sd.vae, factor, &pixels, &sd.vae_tiling)?;
+                let posterior = vae_tiling::encode(&*sd.vae()?, factor, &pixels, &sd.vae_tiling)?;
                 let unit = noise.sample(posterior.mean.dims(), &sd.device)?;
                 ((&posterior.mean + (&posterior.std * unit)?)? * sd.vae_config.scaling_factor)?
             }
@@ -178,14 +178,7 @@ impl HiresPass {
         let start = noise.sample(latent.dims(), &sd.device)?;
         let x = (latent + (start * self.sigmas[0])?)?;
         let step = Cell::new(0);
-        let mut denoiser = CfgDenoiser::new(
-            &sd.unet,
-            sd.prediction,
-            &sd.schedule,
-            &self.conditioning,
-            req.cfg_scale,
-            &step,
-        );
+        let mut denoiser = CfgDenoiser::new(sd, &self.conditioning, req.cfg_scale, &step);
         let total = first_steps + self.steps;
         let on_step = &mut *run.on_step;
         let mut report = offset_steps(on_step, first_steps, total);

@@ -62,7 +62,7 @@ pub fn img2img(
     let sampling = req.validate()?;
     let fitted = resize_for_mode(init, req.resize_mode, req.width as u32, req.height as u32);
     let posterior = vae_tiling::encode(
-        &sd.vae,
+        &*sd.vae()?,
         sd.vae_config.downscale_factor(),
         &image_to_tensor(&fitted, &sd.device)?,
         &sd.vae_tiling,

@@ -1,7 +1,10 @@
 //! A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and schedule.
 
-use candle_core::{DType, Device};
+use std::sync::Arc;
 
+use candle_core::Device;
+
+use super::networks::{Networks, Residency};
 use super::vae_tiling::VaeTiling;
 use crate::models::clip::ClipTextTransformer;
 use crate::models::unet::{Prediction, UNet2DConditionModel};
@@ -11,12 +14,11 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 use crate::Result;
 
-/// Every network a generation needs, resident in memory.
+/// Everything a generation needs: the networks (resident, or built in turn) and what the
+/// checkpoint says about them.
 pub struct StableDiffusion {
     pub tokenizer: Tokenizer,
-    pub text_encoder: ClipTextTransformer,
-    pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    networks: Networks,
     pub vae_config: VaeConfig,
     pub schedule: NoiseSchedule,
     pub device: Device,
@@ -31,22 +33,21 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Builds every model from a checkpoint, in float32 on `device`.
+    /// Builds every network from a checkpoint, in float32 on `device`.
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        let dtype = DType::F32;
-        let clip_config = checkpoint.clip_config();
-        let text_encoder =
-            ClipTextTransformer::new(checkpoint.text_encoder(dtype, device)?, clip_config)?;
-        let unet =
-            UNet2DConditionModel::new(checkpoint.unet(dtype, device)?, checkpoint.unet_config())?;
-        let vae_config = checkpoint.vae_config().clone();
-        let vae = AutoencoderKL::new(checkpoint.vae(dtype, device)?, &vae_config)?;
+        Self::load_with(checkpoint, device, Residency::All)
+    }
+
+    /// A model whose networks are kept in memory as `residency` says.
+    pub fn load_with(
+        checkpoint: &Checkpoint,
+        device: &Device,
+        residency: Residency,
+    ) -> Result<Self> {
         Ok(Self {
             tokenizer: Tokenizer::new()?,
-            text_encoder,
-            unet,
-            vae,
-            vae_config,
+            networks: Networks::load(checkpoint, device, residency)?,
+            vae_config: checkpoint.vae_config().clone(),
             schedule: NoiseSchedule::stable_diffusion(),
             device: device.clone(),
             model_name: checkpoint.name(),
@@ -55,5 +56,25 @@ impl StableDiffusion {
             prediction: checkpoint.prediction(),
             vae_tiling: VaeTiling::default(),
         })
+    }
+
+    /// How the networks are kept in memory.
+    pub fn residency(&self) -> Residency {
+        self.networks.residency()
+    }
+
+    /// The text encoder (built first when networks are resident one at a time).
+    pub fn text_encoder(&self) -> Result<Arc<ClipTextTransformer>> {
+        self.networks.text_encoder()
+    }
+
+    /// The UNet (built first when networks are resident one at a time).
+    pub fn unet(&self) -> Result<Arc<UNet2DConditionModel>> {
+        self.networks.unet()
+    }
+
+    /// The VAE (built first when networks are resident one at a time).
+    pub fn vae(&self) -> Result<Arc<AutoencoderKL>> {
+        self.networks.vae()
     }
 }

@@ -160,14 +160,7 @@ pub(super) fn generate(
         let seed = base_seed.wrapping_add(index as u64);
         let mut noise = TorchRng::new(seed, req.rng_math);
         let step = Cell::new(0);
-        let mut denoiser = CfgDenoiser::new(
-            &sd.unet,
-            sd.prediction,
-            &sd.schedule,
-            &conditioning,
-            req.cfg_scale,
-            &step,
-        );
+        let mut denoiser = CfgDenoiser::new(sd, &conditioning, req.cfg_scale, &step);
         let image = {
             let mut on_step = |s: &Step| {
                 step.set(s.index + 1);
@@ -215,7 +208,7 @@ pub(super) fn generate(
 pub fn decode(sd: &StableDiffusion, x: &Tensor, last_sigma: f64) -> Result<RgbImage> {
     let latent = (x / (1.0 + last_sigma * last_sigma).sqrt())?;
     let decoded = vae_tiling::decode(
-        &sd.vae,
+        &*sd.vae()?,
         sd.vae_config.downscale_factor(),
         &(latent / sd.vae_config.scaling_factor)?,
         &sd.vae_tiling,

@@ -77,6 +77,8 @@ impl ModelFamily {
 }
 
 /// An opened checkpoint: its family, the three model configs, and lazy access to the weights.
+/// Clones share the open files.
+#[derive(Clone)]
 pub struct Checkpoint {
     path: PathBuf,
     /// The file whose sha256 is the A1111 "Model hash".
