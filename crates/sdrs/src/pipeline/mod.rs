@@ -2,6 +2,7 @@
 
 mod conditioning;
 mod denoiser;
+pub mod flops;
 pub mod hd;
 pub mod hires;
 mod img2img;
