@@ -1,5 +1,6 @@
 //! `sdrs`: Stable Diffusion from the command line.
 
+mod bench;
 mod download;
 mod hd;
 mod img2img;
@@ -32,6 +33,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Enlarge a picture with an ESRGAN / Real-ESRGAN network, or Lanczos.
     Upscale(upscale::UpscaleArgs),
+    /// Time each phase of a generation (text encode, UNet step, VAE decode, whole image).
+    Bench(bench::BenchArgs),
     /// List, download or delete the well-known models (SD-Turbo, SD 1.5, SD 2.1).
     Models(models::ModelsArgs),
 }
@@ -45,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Upscale(args) => upscale::run(args),
         Command::Models(args) => models::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

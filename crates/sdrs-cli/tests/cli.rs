@@ -565,3 +565,64 @@ fn prediction_flag_overrides_detection_and_rejects_unknown_types() {
         "unknown prediction type",
     );
 }
+
+#[test]
+fn bench_reports_every_phase_with_the_flop_counts_of_the_model() {
+    let out = sdrs(&[
+        "bench",
+        "--model",
+        fixtures().join("tiny-sd1").to_str().unwrap(),
+        "--size",
+        "64",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let phases = report["phases"].as_array().unwrap();
+    let names: Vec<_> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "load",
+            "text encode",
+            "UNet step (CFG)",
+            "VAE decode",
+            "whole image"
+        ]
+    );
+    for p in phases {
+        assert!(p["seconds"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["peak_rss_bytes"].as_u64().unwrap() > 0, "{p}");
+    }
+    // The counts of the flops module (itself checked against DESIGN's full-size figures) for
+    // the tiny configs: prompt and negative of 77 tokens, the UNet at an 8² latent with
+    // guidance, the VAE from 8² to 64², and the image as their sum over 2 steps.
+    let ckpt = sdrs::weights::Checkpoint::open(&fixtures().join("tiny-sd1")).unwrap();
+    let flops = sdrs::pipeline::flops::text_encode(ckpt.clip_config(), 77).total() * 2.0;
+    assert_eq!(phases[1]["flops"].as_f64(), Some(flops));
+    let step = sdrs::pipeline::flops::unet_cfg_step(ckpt.unet_config(), 8, 8, 77).total();
+    assert_eq!(phases[2]["flops"].as_f64(), Some(step));
+    let decode = sdrs::pipeline::flops::vae_decode(ckpt.vae_config(), 8, 8).total();
+    assert_eq!(phases[3]["flops"].as_f64(), Some(decode));
+    assert_eq!(
+        phases[4]["flops"].as_f64(),
+        Some(flops + 2.0 * step + decode)
+    );
+
+    let bad = sdrs(&[
+        "bench",
+        "--model",
+        "tests/fixtures/tiny-sd1",
+        "--size",
+        "60",
+    ]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("multiple of 8"), "{}", stderr(&bad));
+    let missing = sdrs(&["bench", "--model", "/nonexistent/model.safetensors"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("/nonexistent/model.safetensors"));
+}
