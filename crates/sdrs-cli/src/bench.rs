@@ -56,7 +56,7 @@ struct Phase {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.size == 0 || args.size % 8 != 0 {
+    if args.size == 0 || !args.size.is_multiple_of(8) {
         bail!("--size must be a positive multiple of 8, not {}", args.size);
     }
     if args.steps == 0 || args.repeats == 0 {
