@@ -228,6 +228,41 @@ mod tests {
         );
     }
 
+    /// Derived by hand, layer by layer, and equal to PyTorch's `FlopCounterMode` on the diffusers
+    /// and transformers models. Attention, for example: five transformers per UNet level of n
+    /// tokens and c channels, each 4·n²·c (Q·Kᵀ and P·V) + 4·n·77·c (cross), plus the middle one.
+    #[test]
+    fn full_size_counts_equal_the_hand_derived_ones() {
+        let unet = unet_forward(&UNetConfig::sd1(), 64, 64, 77);
+        assert_eq!(unet.conv, 443_946_106_880.0);
+        assert_eq!(unet.linear, 233_275_064_320.0);
+        let attention: f64 = [(4096.0, 320.0), (1024.0, 640.0), (256.0, 1280.0)]
+            .iter()
+            .map(|(n, c)| 5.0 * (4.0 * n * n * c + 4.0 * n * 77.0 * c))
+            .sum::<f64>()
+            + 4.0 * 64.0 * 64.0 * 1280.0
+            + 4.0 * 64.0 * 77.0 * 1280.0;
+        assert_eq!(unet.attention, attention);
+        assert_eq!(attention, 126_052_270_080.0);
+        let half = unet_forward(&UNetConfig::sd1(), 32, 32, 77);
+        assert_eq!(
+            (half.conv, half.linear, half.attention),
+            (110_986_526_720.0, 60_574_597_120.0, 8_545_320_960.0)
+        );
+
+        let vae = vae_decode(&VaeConfig::sd(), 64, 64);
+        assert_eq!(vae.conv, 2_471_569_260_544.0);
+        // The mid block's single-head attention over 64² tokens of 512 channels.
+        assert_eq!(vae.linear, 2.0 * 4096.0 * 512.0 * 2048.0);
+        assert_eq!(vae.attention, 4.0 * 4096.0 * 4096.0 * 512.0);
+
+        let clip = text_encode(&ClipConfig::sd1(), 77);
+        let per_layer = 2.0 * 77.0 * (4.0 * 768.0 * 768.0 + 2.0 * 768.0 * 3072.0);
+        assert_eq!(clip.linear, 12.0 * per_layer);
+        assert_eq!(clip.attention, 12.0 * 4.0 * 77.0 * 77.0 * 768.0);
+        assert_eq!(clip.total(), 13_079_937_024.0 + 218_566_656.0);
+    }
+
     #[test]
     fn vae_decode_at_512_matches_design_facts() {
         assert_giga(
