@@ -9,45 +9,12 @@ use std::process::{Command, Output};
 
 use fake_hub::FakeHub;
 
-const REPO: &str = "stabilityai/sd-turbo";
-
 fn tiny_folder() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd2-v")
 }
 
 fn serve_turbo() -> FakeHub {
-    let hub = FakeHub::start();
-    hub.add_folder(
-        REPO,
-        &tiny_folder(),
-        &[
-            ("model_index.json", "model_index.json"),
-            (
-                "scheduler/scheduler_config.json",
-                "scheduler/scheduler_config.json",
-            ),
-            ("text_encoder/config.json", "text_encoder/config.json"),
-            (
-                "text_encoder/model.fp16.safetensors",
-                "text_encoder/model.safetensors",
-            ),
-            (
-                "tokenizer/tokenizer_config.json",
-                "tokenizer/tokenizer_config.json",
-            ),
-            ("unet/config.json", "unet/config.json"),
-            (
-                "unet/diffusion_pytorch_model.fp16.safetensors",
-                "unet/diffusion_pytorch_model.safetensors",
-            ),
-            ("vae/config.json", "vae/config.json"),
-            (
-                "vae/diffusion_pytorch_model.fp16.safetensors",
-                "vae/diffusion_pytorch_model.safetensors",
-            ),
-        ],
-    );
-    hub
+    fake_hub::serving_turbo(&tiny_folder())
 }
 
 /// Runs sdrs with a private Hub cache and model folder, and the Hub at `endpoint`.
@@ -94,24 +61,15 @@ fn txt2img_without_a_model_downloads_sd_turbo_and_uses_its_settings() {
     let server = serve_turbo();
     let root = temp_dir("first-run");
     let out = root.join("out");
-    let run = sdrs(
-        &root,
-        &server.endpoint,
-        &[
-            "txt2img",
-            "--prompt",
-            "a red fox",
-            "--W",
-            "64",
-            "--H",
-            "64",
-            "--seed",
-            "5",
-            "--outdir",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert!(run.status.success(), "{}", text(&run.stderr));
+    // A 64² fox with seed 5 into `outdir`, plus `extra` flags.
+    let fox = |endpoint: &str, outdir: &Path, extra: &[&str]| {
+        let mut args = vec!["txt2img", "--prompt", "a red fox", "--W", "64", "--H", "64"];
+        args.extend(["--seed", "5", "--outdir", outdir.to_str().unwrap()]);
+        args.extend(extra);
+        let run = sdrs(&root, endpoint, &args);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+    };
+    fox(&server.endpoint, &out, &[]);
     let info = parameters(&out.join("00000-5.png"));
     assert_eq!(info.get("Model"), Some("sd-turbo"));
     assert_eq!(info.get("Steps"), Some("1"));
@@ -120,21 +78,13 @@ fn txt2img_without_a_model_downloads_sd_turbo_and_uses_its_settings() {
     assert_eq!(info.get("CFG scale"), Some("1"));
 
     // The same image as from the folder the stand-in served, given the same settings.
-    let local = sdrs(
-        &root,
+    let folder = tiny_folder();
+    fox(
         "http://127.0.0.1:9",
+        &root.join("local"),
         &[
-            "txt2img",
             "--model",
-            tiny_folder().to_str().unwrap(),
-            "--prompt",
-            "a red fox",
-            "--W",
-            "64",
-            "--H",
-            "64",
-            "--seed",
-            "5",
+            folder.to_str().unwrap(),
             "--steps",
             "1",
             "--sampler",
@@ -143,11 +93,8 @@ fn txt2img_without_a_model_downloads_sd_turbo_and_uses_its_settings() {
             "sgm_uniform",
             "--scale",
             "1",
-            "--outdir",
-            root.join("local").to_str().unwrap(),
         ],
     );
-    assert!(local.status.success(), "{}", text(&local.stderr));
     let a = image::open(out.join("00000-5.png")).unwrap().to_rgb8();
     let b = image::open(root.join("local/00000-5.png"))
         .unwrap()
@@ -155,24 +102,8 @@ fn txt2img_without_a_model_downloads_sd_turbo_and_uses_its_settings() {
     assert!(a == b, "the downloaded model drew a different image");
 
     // The second run finds the model in the cache: no Hub needed.
-    let cached = sdrs(
-        &root,
-        "http://127.0.0.1:9",
-        &[
-            "txt2img",
-            "--prompt",
-            "a red fox",
-            "--W",
-            "64",
-            "--H",
-            "64",
-            "--seed",
-            "5",
-            "--outdir",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert!(cached.status.success(), "{}", text(&cached.stderr));
+    fox("http://127.0.0.1:9", &out, &[]);
+    assert!(out.join("00001-5.png").exists());
     let _ = std::fs::remove_dir_all(&root);
 }
 

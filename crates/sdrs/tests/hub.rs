@@ -13,40 +13,17 @@ use sdrs::models::unet::Prediction;
 use sdrs::weights::Checkpoint;
 use sdrs::Error;
 
-const REPO: &str = "stabilityai/sd-turbo";
+const REPO: &str = fake_hub::TURBO_REPO;
+const SERVED: &[(&str, &str)] = fake_hub::TURBO_FILES;
 const UNET: &str = "unet/diffusion_pytorch_model.fp16.safetensors";
 const VAE: &str = "vae/diffusion_pytorch_model.fp16.safetensors";
-
-/// The catalogue's file names, served from the tiny folder's files.
-const SERVED: &[(&str, &str)] = &[
-    ("model_index.json", "model_index.json"),
-    (
-        "scheduler/scheduler_config.json",
-        "scheduler/scheduler_config.json",
-    ),
-    ("text_encoder/config.json", "text_encoder/config.json"),
-    (
-        "text_encoder/model.fp16.safetensors",
-        "text_encoder/model.safetensors",
-    ),
-    (
-        "tokenizer/tokenizer_config.json",
-        "tokenizer/tokenizer_config.json",
-    ),
-    ("unet/config.json", "unet/config.json"),
-    (UNET, "unet/diffusion_pytorch_model.safetensors"),
-    ("vae/config.json", "vae/config.json"),
-    (VAE, "vae/diffusion_pytorch_model.safetensors"),
-];
 
 fn source() -> PathBuf {
     common::fixtures().join("tiny-sd2-v")
 }
 
 fn hub_serving_turbo() -> FakeHub {
-    let hub = FakeHub::start();
-    hub.add_folder(REPO, &source(), SERVED);
-    hub
+    fake_hub::serving_turbo(&source())
 }
 
 fn config(name: &str, endpoint: &str) -> Hub {

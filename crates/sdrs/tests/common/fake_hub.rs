@@ -14,6 +14,44 @@ use sha2::{Digest, Sha256};
 
 pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
+/// The repository the tiny SD 2 (v-prediction) folder stands in for.
+pub const TURBO_REPO: &str = "stabilityai/sd-turbo";
+
+/// The catalogue's SD-Turbo file names, and the tiny folder's files served under them.
+pub const TURBO_FILES: &[(&str, &str)] = &[
+    ("model_index.json", "model_index.json"),
+    (
+        "scheduler/scheduler_config.json",
+        "scheduler/scheduler_config.json",
+    ),
+    ("text_encoder/config.json", "text_encoder/config.json"),
+    (
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder/model.safetensors",
+    ),
+    (
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/tokenizer_config.json",
+    ),
+    ("unet/config.json", "unet/config.json"),
+    (
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+    ),
+    ("vae/config.json", "vae/config.json"),
+    (
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ),
+];
+
+/// A stand-in serving `tiny_folder` (tests/fixtures/tiny-sd2-v) as SD-Turbo.
+pub fn serving_turbo(tiny_folder: &Path) -> FakeHub {
+    let hub = FakeHub::start();
+    hub.add_folder(TURBO_REPO, tiny_folder, TURBO_FILES);
+    hub
+}
+
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
 pub struct Request {
