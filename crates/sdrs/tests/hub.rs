@@ -206,6 +206,9 @@ fn without_a_hub_the_error_says_what_was_tried_and_where_to_put_a_file() {
 
     let msg = hub.resolve(Some("sd-9"), &mut ()).unwrap_err().to_string();
     assert!(msg.contains("sd-turbo, sd-1.5, sd-2.1"), "{msg}");
+    // A path that is not there is a missing file, not an unknown catalogue name.
+    let err = hub.resolve(Some("/no/such/model.safetensors"), &mut ());
+    assert!(matches!(err, Err(Error::Io { .. })), "{err:?}");
 
     // A model put in the model folder by hand is used without the network.
     std::fs::create_dir_all(&hub.model_dir).unwrap();

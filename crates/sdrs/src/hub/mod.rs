@@ -103,6 +103,17 @@ impl Hub {
         if let Some(path) = self.local(name) {
             return Ok(ResolvedModel { path, entry });
         }
+        let looks_like_a_path = name.contains(['/', '\\'])
+            || [".safetensors", ".ckpt", ".pt", ".pth", ".bin"]
+                .iter()
+                .any(|ext| name.ends_with(ext));
+        if entry.is_none() && looks_like_a_path {
+            // The system's own words for why the path is not there.
+            let cause = std::fs::metadata(as_path)
+                .err()
+                .unwrap_or_else(|| std::io::ErrorKind::NotFound.into());
+            return Err(Error::io(as_path, cause));
+        }
         let Some(entry) = entry else {
             return Err(Error::UnknownModel {
                 name: name.into(),
