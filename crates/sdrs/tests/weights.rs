@@ -568,3 +568,39 @@ fn full_size_sd15_opens_lazily_with_sd1_configs() {
     clip.get((49408, 768), "embeddings.token_embedding.weight")
         .unwrap();
 }
+
+#[test]
+fn the_hash_cache_remembers_a_file_until_it_changes() {
+    use sdrs::weights::file_hash::{sha256_file, HashCache};
+    // hashlib.sha256 of the fixture.
+    let want = "a20f424f9800fca6fa11ac11030d5f41cecc520db6cc2084ea9c4511c7e45ef0";
+    let dir = std::env::temp_dir().join(format!("sdrs-hash-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("model.safetensors");
+    std::fs::copy(fixture("tiny-sd1.safetensors"), &file).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), want);
+
+    let cache = HashCache::at(&dir.join("cache"));
+    assert_eq!(cache.sha256(&file).unwrap(), want);
+    // The remembered value is what a second call returns: plant another to see it read.
+    let json = dir.join("cache/hashes.json");
+    let planted = std::fs::read_to_string(&json)
+        .unwrap()
+        .replace(want, &"f".repeat(64));
+    std::fs::write(&json, planted).unwrap();
+    assert_eq!(cache.sha256(&file).unwrap(), "f".repeat(64));
+    // A newer modification time means the file may have changed: hashed again.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    assert_eq!(cache.sha256(&file).unwrap(), want);
+    // An unreadable cache is passed over.
+    std::fs::write(&json, b"not json").unwrap();
+    assert_eq!(cache.sha256(&file).unwrap(), want);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,12 +2,10 @@
 //! through the `hf-hub` client, which resumes from a `.part` file; each weight file is then
 //! checked against the SHA-256 the Hub names it by.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo};
-use sha2::{Digest, Sha256};
 
 use super::{CatalogueEntry, Hub};
 use crate::{Error, Result};
@@ -144,7 +142,8 @@ fn verify(pointer: &Path) -> std::result::Result<(), String> {
     if !is_sha256 {
         return Ok(());
     }
-    let actual = sha256(&blob).map_err(|e| format!("{}: {e}", blob.display()))?;
+    let actual = crate::weights::file_hash::sha256_file(&blob)
+        .map_err(|e| format!("{}: {e}", blob.display()))?;
     if actual == name {
         return Ok(());
     }
@@ -154,24 +153,6 @@ fn verify(pointer: &Path) -> std::result::Result<(), String> {
     Err(format!(
         "checksum mismatch: the download hashes to {actual}, the Hub says {name}; the corrupt file was deleted"
     ))
-}
-
-fn sha256(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 pub(super) fn remove(hub: &Hub, entry: &CatalogueEntry) -> Result<u64> {

@@ -5,19 +5,18 @@ mod backend;
 mod compvis;
 mod compvis_vae;
 mod detect;
+pub mod file_hash;
 mod folder;
 mod openclip;
 mod source;
 mod upscaler;
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use sha2::{Digest, Sha256};
 
 use crate::models::clip::ClipConfig;
 use crate::models::unet::{Prediction, UNetConfig};
@@ -201,24 +200,15 @@ impl Checkpoint {
         )
     }
 
-    /// A1111's "Model hash": the first 10 hex digits of the sha256 of the weights file.
+    /// A1111's "Model hash": the first 10 hex digits of the sha256 of the weights file
+    /// (remembered across runs in the hash cache).
     pub fn hash(&self) -> Result<String> {
         let path = &self.hash_file;
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buffer).map_err(|e| Error::io(path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
+        let hex = match file_hash::HashCache::default_location() {
+            Some(cache) => cache.sha256(path),
+            None => file_hash::sha256_file(path),
         }
-        let hex: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        .map_err(|e| Error::io(path, e))?;
         Ok(hex[..10].to_string())
     }
 }
