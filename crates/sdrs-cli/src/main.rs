@@ -6,6 +6,7 @@ mod hd;
 mod img2img;
 mod models;
 mod output;
+mod threads;
 mod timing;
 mod tokenize;
 mod txt2img;
@@ -40,6 +41,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    threads::use_physical_cores();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Txt2img(args) => txt2img::run(*args),
