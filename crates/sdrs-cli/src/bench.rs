@@ -17,7 +17,7 @@ use sdrs::sampling::{Denoiser, Flow, NoiseSource};
 use sdrs::weights::Checkpoint;
 use serde_json::json;
 
-use crate::download::DownloadBars;
+use crate::download::resolve_model;
 
 /// Arguments of `sdrs bench`.
 #[derive(Args)]
@@ -62,7 +62,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.steps == 0 || args.repeats == 0 {
         bail!("--steps and --repeats must be at least 1");
     }
-    let resolved = Hub::from_env().resolve(args.model.as_deref(), &mut DownloadBars::default())?;
+    let resolved = resolve_model(&Hub::from_env(), args.model.as_deref())?;
     let path = &resolved.path;
     let device = candle_core::Device::Cpu;
     let per_phase_peaks = reset_peak_rss();

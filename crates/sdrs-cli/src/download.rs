@@ -1,6 +1,28 @@
-//! Progress bars for model downloads.
+//! Getting a model by name from the command line: what is being downloaded, and progress bars.
 
 use indicatif::{ProgressBar, ProgressStyle};
+use sdrs::hub::{CatalogueEntry, Hub, Located, ResolvedModel};
+
+/// `hub.resolve(name)`, saying first what it will download, and showing the download.
+pub fn resolve_model(hub: &Hub, name: Option<&str>) -> sdrs::Result<ResolvedModel> {
+    if let Located::Missing(entry) = hub.locate(name)? {
+        if !hub.offline {
+            announce(hub, entry);
+        }
+    }
+    hub.resolve(name, &mut DownloadBars::default())
+}
+
+/// Says which model is about to be downloaded, from where, to where.
+pub fn announce(hub: &Hub, entry: &CatalogueEntry) {
+    eprintln!(
+        "downloading {} ({}) from {} into {}",
+        entry.name,
+        entry.repo,
+        hub.endpoint,
+        hub.cache_dir.display()
+    );
+}
 
 /// One bar per file, on stderr.
 #[derive(Default)]

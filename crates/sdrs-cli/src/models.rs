@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use indicatif::HumanBytes;
 use sdrs::hub::{catalogue, CatalogueEntry, Hub, CATALOGUE};
 
-use crate::download::DownloadBars;
+use crate::download::{announce, DownloadBars};
 
 /// Arguments of `sdrs models`.
 #[derive(Args)]
@@ -35,12 +35,7 @@ pub fn run(args: ModelsArgs) -> Result<()> {
                 println!("{}", path.display());
                 return Ok(());
             }
-            eprintln!(
-                "downloading {name} ({}) from {} into {}",
-                entry.repo,
-                hub.endpoint,
-                hub.cache_dir.display()
-            );
+            announce(&hub, entry);
             let path = hub.pull(entry, &mut DownloadBars::default())?;
             println!("{}", path.display());
             Ok(())

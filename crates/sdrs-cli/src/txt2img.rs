@@ -19,7 +19,7 @@ use sdrs::sampling::rng::NormalVariant;
 use sdrs::sampling::{Flow, SigmaSchedule};
 use sdrs::weights::Checkpoint;
 
-use crate::download::DownloadBars;
+use crate::download::resolve_model;
 use crate::output::OutputDir;
 use crate::timing::PhaseClock;
 
@@ -175,12 +175,7 @@ impl GenerationArgs {
 
     /// The settings the named model is made for; knowing them needs no download.
     pub fn model_defaults(&self) -> ModelDefaults {
-        let hub = Hub::from_env();
-        let name = self.model.as_deref().unwrap_or(&hub.default_model);
-        match sdrs::hub::catalogue::find(name) {
-            Some(entry) if !std::path::Path::new(name).exists() => entry.defaults,
-            _ => sdrs::hub::catalogue::CLASSIC_DEFAULTS,
-        }
+        Hub::from_env().defaults(self.model.as_deref())
     }
 
     /// Width and height from the flags, else the model's size.
@@ -192,22 +187,7 @@ impl GenerationArgs {
     /// Loads the checkpoint (and separate VAE) the flags name, with their VAE tiling; a
     /// catalogue model missing from the Hub cache is downloaded first.
     pub fn load_model(&self, device: &candle_core::Device) -> Result<StableDiffusion> {
-        let hub = Hub::from_env();
-        let name = self.model.as_deref().unwrap_or(&hub.default_model);
-        if let Some(entry) = sdrs::hub::catalogue::find(name) {
-            let missing = !std::path::Path::new(name).exists()
-                && hub.local(name).is_none()
-                && hub.cached(entry).is_none();
-            if missing && !hub.offline {
-                eprintln!(
-                    "downloading {name} ({}) from {} into {}",
-                    entry.repo,
-                    hub.endpoint,
-                    hub.cache_dir.display()
-                );
-            }
-        }
-        let resolved = hub.resolve(Some(name), &mut DownloadBars::default())?;
+        let resolved = resolve_model(&Hub::from_env(), self.model.as_deref())?;
         let path = &resolved.path;
         let mut checkpoint = Checkpoint::open(path)
             .with_context(|| format!("loading checkpoint {}", path.display()))?;

@@ -77,7 +77,7 @@ fn the_default_model_downloads_into_the_hub_cache_and_opens() {
             .join(fake_hub::COMMIT)
     );
     assert_same_files(&model.path);
-    assert_eq!(model.defaults().steps, 1);
+    assert_eq!(hub.defaults(None).steps, 1);
     let checkpoint = Checkpoint::open(&model.path).unwrap();
     assert_eq!(checkpoint.prediction(), Prediction::V);
 

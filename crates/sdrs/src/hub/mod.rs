@@ -36,12 +36,21 @@ pub struct ResolvedModel {
     pub entry: Option<&'static CatalogueEntry>,
 }
 
-impl ResolvedModel {
-    /// The settings the model is made for (CompVis' for models outside the catalogue).
-    pub fn defaults(&self) -> ModelDefaults {
-        self.entry
-            .map(|e| e.defaults)
-            .unwrap_or(catalogue::CLASSIC_DEFAULTS)
+/// Where a model name leads without downloading anything.
+#[derive(Debug, Clone)]
+pub enum Located {
+    OnDisk(ResolvedModel),
+    /// A catalogue model not (completely) in the Hub cache.
+    Missing(&'static CatalogueEntry),
+}
+
+impl Located {
+    /// The catalogue entry the name came by, if it did.
+    pub fn entry(&self) -> Option<&'static CatalogueEntry> {
+        match self {
+            Located::OnDisk(model) => model.entry,
+            Located::Missing(entry) => Some(entry),
+        }
     }
 }
 
@@ -83,25 +92,37 @@ impl Hub {
         }
     }
 
-    /// The model `name` refers to (the default model when `None`): an existing path, else a
-    /// model of that name in the model folder, else a catalogue model from the Hub cache,
-    /// downloaded first when it is not complete there.
+    /// The model `name` refers to (the default model when `None`), downloaded first when it is
+    /// a catalogue model missing from the Hub cache (see [`Hub::locate`]).
     pub fn resolve(
         &self,
         name: Option<&str>,
         progress: &mut dyn Progress,
     ) -> Result<ResolvedModel> {
+        match self.locate(name)? {
+            Located::OnDisk(model) => Ok(model),
+            Located::Missing(entry) => Ok(ResolvedModel {
+                path: self.pull(entry, progress)?,
+                entry: Some(entry),
+            }),
+        }
+    }
+
+    /// Where `name` (the default model when `None`) leads, in this order: an existing path; a
+    /// model of that name in the model folder; a catalogue model in the Hub cache; a catalogue
+    /// model still to download. Anything else is an error that says so.
+    pub fn locate(&self, name: Option<&str>) -> Result<Located> {
         let name = name.unwrap_or(&self.default_model);
         let entry = catalogue::find(name);
         let as_path = Path::new(name);
         if as_path.exists() {
-            return Ok(ResolvedModel {
+            return Ok(Located::OnDisk(ResolvedModel {
                 path: as_path.to_path_buf(),
                 entry: None,
-            });
+            }));
         }
         if let Some(path) = self.local(name) {
-            return Ok(ResolvedModel { path, entry });
+            return Ok(Located::OnDisk(ResolvedModel { path, entry }));
         }
         let looks_like_a_path = name.contains(['/', '\\'])
             || [".safetensors", ".ckpt", ".pt", ".pth", ".bin"]
@@ -120,14 +141,22 @@ impl Hub {
                 hint: self.where_to_put(name),
             });
         };
-        let path = match self.cached(entry) {
-            Some(path) => path,
-            None => self.pull(entry, progress)?,
-        };
-        Ok(ResolvedModel {
-            path,
-            entry: Some(entry),
+        Ok(match self.cached(entry) {
+            Some(path) => Located::OnDisk(ResolvedModel {
+                path,
+                entry: Some(entry),
+            }),
+            None => Located::Missing(entry),
         })
+    }
+
+    /// The settings the model `name` leads to is made for: its catalogue entry's, else
+    /// CompVis' (also when the name leads nowhere, which loading will report).
+    pub fn defaults(&self, name: Option<&str>) -> ModelDefaults {
+        self.locate(name)
+            .ok()
+            .and_then(|l| l.entry())
+            .map_or(catalogue::CLASSIC_DEFAULTS, |e| e.defaults)
     }
 
     /// `name` in the model folder, as a folder or a single file.

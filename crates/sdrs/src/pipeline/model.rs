@@ -58,11 +58,6 @@ impl StableDiffusion {
         })
     }
 
-    /// How the networks are kept in memory.
-    pub fn residency(&self) -> Residency {
-        self.networks.residency()
-    }
-
     /// The text encoder (built first when networks are resident one at a time).
     pub fn text_encoder(&self) -> Result<Arc<ClipTextTransformer>> {
         self.networks.text_encoder()

@@ -25,11 +25,10 @@ pub enum Residency {
 
 type Slot<T> = Mutex<Option<Arc<T>>>;
 
-/// The text encoder, UNet and VAE, resident or built on demand as `residency` says.
+/// The text encoder, UNet and VAE, resident or built on demand as a [`Residency`] says.
 pub struct Networks {
-    residency: Residency,
-    /// Kept open to build from when one network at a time is resident (its mapped pages are
-    /// not resident once a build has copied them).
+    /// Present exactly when one network at a time is resident: kept open to build from (its
+    /// mapped pages are not resident once a build has copied them).
     checkpoint: Option<Checkpoint>,
     device: Device,
     text_encoder: Slot<ClipTextTransformer>,
@@ -47,7 +46,6 @@ impl Networks {
     /// for [`Residency::OneAtATime`], which keeps `checkpoint` open to build from.
     pub fn load(checkpoint: &Checkpoint, device: &Device, residency: Residency) -> Result<Self> {
         let networks = Self {
-            residency,
             checkpoint: match residency {
                 Residency::All => None,
                 Residency::OneAtATime => Some(checkpoint.clone()),
@@ -63,10 +61,6 @@ impl Networks {
             *lock(&networks.vae) = Some(Arc::new(build_vae(checkpoint, device, false)?));
         }
         Ok(networks)
-    }
-
-    pub fn residency(&self) -> Residency {
-        self.residency
     }
 
     /// The text encoder, built first if it is not resident.
