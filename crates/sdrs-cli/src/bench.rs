@@ -118,7 +118,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let cond = conditioning(&sd)?;
     let mut noise = TorchRng::new(1, NormalVariant::default());
-    let x = noise.sample(&[1, 4, latent_side, latent_side], &device)?;
+    let latent_channels = sd.vae_config.latent_channels;
+    let x = noise.sample(&[1, latent_channels, latent_side, latent_side], &device)?;
     let step = Cell::new(0);
     measure(
         "UNet step (CFG)",
