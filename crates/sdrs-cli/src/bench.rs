@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use sdrs::hub::Hub;
 use sdrs::pipeline::flops;
-use sdrs::pipeline::{decode, txt2img, CfgDenoiser, GenerationRequest, Residency, StableDiffusion};
+use sdrs::pipeline::{decode, txt2img, CfgDenoiser, GenerationRequest, StableDiffusion};
 use sdrs::prompt::PromptSyntax;
 use sdrs::sampling::rng::{NormalVariant, TorchRng};
 use sdrs::sampling::{Denoiser, Flow, NoiseSource};
@@ -18,6 +18,7 @@ use sdrs::weights::Checkpoint;
 use serde_json::json;
 
 use crate::download::resolve_model;
+use crate::txt2img::network_options;
 
 /// Arguments of `sdrs bench`.
 #[derive(Args)]
@@ -41,6 +42,9 @@ pub struct BenchArgs {
     /// Measure with one network resident at a time, as `txt2img --lowmem`.
     #[arg(long)]
     lowmem: bool,
+    /// Measure the fast mode's bf16 products, as `txt2img --fast`.
+    #[arg(long)]
+    fast: bool,
 }
 
 const PROMPT: &str = "a photograph of an astronaut riding a horse on the moon, detailed";
@@ -70,12 +74,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let checkpoint =
         Checkpoint::open(path).with_context(|| format!("loading checkpoint {}", path.display()))?;
-    let residency = if args.lowmem {
-        Residency::OneAtATime
-    } else {
-        Residency::All
-    };
-    let sd = StableDiffusion::load_with(&checkpoint, &device, residency)
+    let options = network_options(args.lowmem, args.fast, &device);
+    let sd = StableDiffusion::load_with(&checkpoint, &device, options)
         .with_context(|| format!("loading checkpoint {}", path.display()))?;
     let mut phases = vec![Phase {
         name: "load",
@@ -162,14 +162,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     })?;
 
     if args.json {
-        print_json(&args, path, &phases, per_phase_peaks);
+        print_json(&args, path, &phases, per_phase_peaks, sd.fast());
     } else {
-        print_table(&args, path, &phases, per_phase_peaks);
+        print_table(&args, path, &phases, per_phase_peaks, sd.fast());
     }
     Ok(())
 }
 
-fn print_json(args: &BenchArgs, path: &Path, phases: &[Phase], per_phase_peaks: bool) {
+fn print_json(args: &BenchArgs, path: &Path, phases: &[Phase], per_phase_peaks: bool, fast: bool) {
     let phases: Vec<_> = phases
         .iter()
         .map(|p| {
@@ -188,6 +188,7 @@ fn print_json(args: &BenchArgs, path: &Path, phases: &[Phase], per_phase_peaks: 
         "steps": args.steps,
         "repeats": args.repeats,
         "lowmem": args.lowmem,
+        "fast": fast,
         "threads": threads(),
         "per_phase_peaks": per_phase_peaks,
         "phases": phases,
@@ -195,15 +196,16 @@ fn print_json(args: &BenchArgs, path: &Path, phases: &[Phase], per_phase_peaks: 
     println!("{out}");
 }
 
-fn print_table(args: &BenchArgs, path: &Path, phases: &[Phase], per_phase_peaks: bool) {
+fn print_table(args: &BenchArgs, path: &Path, phases: &[Phase], per_phase_peaks: bool, fast: bool) {
     println!(
-        "sdrs bench: {} at {}², {} Euler steps, median of {} ({} threads{})",
+        "sdrs bench: {} at {}², {} Euler steps, median of {} ({} threads{}{})",
         path.display(),
         args.size,
         args.steps,
         args.repeats,
         threads(),
-        if args.lowmem { ", --lowmem" } else { "" }
+        if args.lowmem { ", --lowmem" } else { "" },
+        if fast { ", --fast: bf16 products" } else { "" }
     );
     println!(
         "{:<18} {:>10} {:>10} {:>10} {:>12}",

@@ -11,8 +11,8 @@ use sdrs::hub::{Hub, ModelDefaults};
 use sdrs::image_io::{encode_jpeg, encode_png, grid};
 use sdrs::models::unet::Prediction;
 use sdrs::pipeline::{
-    resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, Residency, StableDiffusion,
-    TilingMode,
+    resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, NetworkOptions, Residency,
+    StableDiffusion, TilingMode,
 };
 use sdrs::prompt::PromptSyntax;
 use sdrs::sampling::rng::NormalVariant;
@@ -160,6 +160,10 @@ pub struct GenerationArgs {
     /// and VAE's weights in half precision: optimizedSD's trade of some load time for memory.
     #[arg(long)]
     lowmem: bool,
+    /// The UNet's and VAE's products in bf16 (AVX512-BF16 CPUs): about twice the speed of
+    /// the exact f32 mode, at a small measured cost in exactness; recorded in the infotext.
+    #[arg(long)]
+    fast: bool,
 }
 
 impl GenerationArgs {
@@ -196,12 +200,8 @@ impl GenerationArgs {
                 .set_vae_file(vae)
                 .with_context(|| format!("loading VAE {}", vae.display()))?;
         }
-        let residency = if self.lowmem {
-            Residency::OneAtATime
-        } else {
-            Residency::All
-        };
-        let mut sd = StableDiffusion::load_with(&checkpoint, device, residency)
+        let options = network_options(self.lowmem, self.fast, device);
+        let mut sd = StableDiffusion::load_with(&checkpoint, device, options)
             .with_context(|| format!("loading checkpoint {}", path.display()))?;
         if let Some(entry) = resolved.entry {
             // A Hub snapshot folder is named by its commit; the short name says more.
@@ -391,4 +391,25 @@ pub fn execute(
         bail!("no image was generated");
     }
     Ok(())
+}
+
+/// The networks' options for `--lowmem` and `--fast`, saying on stderr when this machine
+/// cannot run the fast mode and the exact kernels run instead.
+pub fn network_options(lowmem: bool, fast: bool, device: &candle_core::Device) -> NetworkOptions {
+    let fast_here = sdrs::models::ModelOptions {
+        half_weights: false,
+        fast,
+    }
+    .fast_on(device);
+    if fast && !fast_here {
+        eprintln!("--fast needs a CPU with AVX512-BF16; running the exact f32 kernels instead");
+    }
+    NetworkOptions {
+        residency: if lowmem {
+            Residency::OneAtATime
+        } else {
+            Residency::All
+        },
+        fast,
+    }
 }

@@ -10,7 +10,10 @@ use sdrs::models::unet::{UNet2DConditionModel, UNetConfig};
 use sdrs::models::vae::{AutoencoderKL, VaeConfig};
 use sdrs::models::ModelOptions;
 
-const HALF: ModelOptions = ModelOptions { half_weights: true };
+const HALF: ModelOptions = ModelOptions {
+    half_weights: true,
+    fast: false,
+};
 
 /// The weights and parsed config of one model folder of the tiny fixture.
 fn part<C: serde::de::DeserializeOwned>(name: &str) -> (VarBuilder<'static>, C) {

@@ -10,13 +10,21 @@ use std::sync::Arc;
 use candle_core::Device;
 use image::RgbImage;
 use sdrs::image_io::load_image;
-use sdrs::pipeline::{img2img, txt2img, Residency, StableDiffusion};
+use sdrs::pipeline::{img2img, txt2img, NetworkOptions, Residency, StableDiffusion};
 use sdrs::sampling::Flow;
 use sdrs::weights::Checkpoint;
 
 fn load(residency: Residency) -> StableDiffusion {
     let ckpt = Checkpoint::open(&common::fixtures().join("tiny-sd1")).expect("open tiny model");
-    StableDiffusion::load_with(&ckpt, &Device::Cpu, residency).expect("load tiny model")
+    StableDiffusion::load_with(
+        &ckpt,
+        &Device::Cpu,
+        NetworkOptions {
+            residency,
+            fast: false,
+        },
+    )
+    .expect("load tiny model")
 }
 
 #[test]

@@ -1,11 +1,16 @@
 //! The weighted layers the UNet and the VAE are built from: drop-in replacements for
 //! candle_nn's that run the kernels of [`crate::ops`] and accept weights of any float dtype,
 //! widening them to the input's dtype per call. Built from a half-precision `VarBuilder`
-//! (see [`ModelOptions::half_weights`]) they keep f16 weights resident and compute in f32.
+//! (see [`ModelOptions::half_weights`]) they keep f16 weights resident and compute in f32;
+//! built from a bf16 one (see [`ModelOptions::fast`]) convolutions and linear layers pack
+//! their weights for the bf16 kernels of [`ops::bf16`].
+
+use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use crate::ops::bf16::{Bf16Conv, Bf16Linear};
 use crate::{ops, Result};
 
 /// How a model is built: chosen once, at construction.
@@ -14,16 +19,43 @@ pub struct ModelOptions {
     /// Keep the weights resident as f16 and widen each layer's weights when it runs: half
     /// the memory, results within f16 rounding of the weights (exact if the file is f16).
     pub half_weights: bool,
+    /// The fast mode: convolution and linear weights packed as bf16 and multiplied in bf16
+    /// (AVX512-BF16), accumulating in f32; other parameters stay f32. Ignored on devices and
+    /// CPUs without those kernels (see [`ops::bf16::available`]).
+    pub fast: bool,
 }
 
 impl ModelOptions {
-    /// The weight builder these options ask for: `vb` itself, or an f16 one.
+    /// Whether [`ModelOptions::fast`] applies on `device`.
+    pub fn fast_on(&self, device: &candle_core::Device) -> bool {
+        self.fast && device.is_cpu() && ops::bf16::available()
+    }
+
+    /// The weight builder these options ask for: `vb` itself, a bf16 one (the fast mode's
+    /// signal to the layers) or an f16 one.
     pub fn weights<'a>(&self, vb: VarBuilder<'a>) -> VarBuilder<'a> {
-        if self.half_weights {
+        if self.fast_on(vb.device()) {
+            vb.set_dtype(DType::BF16)
+        } else if self.half_weights {
             vb.set_dtype(DType::F16)
         } else {
             vb
         }
+    }
+}
+
+/// Whether `vb` asks for the fast mode's bf16 products.
+fn packs_bf16(vb: &VarBuilder) -> bool {
+    vb.dtype() == DType::BF16
+}
+
+/// The builder for parameters outside the bf16 products (biases, norms): f32 in the fast
+/// mode, so only the products round; `vb` otherwise.
+fn params<'a>(vb: &VarBuilder<'a>) -> VarBuilder<'a> {
+    if packs_bf16(vb) {
+        vb.clone().set_dtype(DType::F32)
+    } else {
+        vb.clone()
     }
 }
 
@@ -40,12 +72,17 @@ fn widen(t: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// A 2-D convolution with bias.
 #[derive(Debug, Clone)]
-pub struct Conv2d {
-    /// Stored [Cout, kh, kw, Cin] so each tap's matrix has unit column stride for the direct kernel.
-    taps: Tensor,
-    bias: Option<Tensor>,
-    padding: usize,
-    stride: usize,
+pub enum Conv2d {
+    Exact {
+        /// Stored [Cout, kh, kw, Cin] so each tap's matrix has unit column stride for the
+        /// direct kernel.
+        taps: Tensor,
+        bias: Option<Tensor>,
+        padding: usize,
+        stride: usize,
+    },
+    /// The fast mode's packed weights and bias.
+    Bf16(Arc<Bf16Conv>),
 }
 
 /// A `k`×`k` convolution from `vb` (`weight`, `bias`), like `candle_nn::conv2d`.
@@ -61,10 +98,19 @@ pub fn conv2d(
             "grouped or dilated convolutions are not supported".into(),
         ));
     }
-    let weight = vb.get((out_channels, in_channels, k, k), "weight")?;
-    Ok(Conv2d {
-        taps: weight.permute((0, 2, 3, 1))?.contiguous()?,
-        bias: Some(vb.get(out_channels, "bias")?),
+    let taps = vb
+        .get((out_channels, in_channels, k, k), "weight")?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?;
+    let bias = params(&vb).get(out_channels, "bias")?;
+    if packs_bf16(&vb) && cfg.stride == 1 && cfg.padding == k / 2 {
+        if let Some(conv) = Bf16Conv::new(&taps, Some(&bias))? {
+            return Ok(Conv2d::Bf16(Arc::new(conv)));
+        }
+    }
+    Ok(Conv2d::Exact {
+        taps,
+        bias: Some(bias),
         padding: cfg.padding,
         stride: cfg.stride,
     })
@@ -73,44 +119,77 @@ pub fn conv2d(
 impl Conv2d {
     /// The convolution of `x` [B,Cin,H,W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Widened in storage order, then viewed as [Cout, Cin, kh, kw] through strides.
-        let weight = widen(&self.taps, x.dtype())?.permute((0, 3, 1, 2))?;
-        let bias = self
-            .bias
-            .as_ref()
-            .map(|b| widen(b, x.dtype()))
-            .transpose()?;
-        ops::conv2d(x, &weight, bias.as_ref(), self.padding, self.stride)
+        match self {
+            Conv2d::Bf16(conv) if x.device().is_cpu() && x.dtype() == DType::F32 => conv.forward(x),
+            Conv2d::Bf16(_) => Err(crate::Error::InvalidConfig(
+                "the fast mode's convolutions take f32 on the CPU".into(),
+            )),
+            Conv2d::Exact {
+                taps,
+                bias,
+                padding,
+                stride,
+            } => {
+                // Widened in storage order, then viewed as [Cout, Cin, kh, kw] through strides.
+                let weight = widen(taps, x.dtype())?.permute((0, 3, 1, 2))?;
+                let bias = bias.as_ref().map(|b| widen(b, x.dtype())).transpose()?;
+                ops::conv2d(x, &weight, bias.as_ref(), *padding, *stride)
+            }
+        }
     }
 }
 
 /// A linear layer y = x·Wᵀ + b over the last dimension.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+pub enum Linear {
+    Exact {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// The fast mode's packed weights and bias.
+    Bf16(Arc<Bf16Linear>),
 }
 
 /// A linear layer with bias from `vb`, like `candle_nn::linear`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear {
-        weight: vb.get((out_dim, in_dim), "weight")?,
-        bias: Some(vb.get(out_dim, "bias")?),
-    })
+    let bias = params(&vb).get(out_dim, "bias")?;
+    build_linear(in_dim, out_dim, Some(bias), vb)
 }
 
 /// A linear layer without bias from `vb`, like `candle_nn::linear_no_bias`.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear {
-        weight: vb.get((out_dim, in_dim), "weight")?,
-        bias: None,
+    build_linear(in_dim, out_dim, None, vb)
+}
+
+fn build_linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: Option<Tensor>,
+    vb: VarBuilder,
+) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    Ok(if packs_bf16(&vb) {
+        Linear::Bf16(Arc::new(Bf16Linear::new(&weight, bias.as_ref())?))
+    } else {
+        Linear::Exact { weight, bias }
     })
 }
 
 impl Linear {
     /// `x` [..., in] → [..., out]; all leading dimensions go through one matrix product.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = widen(&self.weight, x.dtype())?;
+        let (weight, bias) = match self {
+            Linear::Bf16(linear) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                return linear.forward(x)
+            }
+            Linear::Bf16(_) => {
+                return Err(crate::Error::InvalidConfig(
+                    "the fast mode's linear layers take f32 on the CPU".into(),
+                ))
+            }
+            Linear::Exact { weight, bias } => (weight, bias),
+        };
+        let weight = widen(weight, x.dtype())?;
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
@@ -118,12 +197,43 @@ impl Linear {
             .contiguous()?
             .reshape((rows, in_dim))?
             .matmul(&weight.t()?)?;
-        let y = match &self.bias {
+        let y = match bias {
             Some(b) => y.broadcast_add(&widen(b, x.dtype())?)?,
             None => y,
         };
         dims.push(y.dim(1)?);
         Ok(y.reshape(dims)?)
+    }
+}
+
+/// The attention kernel a build asks for: exact, or the fast mode's bf16 products.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionKernel {
+    bf16: bool,
+}
+
+impl AttentionKernel {
+    /// The kernel for layers built from `vb`.
+    pub fn new(vb: &VarBuilder) -> Self {
+        Self {
+            bf16: packs_bf16(vb),
+        }
+    }
+
+    /// softmax(q·kᵀ·scale)·v per head (see [`ops::attention`]).
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        if self.bf16 {
+            ops::bf16::attention(q, k, v, heads, scale)
+        } else {
+            ops::attention(q, k, v, heads, scale)
+        }
     }
 }
 
@@ -143,6 +253,7 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
             "GroupNorm: {channels} channels do not split into {groups} groups"
         )));
     }
+    let vb = params(&vb);
     Ok(GroupNorm {
         weight: vb.get(channels, "weight")?,
         bias: vb.get(channels, "bias")?,
@@ -181,6 +292,7 @@ pub struct LayerNorm {
 
 /// LayerNorm over `dim` from `vb`, like `candle_nn::layer_norm`.
 pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let vb = params(&vb);
     Ok(LayerNorm {
         weight: vb.get(dim, "weight")?,
         bias: vb.get(dim, "bias")?,

@@ -5,6 +5,7 @@
 //! CPU and falls back to candle's own operations otherwise; the tests compare the two.
 
 pub mod attention;
+pub mod bf16;
 pub mod conv;
 mod math;
 pub mod norm;

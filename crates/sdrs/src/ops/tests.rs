@@ -116,3 +116,117 @@ fn widening_matches_to_dtype() -> Result<()> {
     }
     Ok(())
 }
+
+/// `t` rounded to bf16 and back: what the bf16 kernels multiply.
+fn bf16_rounded(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(candle_core::DType::BF16)?
+        .to_dtype(candle_core::DType::F32)?)
+}
+
+#[test]
+fn bf16_conv_matches_candle() -> Result<()> {
+    if !super::bf16::available() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return Ok(());
+    }
+    // Odd channel counts (a pair padded with zero), odd sizes (a partial Winograd block),
+    // a partial row panel and column tile, one image and two.
+    for (batch, cin, cout, h, w) in [(2, 5, 6, 7, 9), (1, 4, 13, 17, 19), (2, 32, 40, 33, 35)] {
+        let x = randn(&[batch, cin, h, w])?;
+        let b = randn(&[cout])?;
+        let what = format!("{cin}->{cout} {h}x{w}");
+        // 1×1: a plain product of the rounded operands, so only summation order differs.
+        let taps = randn(&[cout, 1, 1, cin])?;
+        let conv = super::bf16::Bf16Conv::new(&taps, Some(&b))?.expect("1x1 is packed");
+        let want = bf16_rounded(&x)?
+            .conv2d(&bf16_rounded(&taps)?.permute((0, 3, 1, 2))?, 0, 1, 1, 1)?
+            .broadcast_add(&b.reshape((1, cout, 1, 1))?)?;
+        check(
+            &format!("bf16 conv 1x1 {what}"),
+            &conv.forward(&x)?,
+            &want,
+            1e-5,
+        )?;
+        // 3×3 by Winograd: the transformed values are what is rounded, so the bound is
+        // against the exact f32 convolution (measured 4e-3 to 6e-3 of the largest output on
+        // these sizes; a wrong transform is off by the outputs' own size).
+        let taps = randn(&[cout, 3, 3, cin])?;
+        let conv = super::bf16::Bf16Conv::new(&taps, Some(&b))?.expect("3x3 is packed");
+        let want = x
+            .conv2d(&taps.permute((0, 3, 1, 2))?, 1, 1, 1, 1)?
+            .broadcast_add(&b.reshape((1, cout, 1, 1))?)?;
+        check(
+            &format!("bf16 conv 3x3 {what}"),
+            &conv.forward(&x)?,
+            &want,
+            1e-2,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn bf16_linear_matches_candle_on_rounded_inputs() -> Result<()> {
+    if !super::bf16::available() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return Ok(());
+    }
+    for (rows, inputs, outputs) in [(3, 7, 5), (77, 64, 50), (130, 320, 96)] {
+        let x = randn(&[2, rows, inputs])?;
+        let w = randn(&[outputs, inputs])?;
+        let b = randn(&[outputs])?;
+        let got = super::bf16::Bf16Linear::new(&w, Some(&b))?.forward(&x)?;
+        let want = bf16_rounded(&x)?
+            .broadcast_matmul(&bf16_rounded(&w)?.t()?)?
+            .broadcast_add(&b)?;
+        check(
+            &format!("bf16 linear {rows}x{inputs}->{outputs}"),
+            &got,
+            &want,
+            1e-5,
+        )?;
+        let got = super::bf16::Bf16Linear::new(&w, None)?.forward(&x)?;
+        let want = bf16_rounded(&x)?.broadcast_matmul(&bf16_rounded(&w)?.t()?)?;
+        check("bf16 linear without bias", &got, &want, 1e-5)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn bf16_attention_matches_the_reference_on_rounded_inputs() -> Result<()> {
+    if !super::bf16::available() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return Ok(());
+    }
+    // More queries than one block, an odd key count, heads of odd width, one head of 64;
+    // all with enough keys for the bf16 kernel (fewer go to the exact one).
+    for (batch, n, m, c, heads) in [
+        (2, 300, 257, 40, 2),
+        (1, 130, 301, 30, 3),
+        (2, 64, 256, 64, 1),
+    ] {
+        let q = randn(&[batch, n, c])?;
+        let k = randn(&[batch, m, c])?;
+        let v = randn(&[batch, m, c])?;
+        let scale = 1.0 / ((c / heads) as f64).sqrt();
+        let got = super::bf16::attention(&q, &k, &v, heads, scale)?;
+        // The kernel rounds q·scale, k, the probabilities and v to bf16; the probabilities'
+        // rounding (relative 2⁻⁹ each; measured 1.8e-3 of the largest output) is what the
+        // tolerance allows for.
+        let q = bf16_rounded(&(q * scale)?)?;
+        let want = super::attention::attention_reference(
+            &q,
+            &bf16_rounded(&k)?,
+            &bf16_rounded(&v)?,
+            heads,
+            1.0,
+        )?;
+        check(
+            &format!("bf16 attention {n}x{m} {c}ch {heads} heads"),
+            &got,
+            &want,
+            5e-3,
+        )?;
+    }
+    Ok(())
+}

@@ -171,6 +171,7 @@ pub fn hd(
             model_name: sd.model_name.clone(),
             model_hash: sd.model_hash.clone(),
             img2img: false,
+            fast: sd.fast(),
         },
     );
     text.push_str(&format!(

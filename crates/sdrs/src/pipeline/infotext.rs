@@ -15,6 +15,8 @@ pub struct ImageFacts {
     pub model_hash: Option<String>,
     /// True for img2img, whose infotext carries A1111's `Denoising strength`.
     pub img2img: bool,
+    /// True when the UNet and the VAE multiplied in bf16 (`--fast`): `Precision: bf16`.
+    pub fast: bool,
 }
 
 /// A1111 quotes a value holding `,`, `:` or a newline as a JSON string.
@@ -83,6 +85,9 @@ pub fn render(
     }
     if req.prompt_syntax != PromptSyntax::default() {
         params.push(("Prompt syntax", req.prompt_syntax.to_string()));
+    }
+    if facts.fast {
+        params.push(("Precision", "bf16".into()));
     }
     params.push(("RNG", "CPU".into()));
     if req.rng_math != NormalVariant::default() {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
-use super::networks::{Networks, Residency};
+use super::networks::{NetworkOptions, Networks};
 use super::vae_tiling::VaeTiling;
 use crate::models::clip::ClipTextTransformer;
 use crate::models::unet::{Prediction, UNet2DConditionModel};
@@ -35,18 +35,18 @@ pub struct StableDiffusion {
 impl StableDiffusion {
     /// Builds every network from a checkpoint, in float32 on `device`.
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        Self::load_with(checkpoint, device, Residency::All)
+        Self::load_with(checkpoint, device, NetworkOptions::default())
     }
 
-    /// A model whose networks are kept in memory as `residency` says.
+    /// A model whose networks are kept and computed as `options` say.
     pub fn load_with(
         checkpoint: &Checkpoint,
         device: &Device,
-        residency: Residency,
+        options: NetworkOptions,
     ) -> Result<Self> {
         Ok(Self {
             tokenizer: Tokenizer::new()?,
-            networks: Networks::load(checkpoint, device, residency)?,
+            networks: Networks::load(checkpoint, device, options)?,
             vae_config: checkpoint.vae_config().clone(),
             schedule: NoiseSchedule::stable_diffusion(),
             device: device.clone(),
@@ -71,5 +71,10 @@ impl StableDiffusion {
     /// The VAE (built first when networks are resident one at a time).
     pub fn vae(&self) -> Result<Arc<AutoencoderKL>> {
         self.networks.vae()
+    }
+
+    /// Whether the UNet and the VAE multiply in bf16 (the fast mode, where this CPU has it).
+    pub fn fast(&self) -> bool {
+        self.networks.fast()
     }
 }

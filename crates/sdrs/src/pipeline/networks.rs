@@ -23,6 +23,14 @@ pub enum Residency {
     OneAtATime,
 }
 
+/// How a model's networks are kept and what arithmetic they run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetworkOptions {
+    pub residency: Residency,
+    /// The UNet's and the VAE's products in bf16 (`--fast`, see [`ModelOptions::fast`]).
+    pub fast: bool,
+}
+
 type Slot<T> = Mutex<Option<Arc<T>>>;
 
 /// The text encoder, UNet and VAE, resident or built on demand as a [`Residency`] says.
@@ -31,6 +39,7 @@ pub struct Networks {
     /// mapped pages are not resident once a build has copied them).
     checkpoint: Option<Checkpoint>,
     device: Device,
+    fast: bool,
     text_encoder: Slot<ClipTextTransformer>,
     unet: Slot<UNet2DConditionModel>,
     vae: Slot<AutoencoderKL>,
@@ -42,23 +51,33 @@ fn lock<T>(slot: &Slot<T>) -> MutexGuard<'_, Option<Arc<T>>> {
 }
 
 impl Networks {
-    /// Builds what `residency` keeps from the start: everything for [`Residency::All`], nothing
-    /// for [`Residency::OneAtATime`], which keeps `checkpoint` open to build from.
-    pub fn load(checkpoint: &Checkpoint, device: &Device, residency: Residency) -> Result<Self> {
+    /// Builds what the residency keeps from the start: everything for [`Residency::All`],
+    /// nothing for [`Residency::OneAtATime`], which keeps `checkpoint` open to build from.
+    pub fn load(checkpoint: &Checkpoint, device: &Device, options: NetworkOptions) -> Result<Self> {
+        let residency = options.residency;
         let networks = Self {
             checkpoint: match residency {
                 Residency::All => None,
                 Residency::OneAtATime => Some(checkpoint.clone()),
             },
             device: device.clone(),
+            fast: options.fast,
             text_encoder: Mutex::new(None),
             unet: Mutex::new(None),
             vae: Mutex::new(None),
         };
         if residency == Residency::All {
             *lock(&networks.text_encoder) = Some(Arc::new(build_text_encoder(checkpoint, device)?));
-            *lock(&networks.unet) = Some(Arc::new(build_unet(checkpoint, device, false)?));
-            *lock(&networks.vae) = Some(Arc::new(build_vae(checkpoint, device, false)?));
+            *lock(&networks.unet) = Some(Arc::new(build_unet(
+                checkpoint,
+                device,
+                networks.options(false),
+            )?));
+            *lock(&networks.vae) = Some(Arc::new(build_vae(
+                checkpoint,
+                device,
+                networks.options(false),
+            )?));
         }
         Ok(networks)
     }
@@ -70,12 +89,29 @@ impl Networks {
 
     /// The UNet, built first if it is not resident.
     pub fn unet(&self) -> Result<Arc<UNet2DConditionModel>> {
-        self.turn(Net::Unet, &self.unet, |c, d| build_unet(c, d, true))
+        self.turn(Net::Unet, &self.unet, |c, d| {
+            build_unet(c, d, self.options(true))
+        })
     }
 
     /// The VAE, built first if it is not resident.
     pub fn vae(&self) -> Result<Arc<AutoencoderKL>> {
-        self.turn(Net::Vae, &self.vae, |c, d| build_vae(c, d, true))
+        self.turn(Net::Vae, &self.vae, |c, d| {
+            build_vae(c, d, self.options(true))
+        })
+    }
+
+    /// Whether the fast mode's bf16 products are in use (asked for, and this CPU has them).
+    pub fn fast(&self) -> bool {
+        self.options(false).fast_on(&self.device)
+    }
+
+    /// How the UNet and the VAE are built; `half` when built in turn (one at a time).
+    fn options(&self, half: bool) -> ModelOptions {
+        ModelOptions {
+            half_weights: half,
+            fast: self.fast,
+        }
     }
 
     /// `slot`'s network; with one network at a time, the others are dropped first (their
@@ -127,19 +163,23 @@ fn build_text_encoder(checkpoint: &Checkpoint, device: &Device) -> Result<ClipTe
 fn build_unet(
     checkpoint: &Checkpoint,
     device: &Device,
-    half: bool,
+    options: ModelOptions,
 ) -> Result<UNet2DConditionModel> {
     UNet2DConditionModel::new_with(
         checkpoint.unet(DType::F32, device)?,
         checkpoint.unet_config(),
-        ModelOptions { half_weights: half },
+        options,
     )
 }
 
-fn build_vae(checkpoint: &Checkpoint, device: &Device, half: bool) -> Result<AutoencoderKL> {
+fn build_vae(
+    checkpoint: &Checkpoint,
+    device: &Device,
+    options: ModelOptions,
+) -> Result<AutoencoderKL> {
     AutoencoderKL::new_with(
         checkpoint.vae(DType::F32, device)?,
         checkpoint.vae_config(),
-        ModelOptions { half_weights: half },
+        options,
     )
 }

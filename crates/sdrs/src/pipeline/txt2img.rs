@@ -185,6 +185,7 @@ pub(super) fn generate(
             model_name: sd.model_name.clone(),
             model_hash: sd.model_hash.clone(),
             img2img,
+            fast: sd.fast(),
         };
         let generated = GeneratedImage {
             image,

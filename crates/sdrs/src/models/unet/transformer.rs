@@ -5,9 +5,9 @@ use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::models::layers::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, AttentionKernel, Conv2d, GroupNorm,
+    LayerNorm, Linear,
 };
-use crate::ops;
 
 use crate::Result;
 
@@ -18,6 +18,7 @@ struct Attention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    kernel: AttentionKernel,
     heads: usize,
     scale: f64,
 }
@@ -36,6 +37,7 @@ impl Attention {
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
             to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
             to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
+            kernel: AttentionKernel::new(&vb),
             heads,
             scale: (head_dim as f64).powf(-0.5),
         })
@@ -46,7 +48,7 @@ impl Attention {
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         // The kernel reads each head through strides and writes the heads side by side.
-        let out = ops::attention(&q, &k, &v, self.heads, self.scale)?;
+        let out = self.kernel.forward(&q, &k, &v, self.heads, self.scale)?;
         self.to_out.forward(&out)
     }
 }

@@ -4,8 +4,10 @@
 use candle_core::Tensor;
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
-use crate::{ops, Result};
+use crate::models::layers::{
+    conv2d, group_norm, linear, AttentionKernel, Conv2d, GroupNorm, Linear,
+};
+use crate::Result;
 
 /// Every GroupNorm of the VAE uses this epsilon (diffusers' `resnet_eps` for `AutoencoderKL`).
 const NORM_EPS: f64 = 1e-6;
@@ -82,6 +84,7 @@ pub(super) struct AttentionBlock {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    kernel: AttentionKernel,
 }
 
 impl AttentionBlock {
@@ -92,6 +95,7 @@ impl AttentionBlock {
             to_k: linear(channels, channels, vb.pp("to_k"))?,
             to_v: linear(channels, channels, vb.pp("to_v"))?,
             to_out: linear(channels, channels, vb.pp("to_out.0"))?,
+            kernel: AttentionKernel::new(&vb),
         })
     }
 
@@ -109,7 +113,9 @@ impl AttentionBlock {
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
         drop(tokens);
-        let out = ops::attention(&q, &k, &v, 1, (channels as f64).powf(-0.5))?;
+        let out = self
+            .kernel
+            .forward(&q, &k, &v, 1, (channels as f64).powf(-0.5))?;
         drop((q, k, v));
         let out = self
             .to_out
