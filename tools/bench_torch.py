@@ -8,6 +8,8 @@ peak RSS is its own (reset per phase through /proc/self/clear_refs where Linux a
 
     python tools/bench_torch.py --model /work/full/sd15-random.safetensors --size 512 --steps 20
 
+With `--fast`, `sdrs bench --fast` (bf16 products) runs too, and its column and ratio are added.
+
 `tools/full_size.py` writes such a file with random weights (timings depend on shapes only).
 """
 
@@ -144,6 +146,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sdrs", default=os.path.join(ROOT, "target", "release", "sdrs"))
+    p.add_argument("--fast", action="store_true", help="also run `sdrs bench --fast`")
     p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torch_only:
@@ -151,21 +154,31 @@ def main():
         return
 
     common = ["--model", args.model, "--size", str(args.size), "--steps", str(args.steps), "--repeats", str(args.repeats)]
-    sdrs = json.loads(subprocess.run([args.sdrs, "bench", "--json", *common], check=True, capture_output=True, text=True).stdout)
+    def run_sdrs(*flags):
+        done = subprocess.run([args.sdrs, "bench", "--json", *common, *flags], check=True, capture_output=True, text=True)
+        return json.loads(done.stdout)
+
+    sdrs = run_sdrs()
+    fast = {ph["name"]: ph for ph in run_sdrs("--fast")["phases"]} if args.fast else None
     torch_run = subprocess.run([sys.executable, __file__, "--torch-only", *common], check=True, capture_output=True, text=True)
     torch = json.loads(torch_run.stdout.strip().splitlines()[-1])
 
     theirs = {ph["name"]: ph for ph in torch["phases"]}
     print(f"{args.model} at {args.size}², {args.steps} Euler steps, median of {args.repeats}; "
           f"threads: sdrs {sdrs['threads']}, PyTorch {torch['threads']}")
-    print(f"{'phase':<16} {'sdrs':>9} {'PyTorch':>9} {'ratio':>7} {'GFLOP/s':>8} {'GFLOP/s':>8} {'sdrs RSS':>10} {'torch RSS':>10}")
-    print(f"{'':<16} {'':>9} {'':>9} {'':>7} {'sdrs':>8} {'PyTorch':>8}")
+    fast_head = f" {'--fast':>9} {'ratio':>7}" if fast else ""
+    print(f"{'phase':<16} {'sdrs':>9} {'PyTorch':>9} {'ratio':>7}{fast_head} {'GFLOP/s':>8} {'GFLOP/s':>8} {'sdrs RSS':>10} {'torch RSS':>10}")
+    print(f"{'':<16} {'':>9} {'':>9} {'':>7}{' ' * len(fast_head)} {'sdrs':>8} {'PyTorch':>8}")
     for ours in sdrs["phases"]:
         other = theirs[ours["name"]]
         flops = ours["flops"]
         rate = lambda s: f"{flops / s / 1e9:.0f}" if flops else "-"
+        fast_cols = ""
+        if fast:
+            f = fast[ours["name"]]["seconds"]
+            fast_cols = f" {f:>8.2f}s {f / other['seconds']:>6.2f}x"
         print(f"{ours['name']:<16} {ours['seconds']:>8.2f}s {other['seconds']:>8.2f}s "
-              f"{ours['seconds'] / other['seconds']:>6.2f}x {rate(ours['seconds']):>8} {rate(other['seconds']):>8} "
+              f"{ours['seconds'] / other['seconds']:>6.2f}x{fast_cols} {rate(ours['seconds']):>8} {rate(other['seconds']):>8} "
               f"{gib(ours['peak_rss_bytes']):>10} {gib(other['peak_rss_bytes']):>10}")
 
 

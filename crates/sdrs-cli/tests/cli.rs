@@ -630,3 +630,67 @@ fn bench_reports_every_phase_with_the_flop_counts_of_the_model() {
     assert!(!missing.status.success());
     assert!(stderr(&missing).contains("/nonexistent/model.safetensors"));
 }
+
+#[test]
+fn fast_mode_is_recorded_in_the_infotext_and_stays_close_to_the_exact_image() {
+    let out = temp_dir("fast");
+    let model = tiny_model();
+    for fast in [None, Some("--fast")] {
+        let mut args = vec![
+            "txt2img", "--model", &model, "--H", "64", "--W", "64", "--seed", "7", "--steps", "3",
+            "--outdir",
+        ];
+        args.push(out.to_str().unwrap());
+        args.extend(fast);
+        let r = sdrs(&args);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let available = sdrs::ops::bf16::available();
+        assert_eq!(
+            stderr(&r).contains("running the exact f32 kernels"),
+            fast.is_some() && !available,
+            "{}",
+            stderr(&r)
+        );
+    }
+    let precision = |name: &str| {
+        let bytes = std::fs::read(out.join(name)).unwrap();
+        let text = sdrs::image_io::read_png_parameters(&bytes)
+            .unwrap()
+            .expect("parameters");
+        sdrs::pipeline::infotext::parse(&text)
+            .get("Precision")
+            .map(String::from)
+    };
+    assert_eq!(precision("00000-7.png"), None);
+    let want = sdrs::ops::bf16::available().then(|| "bf16".to_string());
+    assert_eq!(precision("00001-7.png"), want);
+    // The fast mode's tiny-model bound (tests/fast.rs in the library): mean under 2.5/255.
+    let a = image::open(out.join("00000-7.png")).unwrap().to_rgb8();
+    let b = image::open(out.join("00001-7.png")).unwrap().to_rgb8();
+    let diffs: Vec<f64> = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| f64::from(x.abs_diff(*y)))
+        .collect();
+    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    assert!(mean <= 2.5, "mean difference {mean}/255");
+
+    let report = sdrs(&[
+        "bench",
+        "--model",
+        &model,
+        "--size",
+        "64",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--json",
+        "--fast",
+    ]);
+    assert!(report.status.success(), "{}", stderr(&report));
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).expect("JSON");
+    assert_eq!(report["fast"].as_bool(), Some(sdrs::ops::bf16::available()));
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{pair, product_into, row_pairs, Bias, Left, Out, Shifted, NR};
+use super::{pair, product_into, row_pairs, Bias, Left, Out, Right, NR};
 use crate::ops::{f32_slice, math, unsupported, SharedMut};
 use crate::Result;
 
@@ -129,11 +129,10 @@ impl CustomOp3 for Bf16Attention {
                     k: dp,
                     row: dp,
                 };
-                let right = Shifted {
+                let right = Right {
                     data: keys,
                     row: m,
                     kp: dp,
-                    shifts: &[0],
                     cols: m,
                 };
                 // SAFETY: `scores` is this task's own buffer.
@@ -149,11 +148,10 @@ impl CustomOp3 for Bf16Attention {
                     k: mp,
                     row: mp,
                 };
-                let right = Shifted {
+                let right = Right {
                     data: values,
                     row: d,
                     kp: mp,
-                    shifts: &[0],
                     cols: d,
                 };
                 // SAFETY: the output holds b·n·c floats from q_at's origin on; this task

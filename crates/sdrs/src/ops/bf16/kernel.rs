@@ -6,12 +6,12 @@ use std::arch::x86_64::*;
 
 use super::{Bias, MR, NR};
 
-/// `c[i][j] = Σ_s Σ_k a[i][(s·kp + k)·a_step] · b[shifts[s] + k·b_row + j]` for i < `rows`,
-/// j < `cols` (each term a pair of bf16 products), plus `bias`, stored at `c + i·c_row + j`.
+/// `c[i][j] = Σ_k a[i][k·a_step] · b[k·b_row + j]` for i < `rows`, j < `cols` (each term a
+/// pair of bf16 products), plus `bias`, stored at `c + i·c_row + j`.
 ///
 /// # Safety
 /// The CPU must have AVX512F and AVX512-BF16. Each `a[i]` must be readable at every
-/// `(s·kp + k)·a_step`, `b` at every `shifts[s] + k·b_row + j` for k < kp, j < NR (whatever
+/// `k·a_step`, `b` at every `k·b_row + j` for k < kp, j < NR (whatever
 /// `cols` is), `c` writable at every stored element, and the bias readable where used.
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -19,7 +19,6 @@ pub unsafe fn tile(
     a: [*const u32; MR],
     a_step: usize,
     b: *const u32,
-    shifts: &[usize],
     kp: usize,
     b_row: usize,
     c: *mut f32,
@@ -29,21 +28,18 @@ pub unsafe fn tile(
     bias: Bias,
 ) {
     let mut acc = [[_mm512_setzero_ps(); NR / 16]; MR];
-    let mut at = 0;
-    for &shift in shifts {
-        let mut bp = b.add(shift);
-        for _ in 0..kp {
-            let bv: [__m512bh; NR / 16] =
-                std::array::from_fn(|v| as_bh(_mm512_loadu_si512(bp.add(16 * v).cast())));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = as_bh(_mm512_set1_epi32(*a[i].add(at) as i32));
-                for (sum, &bv) in row.iter_mut().zip(&bv) {
-                    *sum = _mm512_dpbf16_ps(*sum, av, bv);
-                }
+    let (mut at, mut bp) = (0, b);
+    for _ in 0..kp {
+        let bv: [__m512bh; NR / 16] =
+            std::array::from_fn(|v| as_bh(_mm512_loadu_si512(bp.add(16 * v).cast())));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = as_bh(_mm512_set1_epi32(*a[i].add(at) as i32));
+            for (sum, &bv) in row.iter_mut().zip(&bv) {
+                *sum = _mm512_dpbf16_ps(*sum, av, bv);
             }
-            at += a_step;
-            bp = bp.add(b_row);
         }
+        at += a_step;
+        bp = bp.add(b_row);
     }
     for (i, row) in acc.iter().enumerate().take(rows) {
         for (v, &sum) in row.iter().enumerate() {

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{pack_panels, pairs, product, row_pairs, winograd, Bias, Left, Shifted, NR};
+use super::{pack_panels, pairs, product, row_pairs, winograd, Bias, Left, Right, NR};
 use crate::ops::{f32_slice, unsupported};
 use crate::Result;
 
@@ -34,9 +34,7 @@ impl Bf16Conv {
             (Vec::new(), Some(weights))
         } else {
             (
-                pack_panels(out_channels, 1, in_channels, |r, _, i| {
-                    w[r * in_channels + i]
-                }),
+                pack_panels(out_channels, in_channels, |r, i| w[r * in_channels + i]),
                 None,
             )
         };
@@ -82,11 +80,10 @@ impl Bf16Conv {
                     rows: cout,
                     k: kp,
                 },
-                &Shifted {
+                &Right {
                     data: &paired,
                     row: hw,
                     kp,
-                    shifts: &[0],
                     cols: hw,
                 },
                 ob,
@@ -211,11 +208,10 @@ impl CustomOp1 for Bf16Linear {
                 k: kp,
                 row: kp,
             },
-            &Shifted {
+            &Right {
                 data: &self.packed,
                 row: self.out_dim,
                 kp,
-                shifts: &[0],
                 cols: self.out_dim,
             },
             &mut y,

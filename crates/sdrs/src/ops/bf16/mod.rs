@@ -3,9 +3,8 @@
 //! layout the kernel reads (half the memory of f32); activations are rounded to bf16 per call.
 //!
 //! Operands are pairs: a `u32` holds two bf16 values adjacent along the summed dimension, and
-//! `vdpbf16ps` multiplies 16 pairs of one operand with a broadcast pair of the other. A 3×3
-//! convolution reads its input pairs straight from one padded buffer at nine shifts (as the
-//! exact kernel does), so no im2col copy is made and the taps accumulate in registers.
+//! `vdpbf16ps` multiplies 16 pairs of one operand with a broadcast pair of the other. 3×3
+//! convolutions go through Winograd's F(2×2, 3×3) (see [`winograd`]), 4/9 of the products.
 
 mod attention;
 #[cfg(target_arch = "x86_64")]
@@ -130,12 +129,11 @@ impl Left<'_> {
     }
 }
 
-/// The right operand: for shift s and pair k, the columns start at `shifts[s] + k·row`.
-struct Shifted<'a> {
+/// The right operand: for pair k, the columns start at `k·row`.
+struct Right<'a> {
     data: &'a [u32],
     row: usize,
     kp: usize,
-    shifts: &'a [usize],
     cols: usize,
 }
 
@@ -148,7 +146,7 @@ struct Out {
 }
 
 /// c = a · b (+ bias), with c row-major at `c_row` floats per row, on all threads.
-fn product(a: &Left, b: &Shifted, c: &mut [f32], c_row: usize, bias: Bias) {
+fn product(a: &Left, b: &Right, c: &mut [f32], c_row: usize, bias: Bias) {
     let out = Out {
         ptr: SharedMut(c.as_mut_ptr()),
         len: c.len(),
@@ -163,20 +161,15 @@ fn product(a: &Left, b: &Shifted, c: &mut [f32], c_row: usize, bias: Bias) {
 /// # Safety
 /// `out.ptr` must be writable for `out.len` floats, and nothing else may read or write the
 /// elements the product stores (rows < a's rows at `out.row` apart, columns < b's) meanwhile.
-unsafe fn product_into(a: &Left, b: &Shifted, out: Out, bias: Bias, parallel: bool) {
+unsafe fn product_into(a: &Left, b: &Right, out: Out, bias: Bias, parallel: bool) {
     let rows = a.rows();
     let panels = rows.div_ceil(MR);
     let tiles = b.cols.div_ceil(NR);
-    let furthest = b.shifts.iter().max().copied().unwrap_or(0);
     // The kernel's reads and writes, checked once here so the tiles can run unchecked.
-    assert_eq!(
-        a.k(),
-        b.kp * b.shifts.len(),
-        "bf16 product: summed lengths differ"
-    );
+    assert_eq!(a.k(), b.kp, "bf16 product: summed lengths differ");
     assert!(a.in_bounds(), "bf16 product: left operand too short");
     assert!(
-        b.kp == 0 || b.data.len() >= furthest + (b.kp - 1) * b.row + tiles * NR,
+        b.kp == 0 || b.data.len() >= (b.kp - 1) * b.row + tiles * NR,
         "bf16 product: right operand too short"
     );
     assert!(
@@ -213,7 +206,6 @@ unsafe fn product_into(a: &Left, b: &Shifted, out: Out, bias: Bias, parallel: bo
                         a_rows,
                         a_step,
                         b.data.as_ptr().add(t * NR),
-                        b.shifts,
                         b.kp,
                         b.row,
                         out.ptr.add(p * MR * out.row + t * NR),
@@ -263,29 +255,22 @@ fn row_pairs(src: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// `rows` rows, each `segments` runs of `k` values (`value(r, s, i)`), packed as
-/// [`Left::Panels`] with each run paired on its own (an odd run ends with a zero).
-fn pack_panels(
-    rows: usize,
-    segments: usize,
-    k: usize,
-    value: impl Fn(usize, usize, usize) -> f32 + Sync,
-) -> Vec<u32> {
+/// `rows` rows of `k` values (`value(r, i)`), packed as [`Left::Panels`] (an odd row ends
+/// with a zero).
+fn pack_panels(rows: usize, k: usize, value: impl Fn(usize, usize) -> f32 + Sync) -> Vec<u32> {
     let kp = k.div_ceil(2);
-    let mut data = vec![0u32; rows.div_ceil(MR) * segments * kp * MR];
-    data.par_chunks_mut(segments * kp * MR)
+    let mut data = vec![0u32; rows.div_ceil(MR) * kp * MR];
+    data.par_chunks_mut(kp * MR)
         .enumerate()
         .for_each(|(p, panel)| {
             for r in p * MR..(p * MR + MR).min(rows) {
-                for s in 0..segments {
-                    for j in 0..kp {
-                        let hi = if 2 * j + 1 < k {
-                            value(r, s, 2 * j + 1)
-                        } else {
-                            0.0
-                        };
-                        panel[(s * kp + j) * MR + r - p * MR] = pair(value(r, s, 2 * j), hi);
-                    }
+                for j in 0..kp {
+                    let hi = if 2 * j + 1 < k {
+                        value(r, 2 * j + 1)
+                    } else {
+                        0.0
+                    };
+                    panel[j * MR + r - p * MR] = pair(value(r, 2 * j), hi);
                 }
             }
         });

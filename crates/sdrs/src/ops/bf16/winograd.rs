@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{pack_panels, pairs, product, Bias, Left, Shifted, MR, NR};
+use super::{pack_panels, pairs, product, Bias, Left, Right, MR, NR};
 
 /// Output blocks per pass: bounds the transformed input and the 16 products' outputs
 /// (16·Cout·4096 floats: 21 MB at 320 channels) however large the image.
@@ -54,7 +54,7 @@ impl Weights {
         let mut panels = Vec::with_capacity(16 * per);
         for xi in 0..16 {
             let at = xi * cout * cin;
-            panels.extend(pack_panels(cout, 1, cin, |r, _, i| u[at + r * cin + i]));
+            panels.extend(pack_panels(cout, cin, |r, i| u[at + r * cin + i]));
         }
         Weights {
             panels,
@@ -95,11 +95,10 @@ impl Weights {
                         rows: cout,
                         k: kp,
                     },
-                    &Shifted {
+                    &Right {
                         data: &transformed[xi * blocks..],
                         row: 16 * blocks,
                         kp,
-                        shifts: &[0],
                         cols: blocks,
                     },
                     &mut products[xi * cout * blocks..][..cout * blocks],
