@@ -166,7 +166,7 @@ def main():
     theirs = {ph["name"]: ph for ph in torch["phases"]}
     print(f"{args.model} at {args.size}², {args.steps} Euler steps, median of {args.repeats}; "
           f"threads: sdrs {sdrs['threads']}, PyTorch {torch['threads']}")
-    fast_head = f" {'--fast':>9} {'ratio':>7}" if fast else ""
+    fast_head = f" {'--fast':>9} {'ratio':>7} {'fast RSS':>10}" if fast else ""
     print(f"{'phase':<16} {'sdrs':>9} {'PyTorch':>9} {'ratio':>7}{fast_head} {'GFLOP/s':>8} {'GFLOP/s':>8} {'sdrs RSS':>10} {'torch RSS':>10}")
     print(f"{'':<16} {'':>9} {'':>9} {'':>7}{' ' * len(fast_head)} {'sdrs':>8} {'PyTorch':>8}")
     for ours in sdrs["phases"]:
@@ -175,8 +175,8 @@ def main():
         rate = lambda s: f"{flops / s / 1e9:.0f}" if flops else "-"
         fast_cols = ""
         if fast:
-            f = fast[ours["name"]]["seconds"]
-            fast_cols = f" {f:>8.2f}s {f / other['seconds']:>6.2f}x"
+            f = fast[ours["name"]]
+            fast_cols = f" {f['seconds']:>8.2f}s {f['seconds'] / other['seconds']:>6.2f}x {gib(f['peak_rss_bytes']):>10}"
         print(f"{ours['name']:<16} {ours['seconds']:>8.2f}s {other['seconds']:>8.2f}s "
               f"{ours['seconds'] / other['seconds']:>6.2f}x{fast_cols} {rate(ours['seconds']):>8} {rate(other['seconds']):>8} "
               f"{gib(ours['peak_rss_bytes']):>10} {gib(other['peak_rss_bytes']):>10}")

@@ -26,7 +26,7 @@ impl Weights {
     /// From `taps` [Cout][3][3][Cin] in f32.
     pub(super) fn new(taps: &[f32], out_channels: usize, in_channels: usize) -> Self {
         let (cout, cin) = (out_channels, in_channels);
-        // u[ξ][co][ci]: G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]] on both sides of each 3×3 g.
+        // u[co][ξ][ci]: G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]] on both sides of each 3×3 g.
         let mut u = vec![0f32; 16 * cout * cin];
         let g_rows = |g: [f32; 3]| {
             [
@@ -36,25 +36,26 @@ impl Weights {
                 g[2],
             ]
         };
-        for co in 0..cout {
-            for ci in 0..cin {
-                let g = |y: usize, x: usize| taps[((co * 3 + y) * 3 + x) * cin + ci];
-                // Columns first: for each kernel row, the row's four transformed values.
-                let rows: [[f32; 4]; 3] =
-                    std::array::from_fn(|y| g_rows([g(y, 0), g(y, 1), g(y, 2)]));
-                for j in 0..4 {
-                    let col = g_rows([rows[0][j], rows[1][j], rows[2][j]]);
-                    for (i, value) in col.into_iter().enumerate() {
-                        u[((i * 4 + j) * cout + co) * cin + ci] = value;
+        u.par_chunks_mut(16 * cin)
+            .enumerate()
+            .for_each(|(co, u)| {
+                for ci in 0..cin {
+                    let g = |y: usize, x: usize| taps[((co * 3 + y) * 3 + x) * cin + ci];
+                    // Columns first: for each kernel row, the row's four transformed values.
+                    let rows: [[f32; 4]; 3] =
+                        std::array::from_fn(|y| g_rows([g(y, 0), g(y, 1), g(y, 2)]));
+                    for j in 0..4 {
+                        let col = g_rows([rows[0][j], rows[1][j], rows[2][j]]);
+                        for (i, value) in col.into_iter().enumerate() {
+                            u[(i * 4 + j) * cin + ci] = value;
+                        }
                     }
                 }
-            }
-        }
+            });
         let per = cout.div_ceil(MR) * cin.div_ceil(2) * MR;
         let mut panels = Vec::with_capacity(16 * per);
         for xi in 0..16 {
-            let at = xi * cout * cin;
-            panels.extend(pack_panels(cout, cin, |r, i| u[at + r * cin + i]));
+            panels.extend(pack_panels(cout, cin, |r, i| u[(r * 16 + xi) * cin + i]));
         }
         Weights {
             panels,
