@@ -13,8 +13,8 @@ use sdrs::pipeline::Event;
 use sdrs::sampling::Flow;
 use sdrs::upscale::Upscaler;
 
-use crate::output::OutputDir;
 use crate::txt2img::GenerationArgs;
+use sdrs::output::OutputDir;
 
 /// Arguments of `sdrs hd`.
 #[derive(Args)]

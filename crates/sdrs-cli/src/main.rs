@@ -5,7 +5,7 @@ mod download;
 mod hd;
 mod img2img;
 mod models;
-mod output;
+mod serve;
 mod threads;
 mod timing;
 mod tokenize;
@@ -38,6 +38,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List, download or delete the well-known models (SD-Turbo, SD 1.5, SD 2.1).
     Models(models::ModelsArgs),
+    /// Serve the A1111-compatible HTTP API, a job queue and a web page.
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Upscale(args) => upscale::run(args),
         Command::Models(args) => models::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -20,8 +20,8 @@ use sdrs::sampling::{Flow, SigmaSchedule};
 use sdrs::weights::Checkpoint;
 
 use crate::download::resolve_model;
-use crate::output::OutputDir;
 use crate::timing::PhaseClock;
+use sdrs::output::OutputDir;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {
@@ -325,6 +325,7 @@ pub fn execute(
                 images,
                 step,
                 steps,
+                ..
             } => {
                 let b = bar.get_or_insert_with(|| {
                     let b = ProgressBar::new(steps as u64).with_style(style.clone());
@@ -344,13 +345,10 @@ pub fn execute(
                     Format::Png => encode_png(&image.image, Some(&image.infotext)),
                     Format::Jpg => encode_jpeg(&image.image),
                 };
-                match bytes
-                    .map_err(anyhow::Error::from)
-                    .and_then(|b| out.write_sample(image.seed, ext, &b))
-                {
+                match bytes.and_then(|b| out.write_sample(image.seed, ext, &b)) {
                     Ok(path) => written.push((path, image.image.clone())),
                     Err(e) => {
-                        write_error = Some(e);
+                        write_error = Some(anyhow::Error::from(e));
                         return Flow::Stop;
                     }
                 }

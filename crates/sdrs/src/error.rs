@@ -42,6 +42,9 @@ pub enum Error {
     },
     #[error("cancelled")]
     Cancelled,
+    /// The image being sampled was given up; the run goes on with the next.
+    #[error("skipped")]
+    Skipped,
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }

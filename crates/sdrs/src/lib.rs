@@ -5,6 +5,7 @@ pub mod hub;
 pub mod image_io;
 pub mod models;
 pub mod ops;
+pub mod output;
 pub mod pipeline;
 pub mod prompt;
 pub mod sampling;

@@ -30,6 +30,8 @@ pub enum Event<'a> {
         images: usize,
         step: usize,
         steps: usize,
+        /// The model's current estimate of the clean latent (for previews).
+        denoised: &'a Tensor,
     },
     /// Image `index` is done (save it now: nothing is lost if a later image fails).
     Image {
@@ -169,16 +171,21 @@ pub(super) fn generate(
                     images,
                     step: s.index + 1,
                     steps: s.total,
+                    denoised: s.denoised,
                 })
             };
-            make_image(&mut ImageRun {
+            let made = make_image(&mut ImageRun {
                 seed,
                 noise: &mut noise,
                 denoiser: &mut denoiser,
                 on_step: &mut on_step,
                 sampling,
                 eta: req.eta,
-            })?
+            });
+            match made {
+                Err(Error::Skipped) => continue,
+                made => made?,
+            }
         };
         let facts = ImageFacts {
             seed,

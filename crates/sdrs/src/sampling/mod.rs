@@ -56,7 +56,10 @@ pub struct Step<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     Continue,
+    /// Stop the whole run.
     Stop,
+    /// Give up the current image and go on with the next (A1111's "skip").
+    Skip,
 }
 
 /// The callback samplers call after each step.
@@ -73,6 +76,7 @@ fn report(on_step: &mut OnStep, index: usize, sigmas: &[f64], denoised: &Tensor)
     match on_step(&step) {
         Flow::Continue => Ok(()),
         Flow::Stop => Err(Error::Cancelled),
+        Flow::Skip => Err(Error::Skipped),
     }
 }
 

@@ -99,6 +99,14 @@ impl Sampler {
             .map_or("", |(_, n, _)| n)
     }
 
+    /// The other spellings this sampler is known by.
+    pub fn aliases(self) -> &'static [&'static str] {
+        NAMES
+            .iter()
+            .find(|(s, _, _)| *s == self)
+            .map_or(&[], |(_, _, aliases)| aliases)
+    }
+
     /// k-diffusion samplers walk a sigma schedule; DDIM and PLMS walk training timesteps.
     pub fn uses_sigma_schedule(self) -> bool {
         !matches!(self, Sampler::Ddim | Sampler::Plms)

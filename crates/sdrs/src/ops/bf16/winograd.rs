@@ -36,22 +36,20 @@ impl Weights {
                 g[2],
             ]
         };
-        u.par_chunks_mut(16 * cin)
-            .enumerate()
-            .for_each(|(co, u)| {
-                for ci in 0..cin {
-                    let g = |y: usize, x: usize| taps[((co * 3 + y) * 3 + x) * cin + ci];
-                    // Columns first: for each kernel row, the row's four transformed values.
-                    let rows: [[f32; 4]; 3] =
-                        std::array::from_fn(|y| g_rows([g(y, 0), g(y, 1), g(y, 2)]));
-                    for j in 0..4 {
-                        let col = g_rows([rows[0][j], rows[1][j], rows[2][j]]);
-                        for (i, value) in col.into_iter().enumerate() {
-                            u[(i * 4 + j) * cin + ci] = value;
-                        }
+        u.par_chunks_mut(16 * cin).enumerate().for_each(|(co, u)| {
+            for ci in 0..cin {
+                let g = |y: usize, x: usize| taps[((co * 3 + y) * 3 + x) * cin + ci];
+                // Columns first: for each kernel row, the row's four transformed values.
+                let rows: [[f32; 4]; 3] =
+                    std::array::from_fn(|y| g_rows([g(y, 0), g(y, 1), g(y, 2)]));
+                for j in 0..4 {
+                    let col = g_rows([rows[0][j], rows[1][j], rows[2][j]]);
+                    for (i, value) in col.into_iter().enumerate() {
+                        u[(i * 4 + j) * cin + ci] = value;
                     }
                 }
-            });
+            }
+        });
         let per = cout.div_ceil(MR) * cin.div_ceil(2) * MR;
         let mut panels = Vec::with_capacity(16 * per);
         for xi in 0..16 {

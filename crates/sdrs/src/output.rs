@@ -1,10 +1,11 @@
-//! Writing images: numbered names, atomic writes, never overwriting a file.
+//! Writing images the way every front end saves them: numbered names, atomic writes, never
+//! overwriting a file.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::{Error, Result};
 
 /// The output folder of a run and the numbering of what is written into it.
 pub struct OutputDir {
@@ -32,11 +33,9 @@ fn highest_index(dir: &Path, prefix: &str) -> Option<usize> {
 impl OutputDir {
     /// Creates the folder if needed and checks that it can be written, before any work is done.
     pub fn prepare(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create output directory {}", dir.display()))?;
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let probe = dir.join(format!(".sdrs-write-test-{}", std::process::id()));
-        fs::write(&probe, b"")
-            .with_context(|| format!("output directory {} is not writable", dir.display()))?;
+        fs::write(&probe, b"").map_err(|e| Error::io(dir, e))?;
         let _ = fs::remove_file(&probe);
         let next = highest_index(dir, "").map_or(0, |n| n + 1);
         Ok(Self {
@@ -89,14 +88,14 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<bool> {
     })();
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
+        return Err(Error::io(path, e));
     }
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("writing {}", path.display())),
+        Err(e) => Err(Error::io(path, e)),
     }
 }
 

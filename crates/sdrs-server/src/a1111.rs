@@ -1,0 +1,355 @@
+//! A1111's `/sdapi/v1` routes, answered as A1111 answers them, on top of the job queue.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use base64::Engine;
+use sdrs::image_io::{encode_png, read_png_parameters};
+use sdrs::pipeline::infotext;
+use sdrs::sampling::Sampler;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::models;
+use crate::queue::{JobState, JobStatus, Work};
+use crate::request::{self, decode_base64_image, ParsedRequest};
+use crate::AppState;
+
+type Api = Result<Json<Value>, ApiError>;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> Api {
+    let parsed = request::parse(&body, false, &state.limits)?;
+    generate(&state, parsed).await
+}
+
+pub async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> Api {
+    let parsed = request::parse(&body, true, &state.limits)?;
+    generate(&state, parsed).await
+}
+
+/// Queues the request and answers when it is done. A client that disconnects first loses
+/// only the answer: the job runs on and its images are saved.
+async fn generate(state: &AppState, parsed: ParsedRequest) -> Api {
+    let ParsedRequest {
+        request,
+        init,
+        parameters,
+    } = parsed;
+    let status = state
+        .run_to_end(Work::Generate {
+            request: request.clone(),
+            init,
+        })
+        .await?;
+    if let Some(error) = &status.error {
+        let code = if error.bad_request {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        return Err(ApiError::new(code, error.message.clone()));
+    }
+    let images: Vec<String> = status.results.iter().map(|r| b64(&r.png)).collect();
+    let info = info_json(state, &request, &status);
+    Ok(Json(json!({
+        "images": images,
+        "parameters": parameters,
+        "info": info.to_string(),
+    })))
+}
+
+/// A1111's `Processed.js()`: the keys clients read from `info`.
+fn info_json(
+    state: &AppState,
+    request: &sdrs::pipeline::GenerationRequest,
+    status: &JobStatus,
+) -> Value {
+    let count = request.image_count();
+    let seed = request.seed;
+    let all_seeds: Vec<i64> = (0..count as i64).map(|i| seed + i).collect();
+    let model = state.current_model();
+    json!({
+        "prompt": request.prompt,
+        "all_prompts": vec![&request.prompt; count],
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": vec![&request.negative_prompt; count],
+        "seed": seed,
+        "all_seeds": all_seeds,
+        "subseed": -1,
+        "all_subseeds": vec![-1; count],
+        "subseed_strength": 0,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": request.sampler_name,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "restore_faces": false,
+        "face_restoration_model": null,
+        "sd_model_name": model.as_ref().map(|m| m.entry.model_name.clone()),
+        "sd_model_hash": model.as_ref().and_then(|m| m.hash.clone()),
+        "sd_vae_name": null,
+        "sd_vae_hash": null,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": request.denoising_strength,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": status.results.iter().map(|r| r.infotext.clone()).collect::<Vec<_>>(),
+        "styles": [],
+        "job_timestamp": timestamp(status.submitted),
+        "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": false,
+        "interrupted": status.state == JobState::Interrupted,
+        "version": concat!("sdrs ", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// `YYYYMMDDhhmmss` in UTC (A1111 writes local time; a server has no better local zone).
+fn timestamp(at: SystemTime) -> String {
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub struct ProgressQuery {
+    skip_current_image: bool,
+}
+
+/// A1111's `/progress`: the running job's share done, its ETA and a preview.
+pub async fn progress(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<ProgressQuery>,
+) -> Json<Value> {
+    let Some(job) = state.queue.running() else {
+        return Json(json!({
+            "progress": 0.0,
+            "eta_relative": 0.0,
+            "state": {
+                "skipped": false, "interrupted": false, "stopping_generation": false,
+                "job": "", "job_count": 0, "job_timestamp": "0", "job_no": 0,
+                "sampling_step": 0, "sampling_steps": 0,
+            },
+            "current_image": null,
+            "textinfo": null,
+            "current_task": null,
+            "queued": state.queue.pending_len(),
+        }));
+    };
+    let s = job.status();
+    let current_image = if query.skip_current_image {
+        None
+    } else {
+        job.preview()
+            .and_then(|p| encode_png(&p, None).ok())
+            .map(|png| b64(&png))
+    };
+    Json(json!({
+        "progress": s.progress(),
+        "eta_relative": s.eta_relative(),
+        "state": {
+            "skipped": s.skipped,
+            "interrupted": s.interrupted,
+            "stopping_generation": false,
+            "job": format!("job {}", job.id),
+            "job_count": s.images,
+            "job_timestamp": timestamp(s.submitted),
+            "job_no": s.image,
+            "sampling_step": s.step,
+            "sampling_steps": s.steps,
+        },
+        "current_image": current_image,
+        "textinfo": null,
+        "current_task": job.id.to_string(),
+        "queued": state.queue.pending_len(),
+    }))
+}
+
+pub async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
+    if let Some(job) = state.queue.running() {
+        job.interrupt();
+    }
+    Json(json!({}))
+}
+
+pub async fn skip(State(state): State<Arc<AppState>>) -> Json<Value> {
+    if let Some(job) = state.queue.running() {
+        job.skip();
+    }
+    Json(json!({}))
+}
+
+pub async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(Value::Object(state.options()))
+}
+
+/// Stores the options; `sd_model_checkpoint` switches the model (in queue order, answered
+/// when the new model is loaded, as A1111 does).
+pub async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> Api {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(mut changes) = value else {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    };
+    if let Some(name) = changes.remove("sd_model_checkpoint") {
+        let name = name
+            .as_str()
+            .ok_or_else(|| ApiError::invalid("sd_model_checkpoint must be a string"))?;
+        let models = state.models();
+        let entry = models::find(&models, name).cloned().ok_or_else(|| {
+            ApiError::invalid(format!(
+                "no model {name:?}; this server has: {}",
+                models
+                    .iter()
+                    .map(|m| m.title.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let loaded = state.current_model().map(|m| m.entry);
+        if loaded.as_ref() != Some(&entry) {
+            let status = state.run_to_end(Work::LoadModel { model: entry }).await?;
+            if let Some(e) = status.error {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.message));
+            }
+        }
+    }
+    state.store_options(changes);
+    Ok(Json(json!(null)))
+}
+
+pub async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let current = state.current_model();
+    let list: Vec<Value> = state
+        .models()
+        .iter()
+        .map(|m| {
+            let hash = current
+                .as_ref()
+                .filter(|c| c.entry == *m)
+                .and_then(|c| c.hash.clone());
+            json!({
+                "title": m.title,
+                "model_name": m.model_name,
+                "hash": hash,
+                "sha256": null,
+                "filename": m.path.display().to_string(),
+                "config": null,
+            })
+        })
+        .collect();
+    Json(Value::Array(list))
+}
+
+pub async fn refresh_checkpoints(State(state): State<Arc<AppState>>) -> Json<Value> {
+    state.rescan_models();
+    Json(json!(null))
+}
+
+pub async fn samplers() -> Json<Value> {
+    let list: Vec<Value> = Sampler::all()
+        .into_iter()
+        .map(|s| json!({ "name": s.name(), "aliases": s.aliases(), "options": {} }))
+        .collect();
+    Json(Value::Array(list))
+}
+
+pub async fn schedulers() -> Json<Value> {
+    Json(json!([
+        {"name": "automatic", "label": "Automatic", "aliases": ["normal"], "default_rho": -1, "need_inner_model": false},
+        {"name": "karras", "label": "Karras", "aliases": null, "default_rho": 7.0, "need_inner_model": false},
+        {"name": "sgm_uniform", "label": "SGM Uniform", "aliases": ["SGMUniform"], "default_rho": -1, "need_inner_model": true},
+    ]))
+}
+
+pub async fn upscalers() -> Json<Value> {
+    Json(json!([
+        {"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4},
+        {"name": "Lanczos", "model_name": null, "model_path": null, "model_url": null, "scale": 4},
+    ]))
+}
+
+pub async fn latent_upscale_modes() -> Json<Value> {
+    Json(json!([{"name": "Latent"}, {"name": "Latent (nearest)"}]))
+}
+
+pub async fn scripts() -> Json<Value> {
+    Json(json!({ "txt2img": [], "img2img": [] }))
+}
+
+pub async fn empty_list() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// A1111's `/png-info`: the image's `parameters` text and what it says, key by key.
+pub async fn png_info(body: Bytes) -> Api {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    let image = value
+        .get("image")
+        .ok_or_else(|| ApiError::invalid("image: a base64 PNG is required"))?;
+    // Check that it is an image at all, then read its text chunks from the PNG bytes.
+    decode_base64_image(image, "image")?;
+    let text = image.as_str().unwrap_or_default();
+    let payload = text.split_once(";base64,").map_or(text, |(_, d)| d);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|e| ApiError::invalid(format!("image is not base64: {e}")))?;
+    let Some(info) = read_png_parameters(&bytes).ok().flatten() else {
+        return Ok(Json(json!({ "info": "", "items": {}, "parameters": {} })));
+    };
+    let parsed = infotext::parse(&info);
+    let mut parameters = Map::new();
+    parameters.insert("Prompt".into(), parsed.prompt.clone().into());
+    parameters.insert(
+        "Negative prompt".into(),
+        parsed.negative_prompt.clone().into(),
+    );
+    for (key, value) in &parsed.params {
+        parameters.insert(key.clone(), value.clone().into());
+    }
+    Ok(Json(json!({
+        "info": info,
+        "items": { "parameters": info },
+        "parameters": parameters,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        let at = |secs: u64| UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        assert_eq!(timestamp(at(0)), "19700101000000");
+        // 2024-02-29 23:59:59 UTC (a leap day).
+        assert_eq!(timestamp(at(1_709_251_199)), "20240229235959");
+        assert_eq!(timestamp(at(1_709_251_200)), "20240301000000");
+    }
+}

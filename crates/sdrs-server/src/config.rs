@@ -1,0 +1,77 @@
+//! How a server is set up: where it listens, who may call it, and how much it accepts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use candle_core::Device;
+use sdrs::pipeline::NetworkOptions;
+
+/// Everything `sdrs serve` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The model loaded at start.
+    pub model: Option<PathBuf>,
+    /// More models that `sd_model_checkpoint` can switch to.
+    pub models_dir: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// `user:password` pairs for HTTP basic authentication; empty = no authentication.
+    pub auth: Vec<(String, String)>,
+    /// Where finished images are saved (`txt2img-samples/`, `img2img-samples/` below it).
+    pub outdir: PathBuf,
+    pub device: Device,
+    pub network: NetworkOptions,
+    pub limits: Limits,
+}
+
+/// What one client can ask of the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body (JSON with base64 images), in bytes.
+    pub max_body_bytes: usize,
+    /// Jobs that may wait behind the running one; more are refused with 503.
+    pub max_queue: usize,
+    /// Largest width × height × images of one request.
+    pub max_pixels: usize,
+    /// Finished jobs (and their images) kept in memory for `GET /sdrs/v1/jobs/{id}`.
+    pub keep_finished: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 << 20,
+            max_queue: 256,
+            // Sixteen 1024² images, or one 4096² image, per request.
+            max_pixels: 4096 * 4096,
+            keep_finished: 200,
+        }
+    }
+}
+
+/// Parses `--api-auth`: `user:password`, several separated by commas (A1111's format).
+pub fn parse_auth(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split(',')
+        .map(|pair| {
+            pair.trim()
+                .split_once(':')
+                .filter(|(user, _)| !user.is_empty())
+                .map(|(u, p)| (u.to_string(), p.to_string()))
+                .ok_or_else(|| format!("--api-auth wants user:password, got {pair:?}"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_pairs_are_split_at_the_first_colon() {
+        assert_eq!(
+            parse_auth("a:b,c:d:e").unwrap(),
+            [("a".into(), "b".into()), ("c".into(), "d:e".into())]
+        );
+        assert!(parse_auth("nocolon").is_err());
+        assert!(parse_auth(":pass").is_err());
+    }
+}
