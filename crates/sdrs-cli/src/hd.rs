@@ -76,7 +76,8 @@ pub fn run(args: HdArgs) -> Result<()> {
         .common
         .outdir()
         .unwrap_or_else(|| PathBuf::from("outputs/hd-samples"));
-    let mut out = OutputDir::prepare(&outdir)?;
+    let mut out = OutputDir::prepare(&outdir)
+        .with_context(|| format!("cannot use the output directory {}", outdir.display()))?;
     eprintln!(
         "hd: {w}x{h} -> {final_w}x{final_h} in {} pass(es), seed {}",
         args.passes, request.seed

@@ -299,7 +299,8 @@ pub fn execute(
         .outdir
         .clone()
         .unwrap_or_else(|| PathBuf::from(default_outdir));
-    let mut out = OutputDir::prepare(&outdir)?;
+    let mut out = OutputDir::prepare(&outdir)
+        .with_context(|| format!("cannot use the output directory {}", outdir.display()))?;
 
     let started = Instant::now();
     let sd = args.load_model(&device)?;

@@ -67,6 +67,8 @@ impl Worker {
                         bad_request: false,
                     })
                 });
+            // Off the queue first: a client told that its job ended must find the worker idle.
+            self.queue.finish(&job);
             job.update(|s| {
                 s.state = match &outcome {
                     Ok(()) if job.interrupted() => JobState::Interrupted,
@@ -75,7 +77,6 @@ impl Worker {
                 };
                 s.error = outcome.err();
             });
-            self.queue.finish(&job);
         }
     }
 
