@@ -93,6 +93,22 @@ async fn send_with(
     }
 }
 
+/// POSTs a JSON body.
+async fn post(router: &Router, uri: &str, body: &Value) -> Reply {
+    send(router, Method::POST, uri, Some(&body.to_string())).await
+}
+
+/// The JSON of a 200 answer.
+fn ok_json(reply: &Reply) -> Value {
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply.json()
+}
+
 fn decode_png(b64: &str) -> image::RgbImage {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
@@ -152,20 +168,8 @@ async fn txt2img_answers_as_a1111_does_with_the_pipelines_own_images_and_saves_t
         "batch_size": 2, "cfg_scale": 6, "override_settings": {}, "script_args": [],
         "alwayson_scripts": {}, "send_images": true, "save_images": false,
     });
-    let reply = send(
-        &server.router,
-        Method::POST,
-        "/sdapi/v1/txt2img",
-        Some(&body.to_string()),
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let answer = reply.json();
+    let reply = post(&server.router, "/sdapi/v1/txt2img", &body).await;
+    let answer = ok_json(&reply);
     let images = answer["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
     let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
@@ -240,20 +244,8 @@ async fn img2img_takes_a1111s_base64_init_image() {
         "steps": 4, "seed": 7, "denoising_strength": 0.5, "sampler_name": "Euler",
         "include_init_images": false,
     });
-    let reply = send(
-        &server.router,
-        Method::POST,
-        "/sdapi/v1/img2img",
-        Some(&body.to_string()),
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let answer = reply.json();
+    let reply = post(&server.router, "/sdapi/v1/img2img", &body).await;
+    let answer = ok_json(&reply);
     let image = decode_png(answer["images"][0].as_str().unwrap());
     assert_eq!(image.dimensions(), (72, 40));
     assert!(answer["parameters"]["init_images"].is_null());
@@ -379,7 +371,7 @@ async fn jobs_are_queued_followed_by_events_fetched_and_cancelled() {
     let server = Server::start(&config(&outdir)).unwrap();
     let r = &server.router;
     let body = json!({"prompt": "p", "width": 64, "height": 64, "steps": 3, "seed": 5});
-    let reply = send(r, Method::POST, "/sdrs/v1/jobs", Some(&body.to_string())).await;
+    let reply = post(r, "/sdrs/v1/jobs", &body).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     let job = reply.json();
     let id = job["id"].as_str().unwrap().to_string();
@@ -424,13 +416,9 @@ async fn jobs_are_queued_followed_by_events_fetched_and_cancelled() {
     // A long job runs; one queued behind it is cancelled before it starts, and the long
     // one is cancelled while it runs.
     let long = json!({"prompt": "p", "width": 64, "height": 64, "steps": 1000, "seed": 1});
-    let running = send(r, Method::POST, "/sdrs/v1/jobs", Some(&long.to_string()))
-        .await
-        .json();
+    let running = post(r, "/sdrs/v1/jobs", &long).await.json();
     wait_for_steps(r, 2).await;
-    let waiting = send(r, Method::POST, "/sdrs/v1/jobs", Some(&body.to_string()))
-        .await
-        .json();
+    let waiting = post(r, "/sdrs/v1/jobs", &body).await.json();
     assert_eq!(waiting["position"], 0);
     let running_id = running["id"].as_str().unwrap();
     let waiting_id = waiting["id"].as_str().unwrap();
@@ -471,15 +459,7 @@ async fn interrupt_skip_and_progress_act_on_the_running_job() {
                       "batch_size": 2});
     let call = {
         let r = r.clone();
-        tokio::spawn(async move {
-            send(
-                &r,
-                Method::POST,
-                "/sdapi/v1/txt2img",
-                Some(&body.to_string()),
-            )
-            .await
-        })
+        tokio::spawn(async move { post(&r, "/sdapi/v1/txt2img", &body).await })
     };
     wait_for_steps(&r, 3).await;
     let progress = send(&r, Method::GET, "/sdapi/v1/progress", None)
@@ -504,13 +484,7 @@ async fn interrupt_skip_and_progress_act_on_the_running_job() {
     }
     send(&r, Method::POST, "/sdapi/v1/interrupt", None).await;
     let reply = call.await.unwrap();
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let answer = reply.json();
+    let answer = ok_json(&reply);
     assert_eq!(answer["images"].as_array().unwrap().len(), 0);
     let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
     assert_eq!(info["interrupted"], true);
@@ -518,13 +492,7 @@ async fn interrupt_skip_and_progress_act_on_the_running_job() {
     // Interrupting after the first of two images keeps that image.
     let body = json!({"prompt": "p", "width": 64, "height": 64, "steps": 2, "seed": 20,
                       "n_iter": 2});
-    let reply = send(
-        &r,
-        Method::POST,
-        "/sdapi/v1/txt2img",
-        Some(&body.to_string()),
-    )
-    .await;
+    let reply = post(&r, "/sdapi/v1/txt2img", &body).await;
     assert_eq!(reply.json()["images"].as_array().unwrap().len(), 2);
     server.shut_down();
     std::fs::remove_dir_all(&outdir).unwrap();
@@ -541,13 +509,7 @@ async fn fifty_concurrent_requests_are_all_answered_in_queue_order() {
             tokio::spawn(async move {
                 let body = json!({"prompt": "p", "width": 64, "height": 64, "steps": 1,
                                   "seed": 1000 + i});
-                send(
-                    &r,
-                    Method::POST,
-                    "/sdapi/v1/txt2img",
-                    Some(&body.to_string()),
-                )
-                .await
+                post(&r, "/sdapi/v1/txt2img", &body).await
             })
         })
         .collect();
@@ -589,30 +551,16 @@ async fn a_full_queue_answers_503_and_a_vanished_client_loses_nothing() {
     let long = json!({"prompt": "p", "width": 64, "height": 64, "steps": 200, "seed": 77});
     let call = {
         let r = r.clone();
-        tokio::spawn(async move {
-            send(
-                &r,
-                Method::POST,
-                "/sdapi/v1/txt2img",
-                Some(&long.to_string()),
-            )
-            .await
-        })
+        tokio::spawn(async move { post(&r, "/sdapi/v1/txt2img", &long).await })
     };
     wait_for_steps(&r, 1).await;
     call.abort();
     let jobs = send(&r, Method::GET, "/sdrs/v1/jobs", None).await.json();
     assert_eq!(jobs[1]["state"], "running", "the client left mid-job");
     let short = json!({"prompt": "p", "width": 64, "height": 64, "steps": 1, "seed": 78});
-    let queued = send(&r, Method::POST, "/sdrs/v1/jobs", Some(&short.to_string())).await;
+    let queued = post(&r, "/sdrs/v1/jobs", &short).await;
     assert_eq!(queued.status, StatusCode::ACCEPTED);
-    let refused = send(
-        &r,
-        Method::POST,
-        "/sdapi/v1/txt2img",
-        Some(&short.to_string()),
-    )
-    .await;
+    let refused = post(&r, "/sdapi/v1/txt2img", &short).await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(refused.headers.contains_key(header::RETRY_AFTER));
     let id = queued.json()["id"].as_str().unwrap().to_string();
@@ -648,23 +596,11 @@ async fn options_list_and_switch_models() {
     assert_eq!(titles, [json!("first.safetensors"), json!("second.ckpt")]);
     // The first model loads at start; a generation waits for it.
     let body = json!({"prompt": "p", "width": 64, "height": 64, "steps": 1, "seed": 3});
-    let first = send(
-        r,
-        Method::POST,
-        "/sdapi/v1/txt2img",
-        Some(&body.to_string()),
-    )
-    .await;
+    let first = post(r, "/sdapi/v1/txt2img", &body).await;
     let options = send(r, Method::GET, "/sdapi/v1/options", None).await.json();
     assert_eq!(options["sd_model_checkpoint"], "first.safetensors");
     let switch = json!({"sd_model_checkpoint": "second [0123456789]", "samples_format": "png"});
-    let reply = send(
-        r,
-        Method::POST,
-        "/sdapi/v1/options",
-        Some(&switch.to_string()),
-    )
-    .await;
+    let reply = post(r, "/sdapi/v1/options", &switch).await;
     assert_eq!(
         reply.status,
         200,
@@ -674,13 +610,7 @@ async fn options_list_and_switch_models() {
     let options = send(r, Method::GET, "/sdapi/v1/options", None).await.json();
     assert_eq!(options["sd_model_checkpoint"], "second.ckpt");
     assert_eq!(options["samples_format"], "png");
-    let second = send(
-        r,
-        Method::POST,
-        "/sdapi/v1/txt2img",
-        Some(&body.to_string()),
-    )
-    .await;
+    let second = post(r, "/sdapi/v1/txt2img", &body).await;
     let info = |reply: &Reply| -> Value {
         serde_json::from_str(reply.json()["info"].as_str().unwrap()).unwrap()
     };
