@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod bf16;
 pub mod conv;
+pub mod geglu;
 mod math;
 pub mod norm;
 pub mod widen;
@@ -15,6 +16,7 @@ use candle_core::{CpuStorage, Layout};
 
 pub use attention::attention;
 pub use conv::conv2d;
+pub use geglu::geglu;
 pub use norm::group_norm;
 
 /// The f32 slice a contiguous CPU storage holds under `layout`, or `None` if it is not one.

@@ -230,3 +230,27 @@ fn bf16_attention_matches_the_reference_on_rounded_inputs() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn geglu_matches_candle() -> Result<()> {
+    // Rows of 2·640 (the 320-channel level's gate), values out to ±6 where erf saturates.
+    let h = (Tensor::randn(0f32, 2.0, (2, 37, 1280), &Device::Cpu)?.clamp(-6f32, 6f32))?;
+    let got = super::geglu(&h)?;
+    let want = super::geglu::geglu_reference(&h)?;
+    let (err, at) = max_rel_err(&got, &want)?;
+    assert!(err < 1e-6, "geglu: max error {err} at {at}");
+    assert_eq!(got.dims(), [2, 37, 640]);
+    assert!(super::geglu(&Tensor::zeros(
+        (2, 4),
+        candle_core::DType::F32,
+        &Device::Cpu
+    )?)
+    .is_ok());
+    assert!(super::geglu(&Tensor::zeros(
+        (2, 3, 5),
+        candle_core::DType::F32,
+        &Device::Cpu
+    )?)
+    .is_err());
+    Ok(())
+}

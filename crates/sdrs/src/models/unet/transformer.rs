@@ -1,7 +1,7 @@
 //! The UNet's spatial transformer (diffusers' `Transformer2DModel` with
 //! `BasicTransformerBlock`s): self-attention, cross-attention on the text, GEGLU MLP.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::models::layers::{
@@ -71,10 +71,7 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let hidden = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        self.out.forward(&(hidden * gate)?)
+        self.out.forward(&crate::ops::geglu(&h)?)
     }
 }
 
