@@ -74,7 +74,7 @@ fn info_json(
 ) -> Value {
     let count = request.image_count();
     let seed = request.seed;
-    let all_seeds: Vec<i64> = (0..count as i64).map(|i| seed + i).collect();
+    let all_seeds: Vec<i64> = (0..count as i64).map(|i| seed.wrapping_add(i)).collect();
     let model = state.current_model();
     json!({
         "prompt": request.prompt,

@@ -199,6 +199,10 @@ mod tests {
                 r#"{"width": 4096, "height": 4096, "batch_size": 2}"#,
                 "at most",
             ),
+            (
+                r#"{"batch_size": 8589934592, "n_iter": 8589934592}"#,
+                "at most 10000",
+            ),
             (r#"{"init_images": "abc"}"#, "must be a list"),
             (r#"{"init_images": ["%%%"]}"#, "not base64"),
             (r#"{"init_images": ["aGVsbG8="]}"#, "not an image"),

@@ -128,7 +128,7 @@ impl GenerationRequest {
         if !(self.eta.is_finite() && self.eta >= 0.0) {
             return Err(Error::InvalidRequest("eta must be ≥ 0".into()));
         }
-        if self.batch_size == 0 || self.n_iter == 0 || self.batch_size * self.n_iter > 10_000 {
+        if self.batch_size == 0 || self.n_iter == 0 || self.image_count() > 10_000 {
             return Err(Error::InvalidRequest(
                 "batch size and iterations must be ≥ 1 (and at most 10000 images)".into(),
             ));
@@ -171,7 +171,7 @@ impl GenerationRequest {
 
     /// Number of images the request makes.
     pub fn image_count(&self) -> usize {
-        self.batch_size * self.n_iter
+        self.batch_size.saturating_mul(self.n_iter)
     }
 }
 
