@@ -23,7 +23,6 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 
 pub use config::{parse_auth, Limits, ServerConfig};
-pub use queue::JobState;
 
 use error::ApiError;
 use models::ModelEntry;
@@ -34,7 +33,7 @@ use worker::{CurrentModel, LoadedModel, Worker};
 const PAGE: &str = include_str!("../web/index.html");
 
 /// What every handler shares.
-pub struct AppState {
+struct AppState {
     queue: Arc<Queue>,
     limits: Limits,
     model_arg: Option<PathBuf>,
@@ -125,7 +124,7 @@ impl AppState {
 /// A server ready to answer: its routes, its state, and the worker running behind them.
 pub struct Server {
     pub router: Router,
-    pub state: Arc<AppState>,
+    state: Arc<AppState>,
     worker: std::thread::JoinHandle<()>,
 }
 
