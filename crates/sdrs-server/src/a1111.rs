@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::models;
 use crate::queue::{JobState, JobStatus, Work};
-use crate::request::{self, decode_base64_image, ParsedRequest};
+use crate::request::{self, decode_base64, image_from_bytes, ParsedRequest};
 use crate::AppState;
 
 type Api = Result<Json<Value>, ApiError>;
@@ -211,11 +211,7 @@ pub async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
 /// Stores the options; `sd_model_checkpoint` switches the model (in queue order, answered
 /// when the new model is loaded, as A1111 does).
 pub async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> Api {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(mut changes) = value else {
-        return Err(ApiError::invalid("the body must be a JSON object"));
-    };
+    let mut changes = request::json_object(&body)?;
     if let Some(name) = changes.remove("sd_model_checkpoint") {
         let name = name
             .as_str()
@@ -308,18 +304,13 @@ pub async fn empty_list() -> Json<Value> {
 
 /// A1111's `/png-info`: the image's `parameters` text and what it says, key by key.
 pub async fn png_info(body: Bytes) -> Api {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let image = value
+    let fields = request::json_object(&body)?;
+    let image = fields
         .get("image")
         .ok_or_else(|| ApiError::invalid("image: a base64 PNG is required"))?;
-    // Check that it is an image at all, then read its text chunks from the PNG bytes.
-    decode_base64_image(image, "image")?;
-    let text = image.as_str().unwrap_or_default();
-    let payload = text.split_once(";base64,").map_or(text, |(_, d)| d);
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
-        .map_err(|e| ApiError::invalid(format!("image is not base64: {e}")))?;
+    let bytes = decode_base64(image, "image")?;
+    // Refuse what is not an image at all; the text chunks are then read from the PNG bytes.
+    image_from_bytes(&bytes, "image")?;
     let Some(info) = read_png_parameters(&bytes).ok().flatten() else {
         return Ok(Json(json!({ "info": "", "items": {}, "parameters": {} })));
     };

@@ -263,8 +263,6 @@ pub async fn serve(config: ServerConfig) -> Result<()> {
         })
         .await
         .context("serving")?;
-    let state = server.state.clone();
     tokio::task::spawn_blocking(move || server.shut_down()).await?;
-    drop(state);
     Ok(())
 }

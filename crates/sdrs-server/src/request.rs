@@ -33,11 +33,7 @@ fn a1111_defaults() -> GenerationRequest {
 /// Reads a txt2img (`init_images` absent) or img2img body. `needs_init` makes a missing
 /// init image an error (the img2img route).
 pub fn parse(body: &[u8], needs_init: bool, limits: &Limits) -> Result<ParsedRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(mut fields) = value else {
-        return Err(ApiError::invalid("the body must be a JSON object"));
-    };
+    let mut fields = json_object(body)?;
     // FastAPI treats null as "use the default" for A1111's optional fields.
     fields.retain(|_, v| !v.is_null());
     normalise(&mut fields)?;
@@ -52,7 +48,8 @@ pub fn parse(body: &[u8], needs_init: bool, limits: &Limits) -> Result<ParsedReq
         Ok(Value::Object(m)) => m,
         _ => Map::new(),
     };
-    merged.extend(fields.clone());
+    let sized = (fields.contains_key("width"), fields.contains_key("height"));
+    merged.extend(fields);
     let mut request: GenerationRequest = serde_json::from_value(Value::Object(merged.clone()))
         .map_err(|e| ApiError::invalid(format!("invalid field: {e}")))?;
     request.seed = resolve_seed(request.seed) as i64;
@@ -68,10 +65,10 @@ pub fn parse(body: &[u8], needs_init: bool, limits: &Limits) -> Result<ParsedReq
     if let Some(init) = &init {
         // Without a size, img2img keeps the picture's (rounded down to 8), as the CLI does.
         let round = |v: u32| (v as usize) / 8 * 8;
-        if !fields.contains_key("width") {
+        if !sized.0 {
             request.width = round(init.width()).max(8);
         }
-        if !fields.contains_key("height") {
+        if !sized.1 {
             request.height = round(init.height()).max(8);
         }
     }
@@ -103,8 +100,19 @@ fn normalise(fields: &mut Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Decodes a base64 image, with or without a `data:image/...;base64,` prefix.
-pub fn decode_base64_image(value: &Value, field: &str) -> Result<RgbImage, ApiError> {
+/// A request body that must be a JSON object.
+pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(_) => Err(ApiError::invalid("the body must be a JSON object")),
+        Err(e) => Err(ApiError::invalid(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// The bytes of a base64 field, with or without a `data:image/...;base64,` prefix.
+pub fn decode_base64(value: &Value, field: &str) -> Result<Vec<u8>, ApiError> {
     let text = value
         .as_str()
         .ok_or_else(|| ApiError::invalid(format!("{field} must be a base64 string")))?;
@@ -112,10 +120,19 @@ pub fn decode_base64_image(value: &Value, field: &str) -> Result<RgbImage, ApiEr
         Some((head, data)) if head.starts_with("data:") => data,
         _ => text,
     };
-    let bytes = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(payload.trim())
-        .map_err(|e| ApiError::invalid(format!("{field} is not base64: {e}")))?;
-    decode_image(&bytes).map_err(|e| ApiError::invalid(format!("{field} is not an image: {e}")))
+        .map_err(|e| ApiError::invalid(format!("{field} is not base64: {e}")))
+}
+
+/// Decodes an image sent as base64 (see [`decode_base64`]).
+fn decode_base64_image(value: &Value, field: &str) -> Result<RgbImage, ApiError> {
+    image_from_bytes(&decode_base64(value, field)?, field)
+}
+
+/// Decodes a field's image file bytes.
+pub fn image_from_bytes(bytes: &[u8], field: &str) -> Result<RgbImage, ApiError> {
+    decode_image(bytes).map_err(|e| ApiError::invalid(format!("{field} is not an image: {e}")))
 }
 
 fn decode_init(value: &Value) -> Result<RgbImage, ApiError> {
