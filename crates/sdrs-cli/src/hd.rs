@@ -8,13 +8,13 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sdrs::image_io::{encode_png, load_image};
+use sdrs::output::OutputDir;
 use sdrs::pipeline::hd::{final_size, hd, HdEvent, HdOptions};
 use sdrs::pipeline::Event;
 use sdrs::sampling::Flow;
 use sdrs::upscale::Upscaler;
 
 use crate::txt2img::GenerationArgs;
-use sdrs::output::OutputDir;
 
 /// Arguments of `sdrs hd`.
 #[derive(Args)]

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sdrs::hub::{Hub, ModelDefaults};
 use sdrs::image_io::{encode_jpeg, encode_png, grid};
 use sdrs::models::unet::Prediction;
+use sdrs::output::OutputDir;
 use sdrs::pipeline::{
     resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, NetworkOptions, Residency,
     StableDiffusion, TilingMode,
@@ -21,7 +22,6 @@ use sdrs::weights::Checkpoint;
 
 use crate::download::resolve_model;
 use crate::timing::PhaseClock;
-use sdrs::output::OutputDir;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {

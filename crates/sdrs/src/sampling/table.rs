@@ -91,20 +91,19 @@ impl Sampler {
         NAMES.iter().map(|(s, _, _)| *s).collect()
     }
 
+    /// This sampler's row of the name table.
+    fn names(self) -> Option<&'static (Sampler, &'static str, &'static [&'static str])> {
+        NAMES.iter().find(|(s, _, _)| *s == self)
+    }
+
     /// The name A1111 shows and writes into the infotext.
     pub fn name(self) -> &'static str {
-        NAMES
-            .iter()
-            .find(|(s, _, _)| *s == self)
-            .map_or("", |(_, n, _)| n)
+        self.names().map_or("", |(_, name, _)| name)
     }
 
     /// The other spellings this sampler is known by.
     pub fn aliases(self) -> &'static [&'static str] {
-        NAMES
-            .iter()
-            .find(|(s, _, _)| *s == self)
-            .map_or(&[], |(_, _, aliases)| aliases)
+        self.names().map_or(&[], |(_, _, aliases)| aliases)
     }
 
     /// k-diffusion samplers walk a sigma schedule; DDIM and PLMS walk training timesteps.
