@@ -218,7 +218,7 @@ mod tests {
             ),
             (
                 r#"{"batch_size": 8589934592, "n_iter": 8589934592}"#,
-                "at most 10000",
+                "MAX_IMAGES",
             ),
             (r#"{"init_images": "abc"}"#, "must be a list"),
             (r#"{"init_images": ["%%%"]}"#, "not base64"),

@@ -28,6 +28,14 @@ pub enum Error {
     },
     #[error("unknown sampler {name:?}; valid samplers: {}", .valid.join(", "))]
     UnknownSampler { name: String, valid: Vec<String> },
+    /// A count or size from outside is over one of [`crate::limits`].
+    #[error("{what} is {value}, over the limit of {limit} ({name})")]
+    Limit {
+        what: String,
+        value: String,
+        name: &'static str,
+        limit: String,
+    },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("image: {0}")]

@@ -3,6 +3,7 @@
 pub mod error;
 pub mod hub;
 pub mod image_io;
+pub mod limits;
 pub mod models;
 pub mod ops;
 pub mod output;

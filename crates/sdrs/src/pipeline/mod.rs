@@ -19,6 +19,6 @@ pub use denoiser::CfgDenoiser;
 pub use img2img::{img2img, img2img_sigmas};
 pub use model::StableDiffusion;
 pub use networks::{NetworkOptions, Residency};
-pub use request::{GenerationRequest, ResolvedSampling, MAX_PIXELS, MAX_SIDE};
+pub use request::{GenerationRequest, ResolvedSampling};
 pub use txt2img::{decode, resolve_seed, txt2img, Event, GeneratedImage};
 pub use vae_tiling::{TilingMode, VaeTiling};

@@ -3,15 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::image_io::ResizeMode;
+use crate::limits::{exceeded, MAX_IMAGES, MAX_PIXELS, MAX_PROMPT_BYTES, MAX_SIDE, MAX_STEPS};
 use crate::prompt::PromptSyntax;
 use crate::sampling::rng::NormalVariant;
 use crate::sampling::{Sampler, SamplerChoice, SigmaSchedule};
 use crate::{Error, Result};
-
-/// Largest width or height accepted, in pixels.
-pub const MAX_SIDE: usize = 8192;
-/// Largest width × height accepted (a 4096² image); refused before anything is allocated.
-pub const MAX_PIXELS: usize = 4096 * 4096;
 
 /// What to generate: the fields A1111's API and infotext use, under the same names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,11 +112,32 @@ impl GenerationRequest {
                 "at most {MAX_SIDE} pixels a side and {MAX_PIXELS} pixels in all"
             )));
         }
-        if self.steps == 0 || self.steps > 1000 {
-            return Err(Error::InvalidRequest(format!(
-                "steps must be between 1 and 1000, got {}",
-                self.steps
-            )));
+        for (field, text) in [
+            ("prompt", &self.prompt),
+            ("negative prompt", &self.negative_prompt),
+        ] {
+            if text.len() > MAX_PROMPT_BYTES {
+                return Err(exceeded(
+                    format!("the {field}'s length in bytes"),
+                    text.len(),
+                    "MAX_PROMPT_BYTES",
+                    MAX_PROMPT_BYTES,
+                ));
+            }
+        }
+        if self.steps == 0 {
+            return Err(Error::InvalidRequest("steps must be at least 1".into()));
+        }
+        if self.steps > MAX_STEPS {
+            return Err(exceeded("steps", self.steps, "MAX_STEPS", MAX_STEPS));
+        }
+        if self.hr_second_pass_steps > MAX_STEPS {
+            return Err(exceeded(
+                "the hires fix's steps",
+                self.hr_second_pass_steps,
+                "MAX_STEPS",
+                MAX_STEPS,
+            ));
         }
         if !self.cfg_scale.is_finite() {
             return Err(Error::InvalidRequest("cfg_scale must be a number".into()));
@@ -128,9 +145,17 @@ impl GenerationRequest {
         if !(self.eta.is_finite() && self.eta >= 0.0) {
             return Err(Error::InvalidRequest("eta must be ≥ 0".into()));
         }
-        if self.batch_size == 0 || self.n_iter == 0 || self.image_count() > 10_000 {
+        if self.batch_size == 0 || self.n_iter == 0 {
             return Err(Error::InvalidRequest(
-                "batch size and iterations must be ≥ 1 (and at most 10000 images)".into(),
+                "batch size and iterations must be at least 1".into(),
+            ));
+        }
+        if self.image_count() > MAX_IMAGES {
+            return Err(exceeded(
+                "batch size × iterations",
+                self.image_count(),
+                "MAX_IMAGES",
+                MAX_IMAGES,
             ));
         }
         if !(0.0..=1.0).contains(&self.denoising_strength) {

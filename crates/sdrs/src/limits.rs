@@ -1,0 +1,35 @@
+//! Every bound on a count or size that comes from outside — arguments, request fields, file
+//! headers, pickle opcodes, configs, tensor names — in one place. Each is checked before
+//! anything is allocated or looped over, and the error names the limit and the value.
+
+/// Largest width or height of a generated image, in pixels.
+pub const MAX_SIDE: usize = 8192;
+/// Largest width × height of a generated image (a 4096² image).
+pub const MAX_PIXELS: usize = 4096 * 4096;
+/// Most sampling steps of one pass (the training schedule has 1000 timesteps), the hires fix's
+/// second pass included.
+pub const MAX_STEPS: usize = 1000;
+/// Most images one request makes (batch size × iterations).
+pub const MAX_IMAGES: usize = 10_000;
+/// Longest prompt or negative prompt, in bytes of UTF-8.
+pub const MAX_PROMPT_BYTES: usize = 64 << 10;
+/// Deepest nesting of `(`/`[` in a prompt; the prompt parsers never go deeper.
+pub const MAX_PROMPT_NESTING: usize = 128;
+/// Most 75-token chunks one prompt is encoded as (2,400 tokens); each adds 77 tokens to every
+/// cross-attention of every step.
+pub const MAX_PROMPT_CHUNKS: usize = 32;
+
+/// The error for `value` of `what` over the limit called `name`.
+pub fn exceeded(
+    what: impl Into<String>,
+    value: impl std::fmt::Display,
+    name: &'static str,
+    limit: impl std::fmt::Display,
+) -> crate::Error {
+    crate::Error::Limit {
+        what: what.into(),
+        value: value.to_string(),
+        name,
+        limit: limit.to_string(),
+    }
+}
