@@ -15,6 +15,9 @@ pub const MAX_IMAGES: usize = 10_000;
 pub const MAX_PROMPT_BYTES: usize = 64 << 10;
 /// Deepest nesting of `(`/`[` in a prompt; the prompt parsers never go deeper.
 pub const MAX_PROMPT_NESTING: usize = 128;
+/// Most AND parts or optimizedSD sub-prompts in one prompt: each AND part is one more UNet
+/// pass per step, each sub-prompt one more text encoding.
+pub const MAX_PROMPT_PARTS: usize = 32;
 /// Most 75-token chunks one prompt is encoded as (2,400 tokens); each adds 77 tokens to every
 /// cross-attention of every step.
 pub const MAX_PROMPT_CHUNKS: usize = 32;

@@ -22,7 +22,10 @@ pub type Segment = (String, f64);
 /// open at the end apply to the end; a `BREAK` inside brackets gets multiplied too and then no
 /// longer counts as a break (it is the word "BREAK"); adjacent segments of equal weight merge; a
 /// `(x:w)` whose `w` is not a number (`1.2.3`) is an error, where A1111 raises.
+/// A prompt nested deeper than [`crate::limits::MAX_PROMPT_NESTING`] is refused: each open
+/// bracket multiplies every segment after it once.
 pub fn parse_attention(text: &str) -> Result<Vec<Segment>> {
+    super::check_nesting(text)?;
     let mut res: Vec<Segment> = Vec::new();
     let mut round: Vec<usize> = Vec::new();
     let mut square: Vec<usize> = Vec::new();

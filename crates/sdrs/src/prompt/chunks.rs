@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::attention::{parse_attention, Segment, BREAK_WEIGHT};
 use super::PromptSyntax;
+use crate::limits::{exceeded, MAX_PROMPT_CHUNKS};
 use crate::tokenizer::{Tokenizer, BOS, EOS};
 use crate::{Error, Result};
 
@@ -62,17 +63,26 @@ pub fn chunks(
     syntax: PromptSyntax,
     pad: u32,
 ) -> Result<Vec<WeightedChunk>> {
-    match syntax {
+    let chunks = match syntax {
         PromptSyntax::Optimized => {
             let ids = tokenizer.encode_padded(text, CHUNK_TOKENS + 2, pad);
             let weights = vec![1.0; ids.len()];
-            Ok(vec![WeightedChunk { ids, weights }])
+            vec![WeightedChunk { ids, weights }]
         }
-        PromptSyntax::Plain => Ok(chunk_segments(tokenizer, &[(text.to_string(), 1.0)], pad)),
+        PromptSyntax::Plain => chunk_segments(tokenizer, &[(text.to_string(), 1.0)], pad),
         PromptSyntax::A1111 | PromptSyntax::Auto => {
-            Ok(chunk_segments(tokenizer, &parse_attention(text)?, pad))
+            chunk_segments(tokenizer, &parse_attention(text)?, pad)
         }
+    };
+    if chunks.len() > MAX_PROMPT_CHUNKS {
+        return Err(exceeded(
+            format!("the number of {CHUNK_TOKENS}-token chunks of a prompt"),
+            chunks.len(),
+            "MAX_PROMPT_CHUNKS",
+            MAX_PROMPT_CHUNKS,
+        ));
     }
+    Ok(chunks)
 }
 
 /// A1111's `tokenize_line`: each segment is tokenized on its own; a chunk closes at 75 tokens,

@@ -46,6 +46,7 @@ use std::sync::OnceLock;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{exceeded, MAX_PROMPT_BYTES, MAX_PROMPT_NESTING, MAX_PROMPT_PARTS};
 use crate::{Error, Result};
 
 pub use attention::{parse_attention, Segment};
@@ -150,6 +151,15 @@ pub fn plan(text: &str, syntax: PromptSyntax, steps: usize) -> Result<PromptPlan
             "a prompt plan needs at least 1 step".into(),
         ));
     }
+    if text.len() > MAX_PROMPT_BYTES {
+        return Err(exceeded(
+            "the prompt's length in bytes",
+            text.len(),
+            "MAX_PROMPT_BYTES",
+            MAX_PROMPT_BYTES,
+        ));
+    }
+    check_nesting(text)?;
     let single = |text: &str| PromptPlan {
         parts: vec![PlanPart {
             weight: 1.0,
@@ -163,6 +173,7 @@ pub fn plan(text: &str, syntax: PromptSyntax, steps: usize) -> Result<PromptPlan
         PromptSyntax::Plain => Ok(single(text)),
         PromptSyntax::Optimized => {
             let subs = split_weighted_subprompts(text);
+            check_parts(subs.len())?;
             // optimizedSD blends only from two sub-prompts on; one is encoded as typed.
             if subs.len() < 2 {
                 return Ok(single(text));
@@ -204,33 +215,35 @@ fn reading(text: &str) -> Reading {
 
 /// `a:0.3 AND b` → parts with A1111's schedules.
 fn a1111_plan(text: &str, steps: usize) -> Result<PromptPlan> {
+    check_parts(and_regex().split(text).count())?;
     let parts = and_regex()
         .split(text)
         .map(|part| {
             let (text, weight) = and_part_weight(part);
-            PlanPart {
+            Ok(PlanPart {
                 weight: weight as f32,
-                schedule: prompt_schedule(text, steps)
+                schedule: prompt_schedule(text, steps)?
                     .into_iter()
                     .map(|(until_step, text)| Scheduled {
                         until_step,
                         blend: vec![(text, 1.0)],
                     })
                     .collect(),
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok(PromptPlan { parts })
 }
 
 /// An optimizedSD blend whose sub-prompts may use A1111 editing: one schedule whose steps are
 /// the union of the sub-prompts' steps.
 fn blended_plan(subs: &[(String, f64)], steps: usize) -> Result<PromptPlan> {
+    check_parts(subs.len())?;
     let weights = normalise(subs)?;
-    let schedules: Vec<Vec<(usize, String)>> = subs
+    let schedules = subs
         .iter()
         .map(|(t, _)| prompt_schedule(t, steps))
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     let mut ends: Vec<usize> = schedules.iter().flatten().map(|(s, _)| *s).collect();
     ends.sort_unstable();
     ends.dedup();
@@ -257,6 +270,50 @@ fn blended_plan(subs: &[(String, f64)], steps: usize) -> Result<PromptPlan> {
             schedule,
         }],
     })
+}
+
+/// Refuses more AND parts or sub-prompts than [`MAX_PROMPT_PARTS`].
+fn check_parts(count: usize) -> Result<()> {
+    if count > MAX_PROMPT_PARTS {
+        return Err(exceeded(
+            "the number of AND parts or weighted sub-prompts",
+            count,
+            "MAX_PROMPT_PARTS",
+            MAX_PROMPT_PARTS,
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a prompt whose brackets nest deeper than [`MAX_PROMPT_NESTING`], before either
+/// parser sees it: the editing parser recurses once per level and the emphasis parser
+/// multiplies every segment once per open bracket, so the depth bounds both. The count is the
+/// deepest run of unescaped openers not yet closed by any closer, which no parser exceeds.
+pub(crate) fn check_nesting(text: &str) -> Result<()> {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '(' | '[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_PROMPT_NESTING {
+        return Err(exceeded(
+            "the prompt's bracket nesting",
+            deepest,
+            "MAX_PROMPT_NESTING",
+            MAX_PROMPT_NESTING,
+        ));
+    }
+    Ok(())
 }
 
 /// `w_i / Σw`; a zero or non-finite total is an error (optimizedSD divides by zero).

@@ -28,23 +28,29 @@ enum Node {
 }
 
 /// The texts a prompt takes over a run of `steps` steps: `(end_at_step, text)`, ordered, the
-/// last ending at `steps` (A1111's `[[10, 'a b']]` lists).
-pub fn prompt_schedule(prompt: &str, steps: usize) -> Vec<(usize, String)> {
+/// last ending at `steps` (A1111's `[[10, 'a b']]` lists). A prompt nested deeper than
+/// [`crate::limits::MAX_PROMPT_NESTING`] is refused, which bounds the parser's recursion.
+pub fn prompt_schedule(prompt: &str, steps: usize) -> crate::Result<Vec<(usize, String)>> {
+    super::check_nesting(prompt)?;
     let chars: Vec<char> = prompt.chars().collect();
     let Some(nodes) = parse_top(&chars) else {
-        return vec![(steps, prompt.to_string())];
+        return Ok(vec![(steps, prompt.to_string())]);
     };
     let mut ends = vec![steps];
-    collect_steps(&nodes, steps, &mut ends);
+    if collect_steps(&nodes, steps, &mut ends) {
+        // An alternation changes the text at every step.
+        ends = (1..=steps).collect();
+    }
     ends.sort_unstable();
     ends.dedup();
-    ends.into_iter()
+    Ok(ends
+        .into_iter()
         .map(|step| {
             let mut text = String::new();
             render(&nodes, step, steps, &mut text);
             (step, text)
         })
-        .collect()
+        .collect())
 }
 
 fn parse_top(chars: &[char]) -> Option<Vec<Node>> {
@@ -205,7 +211,9 @@ fn edit_step(when: &str, steps: usize) -> i64 {
     (v.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64).min(steps as i64)
 }
 
-fn collect_steps(nodes: &[Node], steps: usize, ends: &mut Vec<usize>) {
+/// Adds the steps at which edits switch to `ends`; true when an alternation makes every step one.
+fn collect_steps(nodes: &[Node], steps: usize, ends: &mut Vec<usize>) -> bool {
+    let mut alternates = false;
     for node in nodes {
         match node {
             Node::Text(_) => {}
@@ -218,17 +226,18 @@ fn collect_steps(nodes: &[Node], steps: usize, ends: &mut Vec<usize>) {
                 if step >= 1 {
                     ends.push(step as usize);
                 }
-                collect_steps(before, steps, ends);
-                collect_steps(after, steps, ends);
+                alternates |= collect_steps(before, steps, ends);
+                alternates |= collect_steps(after, steps, ends);
             }
             Node::Alternate(options) => {
-                ends.extend(1..=steps);
+                alternates = true;
                 for option in options {
                     collect_steps(option, steps, ends);
                 }
             }
         }
     }
+    alternates
 }
 
 fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
@@ -260,7 +269,7 @@ mod tests {
     use super::*;
 
     fn g(prompt: &str) -> Vec<(usize, String)> {
-        prompt_schedule(prompt, 10)
+        prompt_schedule(prompt, 10).unwrap()
     }
 
     fn v(pairs: &[(usize, &str)]) -> Vec<(usize, String)> {
@@ -310,7 +319,7 @@ mod tests {
     fn a1111_header_example() {
         let prompt = "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6][ in background:0.25] [shoddy:masterful:0.5]";
         assert_eq!(
-            prompt_schedule(prompt, 100),
+            prompt_schedule(prompt, 100).unwrap(),
             v(&[
                 (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
                 (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),

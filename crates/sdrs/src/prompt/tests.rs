@@ -232,3 +232,80 @@ fn syntax_names_round_trip() {
     assert!("compel".parse::<PromptSyntax>().is_err());
     assert!(plan("a", PromptSyntax::Auto, 0).is_err());
 }
+
+#[test]
+fn deep_nesting_is_refused_by_name_and_the_limit_itself_parses() {
+    for opener in ["(", "["] {
+        let deep = format!("{}x", opener.repeat(40_000));
+        for syntax in [PromptSyntax::Auto, PromptSyntax::A1111] {
+            let err = plan(&deep, syntax, 20).unwrap_err().to_string();
+            assert!(
+                err.contains("MAX_PROMPT_NESTING") && err.contains("40000"),
+                "{err}"
+            );
+        }
+        let err = parse_attention(&deep).unwrap_err().to_string();
+        assert!(err.contains("MAX_PROMPT_NESTING"), "{err}");
+        let err = prompt_schedule(&deep, 20).unwrap_err().to_string();
+        assert!(err.contains("MAX_PROMPT_NESTING"), "{err}");
+    }
+    // At the limit both parsers run: emphasis multiplies, editing nests.
+    let n = crate::limits::MAX_PROMPT_NESTING;
+    let at_limit = format!("{}x{}", "(".repeat(n), ")".repeat(n));
+    let segments = parse_attention(&at_limit).unwrap();
+    assert_eq!(segments.len(), 1);
+    assert!((segments[0].1 - 1.1f64.powi(n as i32)).abs() < 1e-6 * segments[0].1);
+    let edits = format!("{}x{}", "[a:".repeat(n), ":5]".repeat(n));
+    assert_eq!(prompt_schedule(&edits, 10).unwrap().len(), 2);
+    // Escaped and closed brackets do not count.
+    let flat = format!("{}{}", r"\(".repeat(1000), "(x)".repeat(1000));
+    assert!(plan(&flat, PromptSyntax::Auto, 20).is_ok());
+}
+
+#[test]
+fn too_many_parts_are_refused_by_name() {
+    let parts = crate::limits::MAX_PROMPT_PARTS;
+    let ok = vec!["cat"; parts].join(" AND ");
+    assert_eq!(
+        plan(&ok, PromptSyntax::Auto, 20).unwrap().parts.len(),
+        parts
+    );
+    let many = vec!["cat"; parts + 1].join(" AND ");
+    let err = plan(&many, PromptSyntax::Auto, 20).unwrap_err().to_string();
+    assert!(err.contains("MAX_PROMPT_PARTS"), "{err}");
+    let blend: String = (0..=parts).map(|i| format!("cat{i}:1 ")).collect();
+    for syntax in [PromptSyntax::Auto, PromptSyntax::Optimized] {
+        let err = plan(&blend, syntax, 20).unwrap_err().to_string();
+        assert!(err.contains("MAX_PROMPT_PARTS"), "{syntax}: {err}");
+    }
+}
+
+#[test]
+fn long_prompts_are_capped_in_bytes_and_chunks() {
+    let long = "a ".repeat(crate::limits::MAX_PROMPT_BYTES);
+    let err = plan(&long, PromptSyntax::Auto, 20).unwrap_err().to_string();
+    assert!(err.contains("MAX_PROMPT_BYTES"), "{err}");
+    let tok = crate::tokenizer::Tokenizer::new().unwrap();
+    let limit = crate::limits::MAX_PROMPT_CHUNKS;
+    let fits = "cat ".repeat(CHUNK_TOKENS * limit);
+    assert_eq!(
+        chunks(&tok, &fits, PromptSyntax::A1111, 0).unwrap().len(),
+        limit
+    );
+    let over = "cat ".repeat(CHUNK_TOKENS * limit + 1);
+    let err = chunks(&tok, &over, PromptSyntax::A1111, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("MAX_PROMPT_CHUNKS"), "{err}");
+    let breaks = "x BREAK ".repeat(limit + 1);
+    assert!(chunks(&tok, &breaks, PromptSyntax::Plain, 0).is_ok());
+    assert!(chunks(&tok, &breaks, PromptSyntax::A1111, 0).is_err());
+}
+
+#[test]
+fn alternation_schedules_every_step_once() {
+    let prompt = "[a|b] ".repeat(5_000);
+    let schedule = prompt_schedule(&prompt, 1000).unwrap();
+    assert_eq!(schedule.len(), 1000);
+    assert!(schedule[0].1.starts_with("a a") && schedule[1].1.starts_with("b b"));
+}
