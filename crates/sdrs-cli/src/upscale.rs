@@ -1,14 +1,13 @@
 //! `sdrs upscale`: enlarge a picture with an ESRGAN-family network, or Lanczos without one.
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sdrs::image_io::{encode_jpeg, encode_png, load_image};
+use sdrs::output::write_new;
 use sdrs::upscale::{Tiling, Upscaler};
 
 /// Arguments of `sdrs upscale`.
@@ -45,7 +44,7 @@ pub fn run(args: UpscaleArgs) -> Result<()> {
             args.output.display()
         );
     }
-    if args.output.exists() {
+    if args.output.symlink_metadata().is_ok() {
         bail!("{} exists; not overwriting it", args.output.display());
     }
     let mut upscaler = match &args.model {
@@ -78,7 +77,14 @@ pub fn run(args: UpscaleArgs) -> Result<()> {
         Some("png") => encode_png(&upscaled, None)?,
         _ => encode_jpeg(&upscaled)?,
     };
-    write_new(&args.output, &bytes)?;
+    if !write_new(&args.output, &bytes)
+        .with_context(|| format!("writing {}", args.output.display()))?
+    {
+        bail!(
+            "{} appeared while upscaling; not overwriting it",
+            args.output.display()
+        );
+    }
     eprintln!(
         "wrote {} ({}x{}, {}x with {}) in {:.1} s",
         args.output.display(),
@@ -88,26 +94,5 @@ pub fn run(args: UpscaleArgs) -> Result<()> {
         upscaler.name(),
         start.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// Writes through a temporary file in the same folder, so a failed run leaves no half image.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
     Ok(())
 }

@@ -9,6 +9,12 @@ pub const MAX_PIXELS: usize = 4096 * 4096;
 /// Most sampling steps of one pass (the training schedule has 1000 timesteps), the hires fix's
 /// second pass included.
 pub const MAX_STEPS: usize = 1000;
+/// Longest sigma schedule a k-diffusion pass is cut from (the hires fix runs the last steps of
+/// a schedule of steps ÷ denoising strength).
+pub const MAX_SCHEDULE_STEPS: usize = 100 * MAX_STEPS;
+/// Most steps of a schedule that walks the training timesteps (DDIM, PLMS): every step needs
+/// its own timestep after the first, 1..=999.
+pub const MAX_TIMESTEP_STEPS: usize = crate::sampling::schedule::TRAIN_STEPS - 1;
 /// Most images one request makes (batch size × iterations).
 pub const MAX_IMAGES: usize = 10_000;
 /// Longest prompt or negative prompt, in bytes of UTF-8.
@@ -21,6 +27,14 @@ pub const MAX_PROMPT_PARTS: usize = 32;
 /// Most 75-token chunks one prompt is encoded as (2,400 tokens); each adds 77 tokens to every
 /// cross-attention of every step.
 pub const MAX_PROMPT_CHUNKS: usize = 32;
+
+/// Largest width or height an upscaler writes, in pixels.
+pub const MAX_UPSCALED_SIDE: usize = 16384;
+/// Largest width × height an upscaler writes (64 megapixels: 192 MiB of RGB).
+pub const MAX_UPSCALED_PIXELS: usize = 8192 * 8192;
+/// Largest side of the input one upscaler network pass sees (a tile with its padding, or the
+/// whole picture without tiles): its activations grow with the square of it.
+pub const MAX_UPSCALE_TILE: usize = 2048;
 
 /// The error for `value` of `what` over the limit called `name`.
 pub fn exceeded(

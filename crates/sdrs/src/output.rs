@@ -1,9 +1,10 @@
 //! Writing images the way every front end saves them: numbered names, atomic writes, never
-//! overwriting a file.
+//! overwriting a file and never following a link.
 
 use std::fs;
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Error, Result};
 
@@ -34,8 +35,7 @@ impl OutputDir {
     /// Creates the folder if needed and checks that it can be written, before any work is done.
     pub fn prepare(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let probe = dir.join(format!(".sdrs-write-test-{}", std::process::id()));
-        fs::write(&probe, b"").map_err(|e| Error::io(dir, e))?;
+        let (_, probe) = create_temporary(dir, "sdrs-write-test")?;
         let _ = fs::remove_file(&probe);
         let next = highest_index(dir, "").map_or(0, |n| n + 1);
         Ok(Self {
@@ -68,35 +68,71 @@ impl OutputDir {
     }
 }
 
-/// Writes a file atomically (temporary file, then a link that fails if the name exists):
-/// readers never see half a file and an existing file is never replaced. Returns false when
-/// the name was taken.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<bool> {
-    if path.exists() {
-        return Ok(false);
-    }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
+/// Writes a new file atomically: the bytes go to a fresh temporary file, which is then linked
+/// under `path`. Readers never see half a file; an existing name — a file, a folder or a
+/// symbolic link — is never replaced or written through. Returns false when the name was taken.
+pub fn write_new(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let (mut file, tmp) = create_temporary(dir, "sdrs")?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    drop(file);
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
+    // link(2) fails with EEXIST on any existing name, a dangling link included, and never
+    // follows one.
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(Error::io(path, e)),
     }
+}
+
+/// Numbers the temporary files of this process.
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Opens a new file `.<stem>.<pid>.<n>.tmp` in `dir` that did not exist before, without
+/// following links: a name planted by someone else (a link to a file elsewhere) is skipped,
+/// never opened.
+fn create_temporary(dir: &Path, stem: &str) -> Result<(fs::File, PathBuf)> {
+    let mut last = None;
+    for _ in 0..16 {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(".{stem}.{}.{n}.tmp", std::process::id()));
+        match create_exclusive(&path) {
+            Ok(file) => return Ok((file, path)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => last = Some(e),
+            // procfs and the like answer "No such file or directory" in a folder that exists.
+            Err(e) if e.kind() == ErrorKind::NotFound && dir.is_dir() => {
+                let reason =
+                    format!("the folder exists but its file system refuses new files ({e})");
+                return Err(Error::io(dir, std::io::Error::other(reason)));
+            }
+            Err(e) => return Err(Error::io(dir, e)),
+        }
+    }
+    Err(Error::io(
+        dir,
+        last.unwrap_or_else(|| ErrorKind::AlreadyExists.into()),
+    ))
+}
+
+/// `open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644)`.
+fn create_exclusive(path: &Path) -> std::io::Result<fs::File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW).mode(0o644);
+    }
+    options.open(path)
 }
 
 #[cfg(test)]
@@ -124,6 +160,39 @@ mod tests {
             .file_name()
             .to_string_lossy()
             .ends_with(".tmp")));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn links_are_never_written_through_or_replaced() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("sdrs-links-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("out")).unwrap();
+        let victim = dir.join("victim.txt");
+        fs::write(&victim, b"precious").unwrap();
+        let out = dir.join("out");
+        // Links planted at the next image's name, at every temporary name this process would
+        // try first, and at the write test's name.
+        symlink(&victim, out.join("00000-1.png")).unwrap();
+        symlink(&victim, out.join("dangling.png")).unwrap();
+        let first = COUNTER.load(Ordering::Relaxed);
+        for n in first..first + 8 {
+            for stem in ["sdrs", "sdrs-write-test"] {
+                let name = format!(".{stem}.{}.{n}.tmp", std::process::id());
+                symlink(&victim, out.join(name)).unwrap();
+            }
+        }
+        let mut output = OutputDir::prepare(&out).unwrap();
+        let written = output.write_sample(1, "png", b"image").unwrap();
+        assert_eq!(written.file_name().unwrap(), "00001-1.png");
+        assert!(!write_new(&out.join("dangling.png"), b"x").unwrap());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(out.join("00000-1.png"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -230,3 +230,51 @@ fn lanczos_is_the_built_in_fallback() {
     assert_eq!(out.dimensions(), (69, 51));
     assert!(Upscaler::by_name("bicubic").is_err());
 }
+
+#[test]
+fn output_sizes_and_tiles_are_bounded_by_named_limits() {
+    let lanczos = Upscaler::Lanczos;
+    let small = image("input.png");
+    for (scale, limit) in [
+        (1000, "MAX_UPSCALED_SIDE"),
+        (16_777_216, "MAX_UPSCALED_SIDE"),
+        (u32::MAX, "MAX_UPSCALED_SIDE"),
+    ] {
+        let err = lanczos.upscale(&small, scale).unwrap_err().to_string();
+        assert!(err.contains(limit), "{scale}: {err}");
+    }
+    // 8000² × 4 has sides over the limit; 4000 × 4000 at 4x stays within the sides but not
+    // the pixel count.
+    let big = image::RgbImage::new(4000, 4000);
+    let err = lanczos.upscale(&big, 4).unwrap_err().to_string();
+    assert!(
+        err.contains("MAX_UPSCALED_PIXELS") && err.contains("16000x16000"),
+        "{err}"
+    );
+    let mut network = open("compact-x4.pth", WHOLE);
+    for tiling in [
+        Tiling {
+            tile: usize::MAX,
+            pad: 10,
+        },
+        Tiling {
+            tile: 512,
+            pad: usize::MAX,
+        },
+        Tiling {
+            tile: 2000,
+            pad: 100,
+        },
+    ] {
+        let err = network.set_tiling(tiling).unwrap_err().to_string();
+        assert!(err.contains("MAX_UPSCALE_TILE"), "{tiling:?}: {err}");
+    }
+    let err = network
+        .upscale(&image::RgbImage::new(2100, 8), 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("MAX_UPSCALE_TILE") && err.contains("without tiles"),
+        "{err}"
+    );
+}

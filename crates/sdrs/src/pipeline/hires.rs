@@ -25,8 +25,9 @@ use super::txt2img::{decode, offset_steps, ImageRun};
 use super::vae_tiling;
 use super::{CfgDenoiser, GenerationRequest, ResolvedSampling, StableDiffusion};
 use crate::image_io::{image_to_tensor, resize_lanczos};
+use crate::limits::exceeded;
 use crate::sampling::rng::TorchRng;
-use crate::sampling::NoiseSource;
+use crate::sampling::{NoiseSource, Sampler};
 use crate::upscale::Upscaler;
 use crate::{Error, Result};
 
@@ -55,6 +56,38 @@ pub fn target_size(req: &GenerationRequest) -> Result<(usize, usize)> {
         )));
     }
     Ok((tw, th))
+}
+
+/// The second pass's steps, and the length of the schedule they end (A1111's
+/// `img2img_fix_steps`: `int(steps / min(strength, 0.999))`; 0 when the strength is 0 and
+/// nothing is redrawn), checked against the sampler's longest schedule.
+pub(super) fn second_pass_steps(
+    req: &GenerationRequest,
+    sampler: Sampler,
+) -> Result<(usize, usize)> {
+    let steps = match req.hr_second_pass_steps {
+        0 => req.steps,
+        n => n,
+    };
+    let strength = req.denoising_strength;
+    if strength <= 0.0 {
+        return Ok((steps, 0));
+    }
+    // A tiny strength makes the quotient huge; the float-to-int cast saturates.
+    let schedule_steps = ((steps as f64 / strength.min(0.999)) as usize).max(steps);
+    let (most, limit) = sampler.max_schedule_steps();
+    if schedule_steps > most {
+        return Err(exceeded(
+            format!(
+                "the hires fix's schedule with {} (steps {steps} ÷ denoising strength {strength})",
+                sampler.name()
+            ),
+            schedule_steps,
+            limit,
+            most,
+        ));
+    }
+    Ok((steps, schedule_steps))
 }
 
 /// How the first pass is enlarged.
@@ -108,13 +141,8 @@ impl HiresPass {
             return Ok(None);
         }
         let (width, height) = target_size(req)?;
-        let steps = match req.hr_second_pass_steps {
-            0 => req.steps,
-            n => n,
-        };
-        let strength = req.denoising_strength;
-        let sigmas = if strength > 0.0 {
-            let schedule_steps = ((steps as f64 / strength.min(0.999)) as usize).max(steps);
+        let (steps, schedule_steps) = second_pass_steps(req, sampling.sampler)?;
+        let sigmas = if schedule_steps > 0 {
             let full = sampling
                 .sampler
                 .sigmas(&sd.schedule, schedule_steps, sampling.schedule);

@@ -188,6 +188,18 @@ impl GenerationRequest {
                 choice.sampler.name()
             )));
         }
+        let (most, limit) = choice.sampler.max_schedule_steps();
+        if self.steps > most {
+            return Err(exceeded(
+                format!("steps with {}", choice.sampler.name()),
+                self.steps,
+                limit,
+                most,
+            ));
+        }
+        if self.enable_hr {
+            super::hires::second_pass_steps(self, choice.sampler)?;
+        }
         Ok(ResolvedSampling {
             sampler: choice.sampler,
             schedule,
@@ -230,6 +242,70 @@ mod tests {
             ..req()
         };
         assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn step_counts_are_bounded_per_sampler_and_for_the_hires_fix() {
+        let with = |sampler: &str, steps: usize| GenerationRequest {
+            sampler_name: sampler.into(),
+            steps,
+            ..req()
+        };
+        for sampler in ["DDIM", "PLMS"] {
+            assert!(with(sampler, 999).validate().is_ok());
+            let err = with(sampler, 1000).validate().unwrap_err().to_string();
+            assert!(
+                err.contains("MAX_TIMESTEP_STEPS") && err.contains("999"),
+                "{err}"
+            );
+        }
+        assert!(with("Euler", 1000).validate().is_ok());
+        let err = with("Euler", 1001).validate().unwrap_err().to_string();
+        assert!(err.contains("MAX_STEPS"), "{err}");
+        let hires = |sampler: &str, steps: usize, strength: f64| GenerationRequest {
+            enable_hr: true,
+            hr_second_pass_steps: steps,
+            denoising_strength: strength,
+            ..with(sampler, 20)
+        };
+        let err = hires("Euler", 1_000_000_000, 0.5)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MAX_STEPS") && err.contains("1000000000"),
+            "{err}"
+        );
+        let err = hires("Euler", 20, 1e-300)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MAX_SCHEDULE_STEPS"), "{err}");
+        let err = hires("DDIM", 600, 0.5).validate().unwrap_err().to_string();
+        assert!(
+            err.contains("MAX_TIMESTEP_STEPS") && err.contains("1200"),
+            "{err}"
+        );
+        assert!(hires("DDIM", 400, 0.5).validate().is_ok());
+        assert!(hires("Euler", 20, 0.0).validate().is_ok());
+    }
+
+    #[test]
+    fn prompts_are_capped_in_bytes() {
+        let long = "x".repeat(crate::limits::MAX_PROMPT_BYTES + 1);
+        for r in [
+            GenerationRequest {
+                prompt: long.clone(),
+                ..req()
+            },
+            GenerationRequest {
+                negative_prompt: long,
+                ..req()
+            },
+        ] {
+            let err = r.validate().unwrap_err().to_string();
+            assert!(err.contains("MAX_PROMPT_BYTES"), "{err}");
+        }
     }
 
     #[test]

@@ -111,6 +111,16 @@ impl Sampler {
         !matches!(self, Sampler::Ddim | Sampler::Plms)
     }
 
+    /// The longest schedule this sampler can walk, and the name of that limit: DDIM and PLMS
+    /// need a distinct training timestep per step.
+    pub fn max_schedule_steps(self) -> (usize, &'static str) {
+        if self.uses_sigma_schedule() {
+            (crate::limits::MAX_SCHEDULE_STEPS, "MAX_SCHEDULE_STEPS")
+        } else {
+            (crate::limits::MAX_TIMESTEP_STEPS, "MAX_TIMESTEP_STEPS")
+        }
+    }
+
     /// The sigmas a run of `steps` steps visits, ending at the final noise level.
     pub fn sigmas(
         self,

@@ -8,6 +8,7 @@ use candle_core::Device;
 use image::RgbImage;
 
 use crate::image_io::resize_lanczos;
+use crate::limits::{exceeded, MAX_UPSCALED_PIXELS, MAX_UPSCALED_SIDE};
 use crate::{Error, Result};
 pub use model::{ModelUpscaler, Tiling};
 
@@ -80,12 +81,9 @@ impl Upscaler {
                 "upscale factor must be at least 1".into(),
             ));
         }
+        let (width, height) = upscaled_size(image, scale)?;
         match self {
-            Upscaler::Lanczos => Ok(resize_lanczos(
-                image,
-                image.width() * scale,
-                image.height() * scale,
-            )),
+            Upscaler::Lanczos => Ok(resize_lanczos(image, width, height)),
             Upscaler::Model(m) if m.scale() != scale => Err(Error::InvalidRequest(format!(
                 "{} ({}) upscales {}x only, not {scale}x",
                 m.name(),
@@ -95,4 +93,36 @@ impl Upscaler {
             Upscaler::Model(m) => m.upscale(image, on_tile),
         }
     }
+}
+
+/// The size `image` becomes at `scale`, refused over [`MAX_UPSCALED_SIDE`] or
+/// [`MAX_UPSCALED_PIXELS`] before anything is allocated.
+pub(crate) fn upscaled_size(image: &RgbImage, scale: u32) -> Result<(u32, u32)> {
+    let side = |v: u32| (v as u64).saturating_mul(scale as u64);
+    let (width, height) = (side(image.width()), side(image.height()));
+    let what = || {
+        format!(
+            "the upscaled size of {}x{} at {scale}x ({width}x{height})",
+            image.width(),
+            image.height()
+        )
+    };
+    let longest = width.max(height);
+    if longest > MAX_UPSCALED_SIDE as u64 {
+        return Err(exceeded(
+            format!("the longer side of {}", what()),
+            longest,
+            "MAX_UPSCALED_SIDE",
+            MAX_UPSCALED_SIDE,
+        ));
+    }
+    if width * height > MAX_UPSCALED_PIXELS as u64 {
+        return Err(exceeded(
+            format!("the pixel count of {}", what()),
+            width * height,
+            "MAX_UPSCALED_PIXELS",
+            MAX_UPSCALED_PIXELS,
+        ));
+    }
+    Ok((width as u32, height as u32))
 }

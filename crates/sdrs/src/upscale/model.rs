@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use crate::limits::{exceeded, MAX_UPSCALE_TILE};
 use crate::models::esrgan::{Esrgan, EsrganConfig};
 use crate::weights::UpscalerFile;
 use crate::{Error, Result};
@@ -73,6 +74,19 @@ impl ModelUpscaler {
     /// Sets the tiling; a tile no larger than its padding is refused (it would mostly redo
     /// the neighbours' work).
     pub fn set_tiling(&mut self, tiling: Tiling) -> Result<()> {
+        // The tile plus its padding on both sides is what one pass sees.
+        let pass = tiling.tile.saturating_add(tiling.pad.saturating_mul(2));
+        if pass > MAX_UPSCALE_TILE {
+            return Err(exceeded(
+                format!(
+                    "the tile size {} with twice its overlap {}",
+                    tiling.tile, tiling.pad
+                ),
+                pass,
+                "MAX_UPSCALE_TILE",
+                MAX_UPSCALE_TILE,
+            ));
+        }
         if tiling.tile != 0 && tiling.tile <= tiling.pad {
             return Err(Error::InvalidRequest(format!(
                 "tile size {} must be larger than the tile overlap {} (or 0 for no tiling)",
@@ -89,6 +103,7 @@ impl ModelUpscaler {
         image: &RgbImage,
         on_tile: &mut dyn FnMut(usize, usize),
     ) -> Result<RgbImage> {
+        super::upscaled_size(image, self.scale())?;
         let (width, height) = (image.width() as usize, image.height() as usize);
         if width == 0 || height == 0 {
             return Err(Error::InvalidSize {
@@ -117,6 +132,14 @@ impl ModelUpscaler {
             0 => input.width.max(input.height),
             t => t.next_multiple_of(m),
         };
+        if self.tiling.tile == 0 && input.width.max(input.height) > MAX_UPSCALE_TILE {
+            return Err(exceeded(
+                format!("the side of a {width}x{height} picture run without tiles"),
+                input.width.max(input.height),
+                "MAX_UPSCALE_TILE",
+                MAX_UPSCALE_TILE,
+            ));
+        }
         let s = self.config.scale();
         let mut out = RgbImage::new((width * s) as u32, (height * s) as u32);
         let (tiles_x, tiles_y) = (input.width.div_ceil(tile), input.height.div_ceil(tile));

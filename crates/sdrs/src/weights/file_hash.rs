@@ -91,16 +91,21 @@ impl HashCache {
         Ok(sha256)
     }
 
-    /// Writes through a temporary file and a rename, so a reader never sees half a file.
+    /// Writes a new file beside the cache and renames it over the cache, so a reader never
+    /// sees half a file and a link at the cache's name is replaced, not written through.
     fn store(&self, known: &BTreeMap<String, Entry>) {
         let Some(dir) = self.file.parent() else {
             return;
         };
         let tmp = dir.join(format!("hashes.json.{}", std::process::id()));
-        let written = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(known).unwrap_or_default()))
-            .and_then(|()| std::fs::rename(&tmp, &self.file));
-        if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        if std::fs::create_dir_all(dir).is_err()
+            || !crate::output::write_new(&tmp, &serde_json::to_vec(known).unwrap_or_default())
+                .unwrap_or(false)
+        {
+            return;
+        }
+        if std::fs::rename(&tmp, &self.file).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
