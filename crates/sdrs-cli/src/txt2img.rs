@@ -164,6 +164,10 @@ pub struct GenerationArgs {
     /// the exact f32 mode, at a small measured cost in exactness; recorded in the infotext.
     #[arg(long)]
     fast: bool,
+    /// Save images whose latent or pixels hold NaN or infinite values instead of failing them
+    /// (such images come out black).
+    #[arg(long = "no-nan-check")]
+    no_nan_check: bool,
 }
 
 impl GenerationArgs {
@@ -210,6 +214,7 @@ impl GenerationArgs {
         if let Some(prediction) = self.prediction {
             sd.prediction = prediction;
         }
+        sd.nan_check = !self.no_nan_check;
         sd.vae_tiling.mode = match self.vae_tiling {
             VaeTilingArg::Auto => TilingMode::Auto,
             VaeTilingArg::Always => TilingMode::Always,
@@ -291,7 +296,7 @@ pub fn execute(
 ) -> Result<()> {
     let _ = (args.precision, args.turbo);
     request.validate()?;
-    if args.seed < 0 {
+    if args.seed == -1 {
         eprintln!("seed: {}", request.seed);
     }
     let device = args.device()?;

@@ -48,13 +48,93 @@ pub enum Error {
         tried: String,
         hint: String,
     },
+    /// A1111's `NansException`: the numbers went bad, usually from the weights or precision.
+    #[error(
+        "the {stage} holds {count} NaN or infinite values out of {total}: a broken checkpoint \
+         (NaN or infinite weights), a network overflowing in this precision (try without \
+         --fast), or an extreme CFG scale; --no-nan-check saves such images anyway"
+    )]
+    NonFinite {
+        stage: &'static str,
+        count: usize,
+        total: usize,
+    },
     #[error("cancelled")]
     Cancelled,
     /// The image being sampled was given up; the run goes on with the next.
     #[error("skipped")]
     Skipped,
     #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Tensor(without_backtrace(e))
+    }
+}
+
+/// candle wraps some errors in a backtrace when `RUST_BACKTRACE` is set, and prints it as part
+/// of the message; a user gets the message alone. The wrappers are peeled in a loop, keeping
+/// the context and path layers in their order.
+fn without_backtrace(mut e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    let mut layers = Vec::new();
+    let innermost = loop {
+        e = match e {
+            E::WithBacktrace { inner, .. } => *inner,
+            E::Context { inner, context } => {
+                layers.push(E::Context {
+                    inner: Box::new(E::Msg(String::new())),
+                    context,
+                });
+                *inner
+            }
+            E::WithPath { inner, path } => {
+                layers.push(E::WithPath {
+                    inner: Box::new(E::Msg(String::new())),
+                    path,
+                });
+                *inner
+            }
+            other => break other,
+        }
+    };
+    layers
+        .into_iter()
+        .rev()
+        .fold(innermost, |inner, layer| match layer {
+            E::Context { context, .. } => E::Context {
+                inner: Box::new(inner),
+                context,
+            },
+            E::WithPath { path, .. } => E::WithPath {
+                inner: Box::new(inner),
+                path,
+            },
+            other => other,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backtraces_stay_out_of_messages() {
+        let traced = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shape mismatch".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let wrapped = candle_core::Error::WithPath {
+            inner: Box::new(traced.context("loading the unet")),
+            path: "model.safetensors".into(),
+        };
+        assert_eq!(
+            Error::from(wrapped).to_string(),
+            "path: \"model.safetensors\" loading the unet\nshape mismatch"
+        );
+    }
 }
 
 /// The library's result type.

@@ -28,6 +28,10 @@ pub const MAX_PROMPT_PARTS: usize = 32;
 /// cross-attention of every step.
 pub const MAX_PROMPT_CHUNKS: usize = 32;
 
+/// Largest width or height of a picture read (init images, upscaler input), in pixels.
+pub const MAX_INPUT_SIDE: u32 = 16384;
+/// Largest width × height of a picture read (64 megapixels), checked before decoding.
+pub const MAX_INPUT_PIXELS: u64 = 8192 * 8192;
 /// Largest width or height an upscaler writes, in pixels.
 pub const MAX_UPSCALED_SIDE: usize = 16384;
 /// Largest width × height an upscaler writes (64 megapixels: 192 MiB of RGB).

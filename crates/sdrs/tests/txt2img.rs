@@ -40,3 +40,73 @@ fn single_file_checkpoint_gives_the_same_image_as_the_diffusers_folder() {
     let ran = run_cases(&sd, |c| c["sampler"] == "euler_a" && c["seed"] == 42);
     assert!(ran >= 1);
 }
+
+fn small_request(seed: i64, cfg_scale: f64) -> sdrs::pipeline::GenerationRequest {
+    sdrs::pipeline::GenerationRequest {
+        prompt: "a red fox".into(),
+        width: 64,
+        height: 64,
+        steps: 3,
+        sampler_name: "Euler".into(),
+        seed,
+        cfg_scale,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn nan_weights_and_overflowing_guidance_fail_the_image_by_name() {
+    let source = common::fixtures().join("tiny-sd1.safetensors");
+    let mut tensors = candle_core::safetensors::load(&source, &candle_core::Device::Cpu).unwrap();
+    let name = "model.diffusion_model.out.2.bias";
+    let bias = tensors.get(name).expect(name);
+    let poisoned = (bias.ones_like().unwrap() * f64::NAN).unwrap();
+    tensors.insert(name.to_string(), poisoned);
+    let dir = std::env::temp_dir().join(format!("sdrs-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("nan-weights.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let checkpoint = sdrs::weights::Checkpoint::open(&path).unwrap();
+    let mut sd = StableDiffusion::load(&checkpoint, &candle_core::Device::Cpu).unwrap();
+    let err = txt2img(&sd, &small_request(1, 7.0), &mut |_| Flow::Continue).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(
+            err,
+            sdrs::Error::NonFinite {
+                stage: "latent after sampling",
+                ..
+            }
+        ) && message.contains("NaN or infinite")
+            && message.contains("broken checkpoint"),
+        "{message}"
+    );
+    // Without the check the image comes out as it is (black), as before.
+    sd.nan_check = false;
+    let images = txt2img(&sd, &small_request(1, 7.0), &mut |_| Flow::Continue).unwrap();
+    assert!(images[0].image.pixels().all(|p| p.0 == [0, 0, 0]));
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let sd = common::load_model("tiny-sd1.safetensors");
+    let err = txt2img(&sd, &small_request(1, 1e308), &mut |_| Flow::Continue).unwrap_err();
+    assert!(matches!(err, sdrs::Error::NonFinite { .. }), "{err}");
+}
+
+#[test]
+fn a_negative_seed_wraps_to_64_bits_as_torch_does() {
+    let sd = common::load_model("tiny-sd1.safetensors");
+    // torch's manual_seed(-5) seeds with 2^64 − 5, whose low 32 bits are 4294967291.
+    let negative = txt2img(&sd, &small_request(-5, 7.0), &mut |_| Flow::Continue).unwrap();
+    let positive = txt2img(&sd, &small_request(4_294_967_291, 7.0), &mut |_| {
+        Flow::Continue
+    })
+    .unwrap();
+    assert_eq!(negative[0].image, positive[0].image);
+    assert!(
+        negative[0].infotext.contains("Seed: -5,"),
+        "{}",
+        negative[0].infotext
+    );
+    let other = txt2img(&sd, &small_request(-6, 7.0), &mut |_| Flow::Continue).unwrap();
+    assert_ne!(negative[0].image, other[0].image);
+}

@@ -10,12 +10,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage, RgbaImage};
 
+use crate::limits::{MAX_INPUT_PIXELS, MAX_INPUT_SIDE};
 use crate::{Error, Result};
-
-/// Largest width or height of an init image, in pixels.
-pub const MAX_INPUT_SIDE: u32 = 16384;
-/// Largest width × height of an init image (64 megapixels), checked before decoding.
-pub const MAX_INPUT_PIXELS: u64 = 8192 * 8192;
 
 /// Reads an init image from a file (see [`decode_image`]).
 pub fn load_image(path: &Path) -> Result<RgbImage> {
@@ -32,15 +28,15 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::Image(e.to_string()))?;
-    match reader.format() {
-        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
+    let format = match reader.format() {
+        Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => f,
         Some(other) => {
             return Err(Error::Image(format!(
                 "{other:?} images are not supported; use PNG, JPEG or WebP"
             )))
         }
         None => return Err(Error::Image("not a PNG, JPEG or WebP image".into())),
-    }
+    };
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| Error::Image(format!("cannot read the image: {e}")))?;
@@ -63,8 +59,12 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
         .set_limits(limits)
         .map_err(|e| Error::Image(e.to_string()))?;
     let orientation = decoder.orientation().ok();
-    let mut img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| Error::Image(format!("cannot decode the image: {e}")))?;
+    let decoded = if format == ImageFormat::Jpeg {
+        decode_jpeg_strictly(bytes, width, height)
+    } else {
+        DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())
+    };
+    let mut img = decoded.map_err(|e| Error::Image(format!("cannot decode the image: {e}")))?;
     if let Some(orientation) = orientation {
         img.apply_orientation(orientation);
     }
@@ -73,6 +73,40 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
     } else {
         img.to_rgb8()
     })
+}
+
+/// Decodes a JPEG to RGB, refusing one whose data ends before its pixels do. The image crate
+/// runs the same decoder leniently, which fills what is missing with grey: a 4 KB file whose
+/// header claims 8000² pixels would pass as a grey picture.
+fn decode_jpeg_strictly(
+    bytes: &[u8],
+    width: u32,
+    height: u32,
+) -> std::result::Result<DynamicImage, String> {
+    // Every 8×8 block of the luma plane costs at least one bit (its DC code) in some scan of
+    // a Huffman-coded JPEG, so a file smaller than that cannot hold the pixels it claims.
+    // Strict mode alone misses a scan that stops at a marker: the decoder pads with zeros.
+    let blocks = (width as u64).div_ceil(8) * (height as u64).div_ceil(8);
+    if (bytes.len() as u64) * 8 < blocks {
+        return Err(format!(
+            "{} bytes cannot hold the {width}x{height} pixels the JPEG claims (truncated or \
+             corrupt)",
+            bytes.len()
+        ));
+    }
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let options = DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(width as usize)
+        .set_max_height(height as usize)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let pixels = decoder.decode().map_err(|e| e.to_string())?;
+    RgbImage::from_raw(width, height, pixels)
+        .map(DynamicImage::ImageRgb8)
+        .ok_or_else(|| "the decoded pixels do not fill the image".to_string())
 }
 
 /// Composites an RGBA image over white exactly as Pillow's `Image.alpha_composite(white, img)`.
@@ -167,6 +201,74 @@ mod tests {
             err.contains("20000x20000") && err.contains("at most"),
             "{err}"
         );
+    }
+
+    fn jpeg(img: DynamicImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg)
+            .unwrap();
+        out
+    }
+
+    fn noise(width: u32, height: u32) -> RgbImage {
+        let mut state = 7u32;
+        RgbImage::from_fn(width, height, |_, _| {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let [a, b, c, _] = state.to_le_bytes();
+            image::Rgb([a, b, c])
+        })
+    }
+
+    #[test]
+    fn jpegs_decode_as_the_image_crate_decodes_them() {
+        let colour = jpeg(DynamicImage::ImageRgb8(noise(67, 45)));
+        let grey = jpeg(DynamicImage::ImageLuma8(
+            DynamicImage::ImageRgb8(noise(33, 20)).to_luma8(),
+        ));
+        for bytes in [colour, grey] {
+            let want = image::load_from_memory(&bytes).unwrap().to_rgb8();
+            let got = decode_image(&bytes).unwrap();
+            assert!(got.dimensions() == want.dimensions() && got.as_raw() == want.as_raw());
+        }
+    }
+
+    #[test]
+    fn jpegs_without_their_pixels_are_refused() {
+        let full = jpeg(DynamicImage::ImageRgb8(noise(256, 256)));
+        let truncated = &full[..full.len() / 2];
+        assert!(
+            image::load_from_memory(truncated).is_ok(),
+            "the lenient decoder accepts it"
+        );
+        let refusal = |bytes: &[u8]| match decode_image(bytes) {
+            Ok(img) => panic!("a {:?} image was accepted", img.dimensions()),
+            Err(e) => e.to_string(),
+        };
+        let err = refusal(truncated);
+        assert!(err.contains("cannot decode"), "{err}");
+        // A small JPEG whose frame header is patched to claim 8000 × 8000 pixels.
+        let mut small = jpeg(DynamicImage::ImageRgb8(noise(16, 16)));
+        let sof = small
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .expect("a baseline frame header");
+        small[sof + 5..sof + 7].copy_from_slice(&8000u16.to_be_bytes());
+        small[sof + 7..sof + 9].copy_from_slice(&8000u16.to_be_bytes());
+        assert!(small.len() < 4096);
+        let err = refusal(&small);
+        assert!(err.contains("cannot hold the 8000x8000 pixels"), "{err}");
+        // The same for a PNG: its decoder finds the image data short.
+        let mut png = Vec::new();
+        DynamicImage::ImageRgb8(noise(16, 16))
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        png[16..20].copy_from_slice(&8000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&8000u32.to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+        let err = refusal(&png);
+        assert!(err.contains("cannot decode"), "{err}");
     }
 
     #[test]

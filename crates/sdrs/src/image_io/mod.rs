@@ -11,9 +11,7 @@ use image::RgbImage;
 
 use crate::{Error, Result};
 
-pub use load::{
-    decode_image, flatten_alpha, image_to_tensor, load_image, MAX_INPUT_PIXELS, MAX_INPUT_SIDE,
-};
+pub use load::{decode_image, flatten_alpha, image_to_tensor, load_image};
 pub use resize::{resize_for_mode, resize_lanczos, resize_region, ResampleFilter, ResizeMode};
 
 /// The PNG text keyword A1111 stores the infotext under.

@@ -30,6 +30,9 @@ pub struct StableDiffusion {
     pub prediction: Prediction,
     /// When the VAE works in tiles.
     pub vae_tiling: VaeTiling,
+    /// Whether a latent or decoded image holding NaN or infinity fails its image (A1111's
+    /// `NansException`); off, such an image is saved as it comes out.
+    pub nan_check: bool,
 }
 
 impl StableDiffusion {
@@ -55,6 +58,7 @@ impl StableDiffusion {
             pad_token: checkpoint.pad_token(),
             prediction: checkpoint.prediction(),
             vae_tiling: VaeTiling::default(),
+            nan_check: true,
         })
     }
 

@@ -2,7 +2,7 @@
 
 use std::cell::Cell;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use image::RgbImage;
 
 use super::hires::HiresPass;
@@ -40,9 +40,10 @@ pub enum Event<'a> {
     },
 }
 
-/// The seed a run uses: the request's, or a fresh one for −1.
+/// The seed a run uses: the request's, or a fresh one for −1. Another negative seed wraps to
+/// 64 bits, as torch's `manual_seed` (and so A1111) takes it.
 pub fn resolve_seed(seed: i64) -> u64 {
-    if seed >= 0 {
+    if seed != -1 {
         return seed as u64;
     }
     // A1111 draws from [0, 2³² − 2]; any source of entropy will do.
@@ -213,15 +214,36 @@ pub(super) fn generate(
 
 /// Decodes a sampler's result: back from sigma space to the VAE's latent scale (DDIM and
 /// PLMS end at σ_0 > 0, where the latent is x·sqrt(ᾱ_0)), then through the VAE.
+/// Unless `sd.nan_check` is off, a latent or image with NaN or infinite values is an error.
 pub fn decode(sd: &StableDiffusion, x: &Tensor, last_sigma: f64) -> Result<RgbImage> {
     let latent = (x / (1.0 + last_sigma * last_sigma).sqrt())?;
+    if sd.nan_check {
+        check_finite(&latent, "latent after sampling")?;
+    }
     let decoded = vae_tiling::decode(
         &*sd.vae()?,
         sd.vae_config.downscale_factor(),
         &(latent / sd.vae_config.scaling_factor)?,
         &sd.vae_tiling,
     )?;
+    if sd.nan_check {
+        check_finite(&decoded, "image the VAE decoded")?;
+    }
     tensor_to_images(&decoded)?
         .pop()
         .ok_or_else(|| Error::Image("the VAE returned no image".into()))
+}
+
+/// Fails with [`Error::NonFinite`] when `t` holds a NaN or an infinity.
+fn check_finite(t: &Tensor, stage: &'static str) -> Result<()> {
+    let values: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    let count = values.iter().filter(|v| !v.is_finite()).count();
+    if count > 0 {
+        return Err(Error::NonFinite {
+            stage,
+            count,
+            total: values.len(),
+        });
+    }
+    Ok(())
 }
