@@ -79,7 +79,7 @@ pub(super) fn second_pass_steps(
     if schedule_steps > most {
         return Err(exceeded(
             format!(
-                "the hires fix's schedule with {} (steps {steps} ÷ denoising strength {strength})",
+                "the hires fix's schedule with {} (steps {steps} ÷ denoising strength {strength:?})",
                 sampler.name()
             ),
             schedule_steps,
