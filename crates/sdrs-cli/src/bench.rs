@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use sdrs::hub::Hub;
+use sdrs::limits::{exceeded, MAX_BENCH_REPEATS, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
 use sdrs::pipeline::flops;
 use sdrs::pipeline::{decode, txt2img, CfgDenoiser, GenerationRequest, StableDiffusion};
 use sdrs::prompt::PromptSyntax;
@@ -65,6 +66,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.steps == 0 || args.repeats == 0 {
         bail!("--steps and --repeats must be at least 1");
+    }
+    if args.size > MAX_SIDE || args.size * args.size > MAX_PIXELS {
+        bail!(exceeded(
+            "--size squared",
+            args.size.saturating_mul(args.size),
+            "MAX_PIXELS",
+            MAX_PIXELS
+        ));
+    }
+    if args.steps > MAX_STEPS {
+        bail!(exceeded("--steps", args.steps, "MAX_STEPS", MAX_STEPS));
+    }
+    if args.repeats > MAX_BENCH_REPEATS {
+        bail!(exceeded(
+            "--repeats",
+            args.repeats,
+            "MAX_BENCH_REPEATS",
+            MAX_BENCH_REPEATS
+        ));
     }
     let resolved = resolve_model(&Hub::from_env(), args.model.as_deref())?;
     let path = &resolved.path;

@@ -103,6 +103,16 @@ fn step_counts_past_the_schedule_are_refused_by_name() {
         ],
     );
     refused(&result, &["MAX_SCHEDULE_STEPS"]);
+    let result = sdrs(&["tokenize", "--steps", "100000000000", "[a|b]"]);
+    refused(&result, &["MAX_STEPS", "100000000000"]);
+    for (flag, value, limit) in [
+        ("--size", "99999992", "MAX_PIXELS"),
+        ("--steps", "99999992", "MAX_STEPS"),
+        ("--repeats", "99999992", "MAX_BENCH_REPEATS"),
+    ] {
+        let result = sdrs(&["bench", "--model", &tiny_model(), flag, value]);
+        refused(&result, &[limit]);
+    }
     assert_eq!(files_in(&out), Vec::<PathBuf>::new());
 }
 

@@ -28,6 +28,8 @@ pub const MAX_PROMPT_PARTS: usize = 32;
 /// cross-attention of every step.
 pub const MAX_PROMPT_CHUNKS: usize = 32;
 
+/// Most runs of each phase `sdrs bench` times.
+pub const MAX_BENCH_REPEATS: usize = 100;
 /// Largest width or height of a picture read (init images, upscaler input), in pixels.
 pub const MAX_INPUT_SIDE: u32 = 16384;
 /// Largest width × height of a picture read (64 megapixels), checked before decoding.

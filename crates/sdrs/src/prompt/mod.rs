@@ -46,7 +46,7 @@ use std::sync::OnceLock;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{exceeded, MAX_PROMPT_BYTES, MAX_PROMPT_NESTING, MAX_PROMPT_PARTS};
+use crate::limits::{exceeded, MAX_PROMPT_BYTES, MAX_PROMPT_NESTING, MAX_PROMPT_PARTS, MAX_STEPS};
 use crate::{Error, Result};
 
 pub use attention::{parse_attention, Segment};
@@ -150,6 +150,9 @@ pub fn plan(text: &str, syntax: PromptSyntax, steps: usize) -> Result<PromptPlan
         return Err(Error::InvalidRequest(
             "a prompt plan needs at least 1 step".into(),
         ));
+    }
+    if steps > MAX_STEPS {
+        return Err(exceeded("steps", steps, "MAX_STEPS", MAX_STEPS));
     }
     if text.len() > MAX_PROMPT_BYTES {
         return Err(exceeded(

@@ -32,6 +32,14 @@ enum Node {
 /// [`crate::limits::MAX_PROMPT_NESTING`] is refused, which bounds the parser's recursion.
 pub fn prompt_schedule(prompt: &str, steps: usize) -> crate::Result<Vec<(usize, String)>> {
     super::check_nesting(prompt)?;
+    if steps > crate::limits::MAX_STEPS {
+        return Err(crate::limits::exceeded(
+            "steps",
+            steps,
+            "MAX_STEPS",
+            crate::limits::MAX_STEPS,
+        ));
+    }
     let chars: Vec<char> = prompt.chars().collect();
     let Some(nodes) = parse_top(&chars) else {
         return Ok(vec![(steps, prompt.to_string())]);

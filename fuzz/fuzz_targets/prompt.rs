@@ -1,0 +1,46 @@
+//! The prompt language: arbitrary text read in every syntax (A1111 emphasis, editing and
+//! alternation, AND, BREAK; optimizedSD blends; Auto's choice between them), then cut into
+//! 75-token chunks with the real tokenizer. The first byte picks the step count. A crash, a
+//! hang, deep recursion or an allocation past libFuzzer's limit is a finding.
+
+#![no_main]
+
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use sdrs::prompt::{chunks, parse_attention, plan, prompt_schedule, PromptSyntax};
+use sdrs::tokenizer::Tokenizer;
+
+fn tokenizer() -> &'static Tokenizer {
+    static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+    TOKENIZER.get_or_init(|| Tokenizer::new().expect("the embedded vocabulary"))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let steps = 1 + first as usize % 40;
+    let _ = parse_attention(text);
+    let _ = prompt_schedule(text, steps);
+    for syntax in [
+        PromptSyntax::Auto,
+        PromptSyntax::A1111,
+        PromptSyntax::Optimized,
+        PromptSyntax::Plain,
+    ] {
+        let Ok(plan) = plan(text, syntax, steps) else {
+            continue;
+        };
+        for part in &plan.parts {
+            for scheduled in &part.schedule {
+                for (sub, _) in &scheduled.blend {
+                    let _ = chunks(tokenizer(), sub, syntax, 0);
+                }
+            }
+        }
+    }
+});
