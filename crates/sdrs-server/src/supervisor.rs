@@ -336,10 +336,10 @@ impl Supervisor {
         let program = self.command.program.display();
         let mut child = Command::new(&self.command.program)
             .args(&self.command.args)
-            .envs(self.command.env.iter().map(|(k, v)| (k, v)))
             // Errors carry their message only: no backtrace is captured, whatever
             // RUST_BACKTRACE says (panics still print theirs on stderr).
             .env("RUST_LIB_BACKTRACE", "0")
+            .envs(self.command.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -421,7 +421,7 @@ impl Supervisor {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(last) = last {
-            why.push_str(&format!(" ({last})"));
+            why.push_str(&format!(", saying {last:?}"));
         }
         why
     }
@@ -529,6 +529,9 @@ fn relay_stderr(stderr: impl Read, last_words: &Mutex<Option<String>>) {
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end();
+        if text.is_empty() {
+            continue;
+        }
         eprintln!("sdrs worker: {text}");
         if FATAL.iter().any(|f| text.contains(f)) {
             let mut kept: String = text.chars().take(300).collect();
