@@ -17,9 +17,9 @@ use crate::queue::JobError;
 
 /// Largest JSON message of a frame: a request with two 64 KiB prompts, an infotext, an error.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
-/// Largest attachment: a 4096² init image as RGB (48 MiB), or the PNG of one (PNG of noise is
-/// a little larger than the raw pixels).
-pub const MAX_ATTACHMENT_BYTES: usize = 128 << 20;
+/// Largest attachment: the largest init image the server decodes (8192², 192 MiB as RGB), or
+/// the PNG of the largest image made (4096²; PNG of noise is a little larger than its pixels).
+pub const MAX_ATTACHMENT_BYTES: usize = 256 << 20;
 
 /// Where the worker runs its networks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +171,12 @@ mod tests {
             Some((ToWorker::Interrupt { job: 7 }, _))
         ));
         assert!(read_frame::<ToWorker>(&mut input).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_largest_init_image_fits_in_a_frame() {
+        let rgb = sdrs::image_io::MAX_INPUT_PIXELS as usize * 3;
+        assert!(rgb <= MAX_ATTACHMENT_BYTES, "{rgb}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use image::RgbImage;
 use sdrs::pipeline::GenerationRequest;
 
 use crate::models::ModelEntry;
-use crate::protocol::{read_frame, write_frame, FromWorker, ToWorker};
+use crate::protocol::{read_frame, write_frame, FromWorker, ToWorker, MAX_ATTACHMENT_BYTES};
 use crate::queue::{Control, FinishedImage, Job, JobError, JobState, Queue, Work};
 
 /// How to start a worker process: `sdrs serve-worker`, or the crate's `sdrs-server-worker`.
@@ -265,6 +265,16 @@ impl Supervisor {
             init: init.map(|i| i.dimensions()),
         };
         let pixels = init.map(|i| i.as_raw().clone()).unwrap_or_default();
+        if pixels.len() > MAX_ATTACHMENT_BYTES {
+            return Ended::Finished(Err(JobError {
+                message: format!(
+                    "the init image is {} bytes as RGB; at most {MAX_ATTACHMENT_BYTES} go to \
+                     the worker",
+                    pixels.len()
+                ),
+                bad_request: true,
+            }));
+        }
         let _ = worker.input.send((message, pixels));
         // After the job's frame, so that the worker knows the job an early interrupt names.
         let (input, id) = (worker.input.clone(), job.id);
@@ -339,6 +349,8 @@ impl Supervisor {
             // Errors carry their message only: no backtrace is captured, whatever
             // RUST_BACKTRACE says (panics still print theirs on stderr).
             .env("RUST_LIB_BACKTRACE", "0")
+            // The crash hooks are armed only by a command built to arm them (tests).
+            .env_remove(crate::worker::TEST_CRASH_VAR)
             .envs(self.command.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
