@@ -7,7 +7,7 @@ use std::time::Duration;
 use candle_core::Device;
 use sdrs::pipeline::NetworkOptions;
 
-use crate::supervisor::WorkerCommand;
+use crate::process::WorkerCommand;
 
 /// Everything `sdrs serve` is told on its command line.
 #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@ mod listen;
 mod models;
 mod options;
 mod preview;
+mod process;
 mod protocol;
 mod queue;
 mod request;
@@ -33,7 +34,7 @@ use serde_json::{json, Map, Value};
 
 pub use config::{parse_auth, parse_list, Limits, ServerConfig};
 pub use listen::serve;
-pub use supervisor::WorkerCommand;
+pub use process::WorkerCommand;
 pub use worker::{run_worker, TEST_CRASH_VAR};
 
 /// The A1111 request parser on arbitrary bytes, for the fuzz target; not part of the API.

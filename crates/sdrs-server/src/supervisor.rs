@@ -3,40 +3,17 @@
 //! exit — fails the job it was running with what happened, starts a new one with the same
 //! model, and goes on with the queue.
 
-use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use image::RgbImage;
 use sdrs::pipeline::GenerationRequest;
 
 use crate::models::ModelEntry;
-use crate::protocol::{read_frame, write_frame, FromWorker, ToWorker, MAX_ATTACHMENT_BYTES};
+use crate::process::{Process, WorkerCommand};
+use crate::protocol::{FromWorker, ToWorker, MAX_ATTACHMENT_BYTES};
 use crate::queue::{Control, FinishedImage, Job, JobError, JobState, Queue, Work};
-
-/// How to start a worker process: `sdrs serve-worker`, or the crate's `sdrs-server-worker`.
-#[derive(Debug, Clone)]
-pub struct WorkerCommand {
-    pub program: PathBuf,
-    pub args: Vec<OsString>,
-    /// Extra environment variables (tests arm the worker's crash hooks with one).
-    pub env: Vec<(OsString, OsString)>,
-}
-
-impl WorkerCommand {
-    pub fn new(program: impl Into<PathBuf>, args: &[&str]) -> Self {
-        Self {
-            program: program.into(),
-            args: args.iter().map(OsString::from).collect(),
-            env: Vec::new(),
-        }
-    }
-}
 
 /// The model the worker has loaded, as the API reports it.
 #[derive(Debug, Clone)]
@@ -59,26 +36,12 @@ pub struct Supervisor {
     pub pid: Arc<AtomicU32>,
 }
 
-/// A running worker process.
-struct Process {
-    child: Child,
-    /// Frames for the worker's stdin, written by a thread of their own so that no caller
-    /// ever blocks on the pipe.
-    input: mpsc::Sender<(ToWorker, Vec<u8>)>,
-    output: BufReader<ChildStdout>,
-    /// The last fatal line the worker wrote on stderr ("has overflowed its stack", …).
-    last_words: Arc<Mutex<Option<String>>>,
-}
-
 /// How a job on the worker ended.
 enum Ended<T> {
     Finished(Result<T, JobError>),
     /// The worker died (or broke the protocol and was killed); why, in words.
     Died(String),
 }
-
-/// How long a worker that closed its output gets to exit before it is killed.
-const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 impl Supervisor {
     /// Runs jobs until the queue closes, then stops the worker.
@@ -102,11 +65,7 @@ impl Supervisor {
             }
             let Some(job) = self.queue.next() else { break };
             if let Some(p) = &process {
-                // Dying words belong to the job that dies.
-                p.last_words
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take();
+                p.forget_last_words();
             }
             job.update(|s| {
                 s.state = JobState::Running;
@@ -136,11 +95,11 @@ impl Supervisor {
         job: &Job,
     ) -> Result<(), JobError> {
         // A worker that died while idle is replaced before the job, which is not its fault.
-        if process
-            .as_mut()
-            .is_some_and(|p| !matches!(p.child.try_wait(), Ok(None)))
-        {
-            let why = process.take().map(|p| self.bury(p)).unwrap_or_default();
+        if process.as_mut().is_some_and(Process::exited) {
+            let why = process
+                .take()
+                .map(|mut p| self.reap(&mut p))
+                .unwrap_or_default();
             eprintln!("sdrs: the idle worker process {why}; starting another");
             let model = self.current_model();
             *process = self.start().map_err(|e| eprintln!("sdrs: {e}")).ok();
@@ -234,20 +193,16 @@ impl Supervisor {
 
     fn load(&self, worker: &mut Process, job: u64, model: &ModelEntry) -> Ended<Option<String>> {
         let path = model.path.clone();
-        let _ = worker
-            .input
-            .send((ToWorker::Load { job, path }, Vec::new()));
-        match read_frame::<FromWorker>(&mut worker.output) {
-            Ok(Some((FromWorker::Loaded { job: j, hash }, _))) if j == job => {
-                Ended::Finished(Ok(hash))
-            }
-            Ok(Some((
+        worker.send(ToWorker::Load { job, path }, Vec::new());
+        match worker.read() {
+            Some((FromWorker::Loaded { job: j, hash }, _)) if j == job => Ended::Finished(Ok(hash)),
+            Some((
                 FromWorker::Done {
                     job: j,
                     error: Some(e),
                 },
                 _,
-            ))) if j == job => Ended::Finished(Err(e)),
+            )) if j == job => Ended::Finished(Err(e)),
             _ => self.died(worker),
         }
     }
@@ -275,9 +230,9 @@ impl Supervisor {
                 bad_request: true,
             }));
         }
-        let _ = worker.input.send((message, pixels));
+        worker.send(message, pixels);
         // After the job's frame, so that the worker knows the job an early interrupt names.
-        let (input, id) = (worker.input.clone(), job.id);
+        let (input, id) = (worker.sender(), job.id);
         job.set_control(Some(Box::new(move |control| {
             let message = match control {
                 Control::Interrupt => ToWorker::Interrupt { job: id },
@@ -286,9 +241,8 @@ impl Supervisor {
             let _ = input.send((message, Vec::new()));
         })));
         let ended = loop {
-            let frame = match read_frame::<FromWorker>(&mut worker.output) {
-                Ok(Some(frame)) => frame,
-                _ => break self.died(worker),
+            let Some(frame) = worker.read() else {
+                break self.died(worker);
             };
             match frame {
                 (
@@ -341,115 +295,25 @@ impl Supervisor {
         ended
     }
 
-    /// Starts a worker and gives it its setup.
+    /// Starts a worker; its id is then the server's `worker_pid`.
     fn start(&self) -> Result<Process, String> {
-        let program = self.command.program.display();
-        let mut child = Command::new(&self.command.program)
-            .args(&self.command.args)
-            // Errors carry their message only: no backtrace is captured, whatever
-            // RUST_BACKTRACE says (panics still print theirs on stderr).
-            .env("RUST_LIB_BACKTRACE", "0")
-            // The crash hooks are armed only by a command built to arm them (tests).
-            .env_remove(crate::worker::TEST_CRASH_VAR)
-            .envs(self.command.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start the worker process {program}: {e}"))?;
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            let _ = child.kill();
-            return Err("the worker process has no pipes".into());
-        };
-        let (input, frames) = mpsc::channel::<(ToWorker, Vec<u8>)>();
-        let last_words = Arc::new(Mutex::new(None));
-        let threads = std::thread::Builder::new()
-            .name("sdrs-worker-stdin".into())
-            .spawn(move || write_frames(stdin, &frames))
-            .and_then(|_| {
-                let last_words = last_words.clone();
-                std::thread::Builder::new()
-                    .name("sdrs-worker-stderr".into())
-                    .spawn(move || relay_stderr(stderr, &last_words))
-            });
-        if let Err(e) = threads {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("cannot start the worker's threads: {e}"));
-        }
-        let mut process = Process {
-            child,
-            input,
-            output: BufReader::new(stdout),
-            last_words,
-        };
-        let _ = process.input.send((self.setup.clone(), Vec::new()));
-        match read_frame::<FromWorker>(&mut process.output) {
-            Ok(Some((FromWorker::Ready { pid }, _))) => {
-                self.pid.store(pid, Ordering::SeqCst);
-                eprintln!("sdrs: worker process {pid} started");
-                Ok(process)
-            }
-            _ => Err(format!(
-                "the worker process ({program}) {} before it was ready",
-                self.bury(process)
-            )),
-        }
+        let process = Process::start(&self.command, &self.setup)?;
+        self.pid.store(process.pid(), Ordering::SeqCst);
+        Ok(process)
     }
 
-    /// The worker broke off: waits for it to exit (killing it if it does not) and says why.
+    /// The worker broke off: reaps it and says why.
     fn died<T>(&self, worker: &mut Process) -> Ended<T> {
         Ended::Died(self.reap(worker))
     }
 
-    fn bury(&self, mut worker: Process) -> String {
-        self.reap(&mut worker)
-    }
-
     fn reap(&self, worker: &mut Process) -> String {
         self.pid.store(0, Ordering::SeqCst);
-        let deadline = Instant::now() + EXIT_GRACE;
-        let status = loop {
-            match worker.child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                _ => {
-                    // Alive but no longer talking (or unwaitable): it cannot be trusted.
-                    let _ = worker.child.kill();
-                    break worker.child.wait().ok();
-                }
-            }
-        };
-        // The stderr relay may still be reading the dying words.
-        std::thread::sleep(Duration::from_millis(20));
-        let mut why = status.map_or_else(|| "vanished".to_string(), describe);
-        let last = worker
-            .last_words
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(last) = last {
-            why.push_str(&format!(", saying {last:?}"));
-        }
-        why
+        worker.reap()
     }
 
-    /// Closes the worker's input (it ends after its job) and waits a little for it.
-    fn stop(&self, process: Process) {
-        let Process {
-            mut child, input, ..
-        } = process;
-        drop(input);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+    fn stop(&self, worker: Process) {
+        worker.stop();
         self.pid.store(0, Ordering::SeqCst);
     }
 
@@ -473,103 +337,5 @@ fn server_error(message: impl Into<String>) -> JobError {
     JobError {
         message: message.into(),
         bad_request: false,
-    }
-}
-
-/// A worker's end in words: "was killed by signal 9 (SIGKILL: …)" or "exited with status 3".
-pub fn describe(status: ExitStatus) -> String {
-    if let Some(signal) = status.signal() {
-        let (name, hint) = match signal {
-            libc::SIGKILL => (
-                "SIGKILL",
-                ": out of memory (the kernel's OOM killer), or killed",
-            ),
-            libc::SIGABRT => ("SIGABRT", ": an abort, such as a failed allocation"),
-            libc::SIGSEGV => ("SIGSEGV", ": a crash"),
-            libc::SIGBUS => (
-                "SIGBUS",
-                ": a mapped file, such as a model, shrank under it",
-            ),
-            libc::SIGILL => ("SIGILL", ": an instruction this CPU lacks, or a crash"),
-            libc::SIGFPE => ("SIGFPE", ""),
-            libc::SIGTERM => ("SIGTERM", ""),
-            libc::SIGINT => ("SIGINT", ""),
-            libc::SIGHUP => ("SIGHUP", ""),
-            libc::SIGPIPE => ("SIGPIPE", ""),
-            libc::SIGXCPU => ("SIGXCPU", ": over its CPU time limit"),
-            _ => ("", ""),
-        };
-        return if name.is_empty() {
-            format!("was killed by signal {signal}")
-        } else {
-            format!("was killed by signal {signal} ({name}{hint})")
-        };
-    }
-    match status.code() {
-        Some(code) => format!("exited with status {code}"),
-        None => format!("ended ({status})"),
-    }
-}
-
-/// The worker's stdin: frames from the channel until it closes or the pipe breaks.
-fn write_frames(stdin: impl Write, frames: &mpsc::Receiver<(ToWorker, Vec<u8>)>) {
-    let mut stdin = std::io::BufWriter::new(stdin);
-    while let Ok((message, data)) = frames.recv() {
-        if write_frame(&mut stdin, &message, &data).is_err() {
-            return;
-        }
-    }
-}
-
-/// Copies the worker's stderr to ours, line by line, and keeps the last line that says why
-/// a process dies.
-fn relay_stderr(stderr: impl Read, last_words: &Mutex<Option<String>>) {
-    const FATAL: [&str; 4] = [
-        "has overflowed its stack",
-        "memory allocation of",
-        "fatal runtime error",
-        "panicked while",
-    ];
-    let mut lines = BufReader::new(stderr);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        // Lines are cut at 4 KiB so that a worker printing without newlines costs nothing.
-        match lines.by_ref().take(4096).read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end();
-        if text.is_empty() {
-            continue;
-        }
-        eprintln!("sdrs worker: {text}");
-        if FATAL.iter().any(|f| text.contains(f)) {
-            let mut kept: String = text.chars().take(300).collect();
-            if let Some(at) = kept.find(", aborting") {
-                kept.truncate(at);
-            }
-            *last_words.lock().unwrap_or_else(PoisonError::into_inner) = Some(kept);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deaths_are_described_by_signal_name_or_exit_status() {
-        let killed = ExitStatus::from_raw(libc::SIGKILL);
-        assert!(
-            describe(killed).contains("signal 9 (SIGKILL"),
-            "{}",
-            describe(killed)
-        );
-        let exited = ExitStatus::from_raw(3 << 8);
-        assert_eq!(describe(exited), "exited with status 3");
-        let odd = ExitStatus::from_raw(40);
-        assert_eq!(describe(odd), "was killed by signal 40");
     }
 }
