@@ -41,6 +41,8 @@ pub struct Process {
     output: BufReader<ChildStdout>,
     /// The last fatal line the worker wrote on stderr ("has overflowed its stack", …).
     last_words: Arc<Mutex<Option<String>>>,
+    /// Disconnected once the stderr relay has read everything the worker wrote.
+    relayed: mpsc::Receiver<()>,
 }
 
 /// How long a worker that closed its output gets to exit before it is killed.
@@ -72,6 +74,7 @@ impl Process {
         };
         let (input, frames) = mpsc::channel::<(ToWorker, Vec<u8>)>();
         let last_words = Arc::new(Mutex::new(None));
+        let (relaying, relayed) = mpsc::channel::<()>();
         let threads = std::thread::Builder::new()
             .name("sdrs-worker-stdin".into())
             .spawn(move || write_frames(stdin, &frames))
@@ -79,7 +82,10 @@ impl Process {
                 let last_words = last_words.clone();
                 std::thread::Builder::new()
                     .name("sdrs-worker-stderr".into())
-                    .spawn(move || relay_stderr(stderr, &last_words))
+                    .spawn(move || {
+                        relay_stderr(stderr, &last_words);
+                        drop(relaying);
+                    })
             });
         if let Err(e) = threads {
             let _ = child.kill();
@@ -92,6 +98,7 @@ impl Process {
             input,
             output: BufReader::new(stdout),
             last_words,
+            relayed,
         };
         process.send(setup.clone(), Vec::new());
         match process.read() {
@@ -146,7 +153,7 @@ impl Process {
             match self.child.try_wait() {
                 Ok(Some(status)) => break Some(status),
                 Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 _ => {
                     // Alive but no longer talking (or unwaitable): it cannot be trusted.
@@ -155,8 +162,9 @@ impl Process {
                 }
             }
         };
-        // The stderr relay may still be reading the dying words.
-        std::thread::sleep(Duration::from_millis(20));
+        // The stderr relay may still be reading the dying words (a grandchild holding the
+        // pipe open must not hold us up for long).
+        let _ = self.relayed.recv_timeout(Duration::from_millis(200));
         let mut why = status.map_or_else(|| "vanished".to_string(), describe);
         let last = self
             .last_words
