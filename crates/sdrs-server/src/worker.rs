@@ -172,7 +172,20 @@ impl Worker {
             }
             ToWorker::Generate { job, request, init } => {
                 let init = match init {
-                    Some((w, h)) => RgbImage::from_raw(w, h, data),
+                    Some((w, h)) => match RgbImage::from_raw(w, h, data) {
+                        Some(image) => Some(image),
+                        None => {
+                            let error = server_error(format!(
+                                "the init image's pixels do not make a {w}x{h} picture"
+                            ));
+                            let done = FromWorker::Done {
+                                job,
+                                error: Some(error),
+                            };
+                            self.send(&done, &[])?;
+                            return Ok(());
+                        }
+                    },
                     None => None,
                 };
                 let outcome = guarded(|| self.generate(job, &request, init.as_ref()));
