@@ -40,6 +40,10 @@ enum Command {
     Models(models::ModelsArgs),
     /// Serve the A1111-compatible HTTP API, a job queue and a web page.
     Serve(Box<serve::ServeArgs>),
+    /// The worker process `sdrs serve` starts: runs jobs on the model, speaking frames on
+    /// stdin and stdout. Not for people.
+    #[command(hide = true)]
+    ServeWorker,
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Models(args) => models::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(*args),
+        Command::ServeWorker => sdrs_server::run_worker(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

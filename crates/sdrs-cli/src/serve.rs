@@ -2,10 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use sdrs_server::{parse_auth, Limits, ServerConfig};
+use sdrs_server::{parse_auth, parse_list, Limits, ServerConfig, WorkerCommand};
 
 use crate::txt2img::network_options;
 
@@ -44,6 +45,32 @@ pub struct ServeArgs {
     /// Largest width × height × images of one request.
     #[arg(long = "max-pixels", default_value_t = Limits::default().max_pixels)]
     max_pixels: usize,
+    /// Longest prompt (and negative prompt) in bytes; at most the default, 64 KiB.
+    #[arg(long = "max-prompt-bytes", default_value_t = Limits::default().max_prompt_bytes)]
+    max_prompt_bytes: usize,
+    /// Host names the server answers to besides IP addresses and localhost, comma-separated
+    /// (`*`: any). Other names are refused, which stops DNS-rebinding pages.
+    #[arg(long = "allowed-hosts", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+    /// Origins (`https://example.com`) whose pages may call the API, comma-separated (`*`:
+    /// any). Requests from other sites' pages are refused.
+    #[arg(long = "cors-allow-origins", value_delimiter = ',')]
+    cors_allow_origins: Vec<String>,
+    /// Seconds a client has to send a request's headers before the connection is closed.
+    #[arg(long = "header-timeout", default_value_t = Limits::default().header_timeout.as_secs_f64())]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body before it is answered 408 and the
+    /// connection closed.
+    #[arg(long = "body-timeout", default_value_t = Limits::default().body_timeout.as_secs_f64())]
+    body_timeout: f64,
+}
+
+/// A positive, finite number of seconds.
+fn seconds(value: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero() && d.as_secs() <= 24 * 3600)
+        .with_context(|| format!("{flag} wants seconds from above 0 to a day, got {value}"))
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -52,6 +79,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => Vec::new(),
     };
     let device = candle_core::Device::Cpu;
+    let exe = std::env::current_exe().context("finding the sdrs binary to start workers")?;
     let config = ServerConfig {
         network: network_options(args.lowmem, args.fast, &device),
         model: args.model,
@@ -61,11 +89,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         outdir: args.outdir,
         device,
         limits: Limits {
-            max_body_bytes: args.max_body_mib << 20,
+            max_body_bytes: args.max_body_mib.saturating_mul(1 << 20),
             max_queue: args.max_queue,
             max_pixels: args.max_pixels,
+            max_prompt_bytes: args.max_prompt_bytes,
+            header_timeout: seconds(args.header_timeout, "--header-timeout")?,
+            body_timeout: seconds(args.body_timeout, "--body-timeout")?,
             ..Limits::default()
         },
+        worker: WorkerCommand::new(exe, &["serve-worker"]),
+        allowed_hosts: parse_list(&args.allowed_hosts.join(",")),
+        cors_allow_origins: parse_list(&args.cors_allow_origins.join(",")),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -3,8 +3,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use base64::Engine;
@@ -13,9 +12,10 @@ use sdrs::pipeline::infotext;
 use sdrs::sampling::Sampler;
 use serde_json::{json, Map, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::models;
-use crate::queue::{JobState, JobStatus, Work};
+use crate::queue::{Job, JobState, JobStatus, Work};
 use crate::request::{self, decode_base64, image_from_bytes, ParsedRequest};
 use crate::AppState;
 
@@ -25,30 +25,31 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-pub async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> Api {
+pub async fn txt2img(State(state): State<Arc<AppState>>, caller: Caller, request: Request) -> Api {
+    let body = state.read_body(request).await?;
     let parsed = request::parse(&body, false, &state.limits)?;
-    generate(&state, parsed).await
+    generate(&state, caller, parsed).await
 }
 
-pub async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> Api {
+pub async fn img2img(State(state): State<Arc<AppState>>, caller: Caller, request: Request) -> Api {
+    let body = state.read_body(request).await?;
     let parsed = request::parse(&body, true, &state.limits)?;
-    generate(&state, parsed).await
+    generate(&state, caller, parsed).await
 }
 
 /// Queues the request and answers when it is done. A client that disconnects first loses
 /// only the answer: the job runs on and its images are saved.
-async fn generate(state: &AppState, parsed: ParsedRequest) -> Api {
+async fn generate(state: &AppState, caller: Caller, parsed: ParsedRequest) -> Api {
     let ParsedRequest {
         request,
         init,
         parameters,
     } = parsed;
-    let status = state
-        .run_to_end(Work::Generate {
-            request: request.clone(),
-            init,
-        })
-        .await?;
+    let work = Work::Generate {
+        request: request.clone(),
+        init,
+    };
+    let status = state.run_to_end(work, caller).await?;
     if let Some(error) = &status.error {
         let code = if error.bad_request {
             StatusCode::UNPROCESSABLE_ENTITY
@@ -141,12 +142,22 @@ pub struct ProgressQuery {
     skip_current_image: bool,
 }
 
-/// A1111's `/progress`: the running job's share done, its ETA and a preview.
+/// The running job, when `caller` may see it.
+fn running_job(state: &AppState, caller: &Caller) -> Option<Arc<Job>> {
+    state
+        .queue
+        .running()
+        .filter(|job| job.visible_to(caller.name()))
+}
+
+/// A1111's `/progress`: the running job's share done, its ETA and a preview. With
+/// `--api-auth`, another user's job shows as no job.
 pub async fn progress(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     Query(query): Query<ProgressQuery>,
 ) -> Json<Value> {
-    let Some(job) = state.queue.running() else {
+    let Some(job) = running_job(&state, &caller) else {
         return Json(json!({
             "progress": 0.0,
             "eta_relative": 0.0,
@@ -190,15 +201,17 @@ pub async fn progress(
     }))
 }
 
-pub async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
-    if let Some(job) = state.queue.running() {
+/// Interrupts the running job, if it is the caller's.
+pub async fn interrupt(State(state): State<Arc<AppState>>, caller: Caller) -> Json<Value> {
+    if let Some(job) = running_job(&state, &caller) {
         job.interrupt();
     }
     Json(json!({}))
 }
 
-pub async fn skip(State(state): State<Arc<AppState>>) -> Json<Value> {
-    if let Some(job) = state.queue.running() {
+/// Skips the running job's current image, if the job is the caller's.
+pub async fn skip(State(state): State<Arc<AppState>>, caller: Caller) -> Json<Value> {
+    if let Some(job) = running_job(&state, &caller) {
         job.skip();
     }
     Json(json!({}))
@@ -209,13 +222,22 @@ pub async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// Stores the options; `sd_model_checkpoint` switches the model (in queue order, answered
-/// when the new model is loaded, as A1111 does).
-pub async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> Api {
-    let mut changes = request::json_object(&body)?;
-    if let Some(name) = changes.remove("sd_model_checkpoint") {
-        let name = name
-            .as_str()
-            .ok_or_else(|| ApiError::invalid("sd_model_checkpoint must be a string"))?;
+/// when the new model is loaded, as A1111 does). Only the keys GET reports are taken, each
+/// with a value of its kind; anything else is a 422 and nothing is changed.
+pub async fn set_options(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    request: Request,
+) -> Api {
+    let body = crate::body::read_json(
+        request,
+        sdrs::limits::MAX_OPTIONS_BODY_BYTES,
+        state.limits.body_timeout,
+    )
+    .await?;
+    let changes = request::json_object(&body)?;
+    let keep = crate::options::check(&changes, &state.stored_options())?;
+    if let Some(name) = changes.get("sd_model_checkpoint").and_then(Value::as_str) {
         let models = state.models();
         let entry = models::find(&models, name).cloned().ok_or_else(|| {
             ApiError::invalid(format!(
@@ -229,13 +251,15 @@ pub async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> Api
         })?;
         let loaded = state.current_model().map(|m| m.entry);
         if loaded.as_ref() != Some(&entry) {
-            let status = state.run_to_end(Work::LoadModel { model: entry }).await?;
+            let status = state
+                .run_to_end(Work::LoadModel { model: entry }, caller)
+                .await?;
             if let Some(e) = status.error {
                 return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.message));
             }
         }
     }
-    state.store_options(changes);
+    state.store_options(keep);
     Ok(Json(json!(null)))
 }
 
@@ -303,7 +327,8 @@ pub async fn empty_list() -> Json<Value> {
 }
 
 /// A1111's `/png-info`: the image's `parameters` text and what it says, key by key.
-pub async fn png_info(body: Bytes) -> Api {
+pub async fn png_info(State(state): State<Arc<AppState>>, request: Request) -> Api {
+    let body = state.read_body(request).await?;
     let fields = request::json_object(&body)?;
     let image = fields
         .get("image")

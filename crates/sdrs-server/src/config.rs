@@ -2,9 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use candle_core::Device;
 use sdrs::pipeline::NetworkOptions;
+
+use crate::process::WorkerCommand;
 
 /// Everything `sdrs serve` is told on its command line.
 #[derive(Debug, Clone)]
@@ -21,6 +24,14 @@ pub struct ServerConfig {
     pub device: Device,
     pub network: NetworkOptions,
     pub limits: Limits,
+    /// How to start the worker process that owns the model and runs the jobs.
+    pub worker: WorkerCommand,
+    /// Host names the `Host` header may carry besides IP literals and loopback names
+    /// (`--allowed-hosts`); `*` allows any.
+    pub allowed_hosts: Vec<String>,
+    /// Origins whose pages may call the API (`--cors-allow-origins`), answered with CORS
+    /// headers; `*` allows any. Other cross-origin requests are refused.
+    pub cors_allow_origins: Vec<String>,
 }
 
 /// What one client can ask of the server.
@@ -34,6 +45,15 @@ pub struct Limits {
     pub max_pixels: usize,
     /// Finished jobs (and their images) kept in memory for `GET /sdrs/v1/jobs/{id}`.
     pub keep_finished: usize,
+    /// Longest prompt or negative prompt, in bytes (at most the library's
+    /// `MAX_PROMPT_BYTES`).
+    pub max_prompt_bytes: usize,
+    /// Time a client has to send a request's headers; a connection that stops mid-header
+    /// is closed.
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body once its headers are in; after it the
+    /// request is answered 408 and the connection closed.
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -44,8 +64,19 @@ impl Default for Limits {
             // Sixteen 1024² images, or one 4096² image, per request.
             max_pixels: 4096 * 4096,
             keep_finished: 200,
+            max_prompt_bytes: sdrs::limits::MAX_PROMPT_BYTES,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// Splits a comma-separated flag value (`--allowed-hosts`, `--cors-allow-origins`).
+pub fn parse_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(|item| item.trim().trim_end_matches('/').to_string())
+        .filter(|item| !item.is_empty())
+        .collect()
 }
 
 /// Parses `--api-auth`: `user:password`, several separated by commas (A1111's format).

@@ -4,8 +4,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +13,7 @@ use futures_util::Stream;
 use sdrs::image_io::encode_png;
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::queue::{Job, JobId, Work};
 use crate::request;
@@ -59,20 +59,33 @@ pub fn view(state: &AppState, job: &Job) -> Value {
     })
 }
 
-fn find(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
+/// The job `id`, when the caller may see it: another user's job is as absent as a missing one.
+fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Job>, ApiError> {
     id.parse::<JobId>()
         .ok()
         .and_then(|id| state.queue.get(id))
-        .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))
+        .filter(|job| job.visible_to(caller.name()))
+        .ok_or_else(|| ApiError::not_found(format!("no job {:?}", shorten(id))))
+}
+
+/// An id as an error message quotes it, cut to 32 characters.
+fn shorten(id: &str) -> String {
+    id.chars().take(32).collect()
 }
 
 /// Queues a txt2img job, or img2img when the body has `init_images`; answers at once.
-pub async fn submit(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let body = state.read_body(request).await?;
     let parsed = request::parse(&body, false, &state.limits)?;
-    let job = state.submit(Work::Generate {
+    let work = Work::Generate {
         request: parsed.request,
         init: parsed.init,
-    })?;
+    };
+    let job = state.submit(work, caller)?;
     let location = format!("/sdrs/v1/jobs/{}", job.id);
     Ok((
         StatusCode::ACCEPTED,
@@ -82,16 +95,24 @@ pub async fn submit(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
         .into_response())
 }
 
-pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let jobs: Vec<Value> = state.queue.jobs().iter().map(|j| view(&state, j)).collect();
+/// The caller's jobs, oldest first.
+pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Json<Value> {
+    let jobs: Vec<Value> = state
+        .queue
+        .jobs()
+        .iter()
+        .filter(|j| j.visible_to(caller.name()))
+        .map(|j| view(&state, j))
+        .collect();
     Json(Value::Array(jobs))
 }
 
 pub async fn get(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &caller, &id)?;
     Ok(Json(view(&state, &job)))
 }
 
@@ -99,32 +120,38 @@ pub async fn get(
 /// the images it made.
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &caller, &id)?;
     state.queue.cancel(job.id);
     Ok(Json(view(&state, &job)))
 }
 
 pub async fn image(
     State(state): State<Arc<AppState>>,
-    Path((id, index)): Path<(String, usize)>,
+    caller: Caller,
+    Path((id, index)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &caller, &id)?;
     let status = job.status();
-    let finished = status
-        .results
-        .get(index)
-        .ok_or_else(|| ApiError::not_found(format!("job {id} has no image {index}")))?;
+    let finished = index
+        .parse::<usize>()
+        .ok()
+        .and_then(|i| status.results.get(i))
+        .ok_or_else(|| {
+            ApiError::not_found(format!("job {} has no image {:?}", job.id, shorten(&index)))
+        })?;
     Ok(([(header::CONTENT_TYPE, "image/png")], finished.png.to_vec()).into_response())
 }
 
 /// The running job's live preview (a small picture of the latent, no VAE).
 pub async fn preview(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &caller, &id)?;
     let png = job
         .preview()
         .and_then(|p| encode_png(&p, None).ok())
@@ -143,9 +170,10 @@ pub async fn preview(
 /// with its final state, and the stream ends.
 pub async fn events(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &caller, &id)?;
     // (updates, the last state was final, first event): the first event is the job as it
     // is now; later ones wait for a change; the stream ends after the final state's event.
     let start = (job.subscribe(), false, true);

@@ -1,33 +1,52 @@
 //! `sdrs serve`: A1111's HTTP API (`/sdapi/v1`) and sdrs' job API (`/sdrs/v1/jobs`) over
-//! one FIFO queue that a single worker thread runs on the model, and the web page at `/`.
+//! one FIFO queue, and the web page at `/`. The model lives in a worker process that a
+//! supervisor thread feeds the queue's jobs and restarts when a job kills it; the HTTP side
+//! never runs a job itself.
 
 mod a1111;
 mod auth;
+mod body;
 mod config;
 mod error;
+mod guard;
 mod jobs;
+mod listen;
 mod models;
+mod options;
 mod preview;
+mod process;
+mod protocol;
 mod queue;
 mod request;
+mod supervisor;
 mod worker;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use anyhow::{bail, Context, Result};
-use axum::extract::DefaultBodyLimit;
+use anyhow::{bail, Result};
+use axum::extract::Request;
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Map, Value};
 
-pub use config::{parse_auth, Limits, ServerConfig};
+pub use config::{parse_auth, parse_list, Limits, ServerConfig};
+pub use listen::serve;
+pub use process::WorkerCommand;
+pub use worker::{run_worker, TEST_CRASH_VAR};
 
+/// The A1111 request parser on arbitrary bytes, for the fuzz target; not part of the API.
+#[doc(hidden)]
+pub use request::fuzz_parse as fuzz_a1111_request;
+
+use auth::Caller;
 use error::ApiError;
 use models::ModelEntry;
+use protocol::{DeviceSpec, ToWorker};
 use queue::{Job, JobStatus, Queue, Work};
-use worker::{CurrentModel, LoadedModel, Worker};
+use supervisor::{CurrentModel, LoadedModel, Supervisor};
 
 /// The page at `/`: plain HTML, CSS and JavaScript, embedded in the binary.
 const PAGE: &str = include_str!("../web/index.html");
@@ -44,8 +63,8 @@ struct AppState {
 }
 
 impl AppState {
-    fn submit(&self, work: Work) -> Result<Arc<Job>, ApiError> {
-        self.queue.submit(work).map_err(|full| {
+    fn submit(&self, work: Work, caller: Caller) -> Result<Arc<Job>, ApiError> {
+        self.queue.submit(work, caller.0).map_err(|full| {
             let mut e = ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -59,8 +78,8 @@ impl AppState {
     }
 
     /// Queues `work` and waits for it to end.
-    async fn run_to_end(&self, work: Work) -> Result<JobStatus, ApiError> {
-        let job = self.submit(work)?;
+    async fn run_to_end(&self, work: Work, caller: Caller) -> Result<JobStatus, ApiError> {
+        let job = self.submit(work, caller)?;
         let mut updates = job.subscribe();
         let status = updates
             .wait_for(|s| s.state.is_final())
@@ -68,8 +87,8 @@ impl AppState {
             .map(|s| s.clone())
             .map_err(|_| {
                 ApiError::new(
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "the worker stopped",
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is shutting down",
                 )
             })?;
         Ok(status)
@@ -94,13 +113,26 @@ impl AppState {
         *self.models.lock().unwrap_or_else(PoisonError::into_inner) = found;
     }
 
-    /// The stored options with the loaded model filled in.
-    fn options(&self) -> Map<String, Value> {
-        let mut options = self
-            .options
+    /// A route's JSON body, within the server's size and time limits.
+    async fn read_body(&self, request: Request) -> Result<axum::body::Bytes, ApiError> {
+        body::read_json(
+            request,
+            self.limits.max_body_bytes,
+            self.limits.body_timeout,
+        )
+        .await
+    }
+
+    fn stored_options(&self) -> Map<String, Value> {
+        self.options
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+            .clone()
+    }
+
+    /// The stored options with the loaded model filled in.
+    fn options(&self) -> Map<String, Value> {
+        let mut options = self.stored_options();
         let current = self.current_model();
         options.insert(
             "sd_model_checkpoint".into(),
@@ -121,16 +153,18 @@ impl AppState {
     }
 }
 
-/// A server ready to answer: its routes, its state, and the worker running behind them.
+/// A server ready to answer: its routes, its state, and the supervisor of the worker process
+/// behind them.
 pub struct Server {
     pub router: Router,
     state: Arc<AppState>,
-    worker: std::thread::JoinHandle<()>,
+    supervisor: std::thread::JoinHandle<()>,
+    worker_pid: Arc<AtomicU32>,
 }
 
 impl Server {
-    /// Lists the models, starts the worker and queues the first model's load (requests queue
-    /// behind it, so the server answers at once).
+    /// Lists the models, starts the worker process and queues the first model's load
+    /// (requests queue behind it, so the server answers at once).
     pub fn start(config: &ServerConfig) -> Result<Self> {
         let found = models::list(config.model.as_deref(), config.models_dir.as_deref());
         let first = match &config.model {
@@ -148,29 +182,36 @@ impl Server {
                 ),
             },
         };
+        if config.limits.max_prompt_bytes > sdrs::limits::MAX_PROMPT_BYTES {
+            bail!(
+                "--max-prompt-bytes {} is over the library's MAX_PROMPT_BYTES ({})",
+                config.limits.max_prompt_bytes,
+                sdrs::limits::MAX_PROMPT_BYTES
+            );
+        }
         let queue = Arc::new(Queue::new(
             config.limits.max_queue,
             config.limits.keep_finished,
         ));
         let current = CurrentModel::default();
-        let worker = Worker {
+        let worker_pid = Arc::new(AtomicU32::new(0));
+        let supervisor = Supervisor {
             queue: queue.clone(),
-            device: config.device.clone(),
-            network: config.network,
-            outdir: config.outdir.clone(),
+            command: config.worker.clone(),
+            setup: ToWorker::Setup {
+                device: device_spec(&config.device),
+                lowmem: config.network.residency == sdrs::pipeline::Residency::OneAtATime,
+                fast: config.network.fast,
+                outdir: config.outdir.clone(),
+            },
             current: current.clone(),
+            pid: worker_pid.clone(),
         }
-        .spawn();
+        .spawn()?;
         // The first load counts against no client's queue space.
         queue
-            .submit(Work::LoadModel { model: first })
+            .submit(Work::LoadModel { model: first }, None)
             .map_err(|_| anyhow::anyhow!("the queue refused the first model load"))?;
-        let options = json!({
-            "samples_save": true,
-            "samples_format": "png",
-            "outdir_samples": config.outdir.display().to_string(),
-            "CLIP_stop_at_last_layers": 1,
-        });
         let state = Arc::new(AppState {
             queue,
             limits: config.limits,
@@ -178,30 +219,47 @@ impl Server {
             models_dir: config.models_dir.clone(),
             models: Mutex::new(found),
             current,
-            options: Mutex::new(match options {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            }),
+            options: Mutex::new(options::initial(&config.outdir)),
         });
-        let router = router(state.clone(), &config.auth, config.limits);
+        let router = router(state.clone(), config);
         Ok(Self {
             router,
             state,
-            worker,
+            supervisor,
+            worker_pid,
         })
     }
 
-    /// Lets the running job finish, then stops the worker.
-    pub fn shut_down(self) {
+    /// The worker process's id, while one runs.
+    pub fn worker_pid(&self) -> Option<u32> {
+        Some(self.worker_pid.load(Ordering::SeqCst)).filter(|&pid| pid != 0)
+    }
+
+    /// Takes no more jobs and interrupts the running one.
+    fn stop_jobs(&self) {
         self.state.queue.close();
         if let Some(job) = self.state.queue.running() {
             job.interrupt();
         }
-        let _ = self.worker.join();
+    }
+
+    /// Lets the running job stop at its next step, then stops the worker process.
+    pub fn shut_down(self) {
+        self.stop_jobs();
+        let _ = self.supervisor.join();
     }
 }
 
-fn router(state: Arc<AppState>, auth: &[(String, String)], limits: Limits) -> Router {
+/// The worker's device, as the protocol names it.
+fn device_spec(device: &candle_core::Device) -> DeviceSpec {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => DeviceSpec::Cpu,
+        candle_core::DeviceLocation::Cuda { gpu_id } => DeviceSpec::Cuda(gpu_id),
+        candle_core::DeviceLocation::Metal { gpu_id } => DeviceSpec::Metal(gpu_id),
+    }
+}
+
+fn router(state: Arc<AppState>, config: &ServerConfig) -> Router {
     let sdapi = Router::new()
         .route("/txt2img", post(a1111::txt2img))
         .route("/img2img", post(a1111::img2img))
@@ -236,33 +294,27 @@ fn router(state: Arc<AppState>, auth: &[(String, String)], limits: Limits) -> Ro
         .nest("/sdapi/v1", sdapi)
         .nest("/sdrs/v1/jobs", jobs)
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method",
+            )
+        })
         .with_state(state);
-    if !auth.is_empty() {
+    if !config.auth.is_empty() {
         app = app.layer(axum::middleware::from_fn_with_state(
-            Arc::new(auth.to_vec()),
+            Arc::new(config.auth.clone()),
             auth::require,
         ));
     }
-    app
-}
-
-/// Serves until Ctrl-C.
-pub async fn serve(config: ServerConfig) -> Result<()> {
-    let server = Server::start(&config)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    eprintln!(
-        "sdrs: serving on http://{} (A1111 API at /sdapi/v1, jobs at /sdrs/v1/jobs); Ctrl-C stops",
-        listener.local_addr().unwrap_or(config.listen)
-    );
-    axum::serve(listener, server.router.clone())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("serving")?;
-    tokio::task::spawn_blocking(move || server.shut_down()).await?;
-    Ok(())
+    let guard = guard::Guard {
+        allowed_hosts: config.allowed_hosts.clone(),
+        cors_allow_origins: config.cors_allow_origins.clone(),
+        max_body_bytes: config.limits.max_body_bytes,
+    };
+    app.layer(axum::middleware::from_fn_with_state(
+        Arc::new(guard),
+        guard::check,
+    ))
+    .layer(axum::middleware::from_fn(guard::json_errors))
 }

@@ -1,8 +1,9 @@
 //! The FIFO queue every generation goes through, and the jobs in it.
 //!
 //! The queue is shared by the HTTP handlers (which submit, watch and cancel jobs) and the one
-//! worker thread that owns the model and runs jobs in order. A job's status lives in a
-//! `watch` channel, so any number of clients can follow it without polling.
+//! supervisor thread that hands jobs, in order, to the worker process owning the model. A
+//! job's status lives in a `watch` channel, so any number of clients can follow it without
+//! polling.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -60,7 +61,7 @@ pub struct FinishedImage {
 }
 
 /// Why a job failed, and whose fault it was (which decides the HTTP status).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JobError {
     pub message: String,
     pub bad_request: bool,
@@ -114,18 +115,31 @@ impl JobStatus {
     }
 }
 
+/// What a client asks of a running job; the supervisor passes it on to the worker process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Interrupt,
+    Skip,
+}
+
+/// Where a running job's [`Control`]s go.
+pub type ControlSink = Box<dyn Fn(Control) + Send>;
+
 /// A queued, running or finished piece of work.
 pub struct Job {
     pub id: JobId,
     pub work: Work,
+    /// The `--api-auth` user who queued it (`None` without authentication, and for the
+    /// server's own model loads): only they see and control it.
+    pub owner: Option<String>,
     cancel: AtomicBool,
-    skip: AtomicBool,
     status: watch::Sender<JobStatus>,
     preview: Mutex<Option<RgbImage>>,
+    control: Mutex<Option<ControlSink>>,
 }
 
 impl Job {
-    fn new(id: JobId, work: Work) -> Self {
+    fn new(id: JobId, work: Work, owner: Option<String>) -> Self {
         let images = match &work {
             Work::Generate { request, .. } => request.image_count(),
             Work::LoadModel { .. } => 0,
@@ -146,11 +160,17 @@ impl Job {
         Self {
             id,
             work,
+            owner,
             cancel: AtomicBool::new(false),
-            skip: AtomicBool::new(false),
             status,
             preview: Mutex::new(None),
+            control: Mutex::new(None),
         }
+    }
+
+    /// Whether `caller` (the authenticated user, if any) may see and control this job.
+    pub fn visible_to(&self, caller: Option<&str>) -> bool {
+        self.owner.as_deref() == caller
     }
 
     pub fn status(&self) -> JobStatus {
@@ -169,21 +189,35 @@ impl Job {
     pub fn interrupt(&self) {
         self.cancel.store(true, Ordering::SeqCst);
         self.update(|s| s.interrupted = true);
+        self.send(Control::Interrupt);
     }
 
     /// Asks a running job to give up its current image and go on with the next.
     pub fn skip(&self) {
-        self.skip.store(true, Ordering::SeqCst);
         self.update(|s| s.skipped = true);
+        self.send(Control::Skip);
     }
 
     pub fn interrupted(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
 
-    /// Whether a skip was asked for since the last call.
-    pub fn take_skip(&self) -> bool {
-        self.skip.swap(false, Ordering::SeqCst)
+    fn send(&self, control: Control) {
+        if let Some(sink) = lock(&self.control).as_ref() {
+            sink(control);
+        }
+    }
+
+    /// Routes this job's interrupts and skips to `sink` while it runs (`None` when it ends).
+    /// An interrupt asked for before is passed on at once.
+    pub fn set_control(&self, sink: Option<ControlSink>) {
+        let mut slot = lock(&self.control);
+        *slot = sink;
+        if let Some(sink) = slot.as_ref() {
+            if self.interrupted() {
+                sink(Control::Interrupt);
+            }
+        }
     }
 
     pub fn set_preview(&self, image: RgbImage) {
@@ -220,7 +254,8 @@ pub struct Queue {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic in a job is caught by the worker; the data behind the lock stays consistent.
+    // Every change under these locks is a single assignment or push: a panic elsewhere
+    // cannot leave the data half-changed.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -242,14 +277,14 @@ impl Queue {
     }
 
     /// Appends a job, or refuses when `max_pending` jobs are already waiting.
-    pub fn submit(&self, work: Work) -> Result<Arc<Job>, QueueFull> {
+    pub fn submit(&self, work: Work, owner: Option<String>) -> Result<Arc<Job>, QueueFull> {
         let mut inner = lock(&self.inner);
         if inner.pending.len() >= self.max_pending {
             return Err(QueueFull {
                 pending: inner.pending.len(),
             });
         }
-        let job = Arc::new(Job::new(inner.next_id, work));
+        let job = Arc::new(Job::new(inner.next_id, work, owner));
         inner.next_id += 1;
         inner.jobs.insert(job.id, job.clone());
         inner.pending.push_back(job.clone());
@@ -261,7 +296,7 @@ impl Queue {
         lock(&self.inner).jobs.get(&id).cloned()
     }
 
-    /// The job the worker is running.
+    /// The job the worker process is running.
     pub fn running(&self) -> Option<Arc<Job>> {
         lock(&self.inner).running.clone()
     }
@@ -314,7 +349,7 @@ impl Queue {
         }
     }
 
-    /// Records that the worker is done with `job`.
+    /// Records that the supervisor is done with `job`.
     pub fn finish(&self, job: &Job) {
         let mut inner = lock(&self.inner);
         inner.running = None;
@@ -330,7 +365,7 @@ impl Queue {
         }
     }
 
-    /// Stops the worker once it finishes its current job.
+    /// Stops the supervisor once it finishes its current job.
     pub fn close(&self) {
         lock(&self.inner).closed = true;
         self.wake.notify_all();
@@ -351,9 +386,12 @@ mod tests {
     #[test]
     fn jobs_come_out_in_order_and_a_full_queue_refuses() {
         let q = Queue::new(2, 10);
-        let a = q.submit(work()).unwrap();
-        let b = q.submit(work()).unwrap();
-        assert_eq!(q.submit(work()).err().map(|full| full.pending), Some(2));
+        let a = q.submit(work(), None).unwrap();
+        let b = q.submit(work(), None).unwrap();
+        assert_eq!(
+            q.submit(work(), None).err().map(|full| full.pending),
+            Some(2)
+        );
         assert_eq!(q.position(b.id), Some(1));
         assert_eq!(q.next().unwrap().id, a.id);
         assert_eq!(q.running().unwrap().id, a.id);
@@ -365,8 +403,8 @@ mod tests {
     #[test]
     fn cancelling_a_waiting_job_takes_it_out_and_a_running_one_is_interrupted() {
         let q = Queue::new(5, 10);
-        let a = q.submit(work()).unwrap();
-        let b = q.submit(work()).unwrap();
+        let a = q.submit(work(), None).unwrap();
+        let b = q.submit(work(), None).unwrap();
         assert_eq!(q.next().unwrap().id, a.id);
         q.cancel(b.id);
         assert_eq!(b.status().state, JobState::Cancelled);
@@ -379,8 +417,8 @@ mod tests {
     #[test]
     fn old_finished_jobs_are_forgotten() {
         let q = Queue::new(5, 1);
-        let a = q.submit(work()).unwrap();
-        let b = q.submit(work()).unwrap();
+        let a = q.submit(work(), None).unwrap();
+        let b = q.submit(work(), None).unwrap();
         q.finish(&q.next().unwrap());
         q.finish(&q.next().unwrap());
         assert!(q.get(a.id).is_none());
@@ -390,7 +428,7 @@ mod tests {
     #[test]
     fn progress_follows_a1111s_formula() {
         let q = Queue::new(1, 1);
-        let job = q.submit(work()).unwrap();
+        let job = q.submit(work(), None).unwrap();
         job.update(|s| {
             s.state = JobState::Running;
             s.images = 4;

@@ -4,6 +4,7 @@
 use base64::Engine;
 use image::RgbImage;
 use sdrs::image_io::decode_image;
+use sdrs::limits::{exceeded, MAX_PROMPT_BYTES_TIMES_IMAGES};
 use sdrs::pipeline::{resolve_seed, GenerationRequest};
 use sdrs::sampling::SigmaSchedule;
 use serde_json::{Map, Value};
@@ -84,6 +85,15 @@ pub fn parse(body: &[u8], needs_init: bool, limits: &Limits) -> Result<ParsedReq
     })
 }
 
+/// Runs [`parse`] on arbitrary bytes as both the txt2img and the img2img route would: the
+/// fuzz target's entry point, not part of the API.
+#[doc(hidden)]
+pub fn fuzz_parse(body: &[u8]) {
+    let limits = Limits::default();
+    let _ = parse(body, false, &limits);
+    let _ = parse(body, true, &limits);
+}
+
 /// A1111's other spellings: `sampler_index` (deprecated) for `sampler_name`, scheduler
 /// labels ("Automatic", "Karras", "SGM Uniform") for sdrs' names.
 fn normalise(fields: &mut Map<String, Value>) -> Result<(), ApiError> {
@@ -147,11 +157,40 @@ fn decode_init(value: &Value) -> Result<RgbImage, ApiError> {
     Ok(image)
 }
 
-/// The request's own checks, then the server's size limit.
+/// The request's own checks, then the server's limits.
 fn check(request: &GenerationRequest, limits: &Limits) -> Result<(), ApiError> {
     request
         .validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
+    for (field, text) in [
+        ("prompt", &request.prompt),
+        ("negative_prompt", &request.negative_prompt),
+    ] {
+        if text.len() > limits.max_prompt_bytes {
+            return Err(ApiError::invalid(format!(
+                "{field} is {} bytes; this server accepts at most {} (--max-prompt-bytes)",
+                text.len(),
+                limits.max_prompt_bytes
+            )));
+        }
+    }
+    // The answer and the job's infotexts repeat both prompts for every image.
+    let text = request.prompt.len() + request.negative_prompt.len();
+    let total = text.saturating_mul(request.image_count());
+    if total > MAX_PROMPT_BYTES_TIMES_IMAGES {
+        return Err(ApiError::invalid(
+            exceeded(
+                format!(
+                    "(prompt + negative prompt bytes) × images ({text} × {})",
+                    request.image_count()
+                ),
+                total,
+                "MAX_PROMPT_BYTES_TIMES_IMAGES",
+                MAX_PROMPT_BYTES_TIMES_IMAGES,
+            )
+            .to_string(),
+        ));
+    }
     let pixels = request
         .width
         .saturating_mul(request.height)

@@ -1,137 +1,247 @@
-//! The one thread that owns the model and runs the queue's jobs, in order.
+//! The worker process: owns the model and runs one job at a time for the server that started
+//! it, talking over stdin and stdout (see [`crate::protocol`]). Whatever a job does to this
+//! process — abort, stack overflow, out-of-memory kill, SIGBUS — the server only loses the
+//! job and starts another worker.
 
+use std::io::{self, BufReader, BufWriter, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use image::RgbImage;
 use sdrs::image_io::encode_png;
 use sdrs::output::OutputDir;
 use sdrs::pipeline::{
-    img2img, txt2img, Event, GeneratedImage, GenerationRequest, NetworkOptions, StableDiffusion,
+    img2img, txt2img, Event, GenerationRequest, NetworkOptions, Residency, StableDiffusion,
 };
 use sdrs::sampling::Flow;
 use sdrs::weights::Checkpoint;
 
-use crate::models::ModelEntry;
 use crate::preview::cheap_preview;
-use crate::queue::{FinishedImage, Job, JobError, JobState, Queue, Work};
+use crate::protocol::{read_frame, write_frame, DeviceSpec, FromWorker, ToWorker};
+use crate::queue::JobError;
 
-/// The model the worker has loaded, as the API reports it.
-#[derive(Debug, Clone)]
-pub struct LoadedModel {
-    pub entry: ModelEntry,
-    pub hash: Option<String>,
+/// The environment variable that arms [`test_crash`]; only the crate's own tests set it.
+pub const TEST_CRASH_VAR: &str = "SDRS_WORKER_TEST_CRASH";
+
+/// What the reader thread tells the job loop: which job is current and what was asked of it.
+#[derive(Default)]
+struct Control {
+    job: AtomicU64,
+    interrupt: AtomicBool,
+    skip: AtomicBool,
 }
 
-/// Shared view of which model is loaded (`None` before the first load finishes or after
-/// one failed).
-pub type CurrentModel = Arc<Mutex<Option<LoadedModel>>>;
+impl Control {
+    fn start(&self, job: u64) {
+        self.job.store(job, Ordering::SeqCst);
+        self.interrupt.store(false, Ordering::SeqCst);
+        self.skip.store(false, Ordering::SeqCst);
+    }
 
-pub struct Worker {
-    pub queue: Arc<Queue>,
-    pub device: Device,
-    pub network: NetworkOptions,
-    /// Images go to `<outdir>/txt2img-samples` and `<outdir>/img2img-samples`, as the CLI's.
-    pub outdir: PathBuf,
-    pub current: CurrentModel,
+    fn flag(&self, job: u64, flag: &AtomicBool) {
+        // A control message for a job that already ended must not touch the next one.
+        if self.job.load(Ordering::SeqCst) == job {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs the worker until the server closes its stdin. Called by `sdrs serve-worker` and the
+/// crate's `sdrs-server-worker` binary.
+pub fn run_worker() -> Result<()> {
+    let out = protocol_output()?;
+    die_with_parent();
+    let control = Arc::new(Control::default());
+    let (jobs, incoming) = mpsc::channel();
+    {
+        let control = control.clone();
+        std::thread::Builder::new()
+            .name("sdrs-worker-input".into())
+            .spawn(move || read_input(&control, &jobs))
+            .context("starting the worker's input thread")?;
+    }
+    let mut worker = Worker {
+        out: BufWriter::new(out),
+        control,
+        setup: None,
+        model: None,
+        crash_test: std::env::var_os(TEST_CRASH_VAR).is_some(),
+    };
+    while let Ok((message, data)) = incoming.recv() {
+        worker.handle(message, data)?;
+    }
+    Ok(())
+}
+
+/// Reads the server's frames: control messages act at once, the rest go to the job loop.
+/// The end of input (the server went away) interrupts the running job.
+fn read_input(control: &Control, jobs: &mpsc::Sender<(ToWorker, Vec<u8>)>) {
+    let mut input = BufReader::new(io::stdin().lock());
+    loop {
+        match read_frame::<ToWorker>(&mut input) {
+            Ok(Some((ToWorker::Interrupt { job }, _))) => control.flag(job, &control.interrupt),
+            Ok(Some((ToWorker::Skip { job }, _))) => control.flag(job, &control.skip),
+            Ok(Some((message, data))) => {
+                if let ToWorker::Load { job, .. } | ToWorker::Generate { job, .. } = &message {
+                    control.start(*job);
+                }
+                if jobs.send((message, data)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(_) => {
+                control.interrupt.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}
+
+/// How the worker builds models and where it saves, from the `Setup` message.
+struct Setup {
+    device: Device,
+    network: NetworkOptions,
+    outdir: PathBuf,
+}
+
+struct Worker {
+    out: BufWriter<std::fs::File>,
+    control: Arc<Control>,
+    setup: Option<Setup>,
+    model: Option<StableDiffusion>,
+    crash_test: bool,
 }
 
 impl Worker {
-    /// Runs jobs until the queue closes.
-    pub fn spawn(self) -> std::thread::JoinHandle<()> {
-        std::thread::Builder::new()
-            .name("sdrs-worker".into())
-            .spawn(move || self.run())
-            .expect("spawning the worker thread")
+    fn send(&mut self, message: &FromWorker, data: &[u8]) -> io::Result<()> {
+        write_frame(&mut self.out, message, data)
     }
 
-    fn run(self) {
-        let mut model: Option<StableDiffusion> = None;
-        while let Some(job) = self.queue.next() {
-            job.update(|s| {
-                s.state = JobState::Running;
-                s.started = Some(Instant::now());
-            });
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.run_job(&job, &mut model)))
-                .unwrap_or_else(|panic| {
-                    let what = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    Err(JobError {
-                        message: format!("internal error: {what}"),
-                        bad_request: false,
-                    })
-                });
-            // Off the queue first: a client told that its job ended must find the worker idle.
-            self.queue.finish(&job);
-            job.update(|s| {
-                s.state = match &outcome {
-                    Ok(()) if job.interrupted() => JobState::Interrupted,
-                    Ok(()) => JobState::Done,
-                    Err(_) => JobState::Failed,
+    fn handle(&mut self, message: ToWorker, data: Vec<u8>) -> Result<()> {
+        match message {
+            ToWorker::Setup {
+                device,
+                lowmem,
+                fast,
+                outdir,
+            } => {
+                let device = match device {
+                    DeviceSpec::Cpu => Device::Cpu,
+                    DeviceSpec::Cuda(n) => Device::new_cuda(n)?,
+                    DeviceSpec::Metal(n) => Device::new_metal(n)?,
                 };
-                s.error = outcome.err();
-            });
-        }
-    }
-
-    fn run_job(&self, job: &Job, model: &mut Option<StableDiffusion>) -> Result<(), JobError> {
-        match &job.work {
-            Work::LoadModel { model: entry } => {
+                let residency = if lowmem {
+                    Residency::OneAtATime
+                } else {
+                    Residency::All
+                };
+                self.setup = Some(Setup {
+                    device,
+                    network: NetworkOptions { residency, fast },
+                    outdir,
+                });
+                self.send(
+                    &FromWorker::Ready {
+                        pid: std::process::id(),
+                    },
+                    &[],
+                )?;
+            }
+            ToWorker::Load { job, path } => {
                 // Free the old model before the new one is built: two never fit where one
                 // barely does.
-                *model = None;
-                *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
-                let loaded = self.load(entry)?;
-                *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(LoadedModel {
-                    entry: entry.clone(),
-                    hash: loaded.model_hash.clone(),
-                });
-                *model = Some(loaded);
-                Ok(())
+                self.model = None;
+                match guarded(|| self.load(&path)) {
+                    Ok(model) => {
+                        let hash = model.model_hash.clone();
+                        self.model = Some(model);
+                        self.send(&FromWorker::Loaded { job, hash }, &[])?;
+                    }
+                    Err(error) => self.send(
+                        &FromWorker::Done {
+                            job,
+                            error: Some(error),
+                        },
+                        &[],
+                    )?,
+                }
             }
-            Work::Generate { request, init } => {
-                let sd = model.as_ref().ok_or_else(|| JobError {
-                    message: "no model is loaded (the last load failed; choose one with \
-                              POST /sdapi/v1/options {\"sd_model_checkpoint\": …})"
-                        .into(),
-                    bad_request: false,
-                })?;
-                self.generate(job, sd, request, init.as_ref())
+            ToWorker::Generate { job, request, init } => {
+                let init = match init {
+                    Some((w, h)) => match RgbImage::from_raw(w, h, data) {
+                        Some(image) => Some(image),
+                        None => {
+                            let error = server_error(format!(
+                                "the init image's pixels do not make a {w}x{h} picture"
+                            ));
+                            let done = FromWorker::Done {
+                                job,
+                                error: Some(error),
+                            };
+                            self.send(&done, &[])?;
+                            return Ok(());
+                        }
+                    },
+                    None => None,
+                };
+                let outcome = guarded(|| self.generate(job, &request, init.as_ref()));
+                let error = match outcome {
+                    Ok(()) => None,
+                    Err(e) if e.message == LOST_SERVER => bail!("the server went away"),
+                    Err(e) => Some(e),
+                };
+                self.send(&FromWorker::Done { job, error }, &[])?;
             }
+            ToWorker::Interrupt { .. } | ToWorker::Skip { .. } => {}
         }
+        Ok(())
     }
 
-    fn load(&self, entry: &ModelEntry) -> Result<StableDiffusion, JobError> {
-        let failed = |e: sdrs::Error| JobError {
-            message: format!("loading {}: {e}", entry.path.display()),
-            bad_request: false,
-        };
-        let checkpoint = Checkpoint::open(&entry.path).map_err(failed)?;
-        StableDiffusion::load_with(&checkpoint, &self.device, self.network).map_err(failed)
+    fn setup(&self) -> Result<&Setup, JobError> {
+        self.setup
+            .as_ref()
+            .ok_or_else(|| server_error("the worker was given a job before its setup"))
+    }
+
+    fn load(&self, path: &Path) -> Result<StableDiffusion, JobError> {
+        let setup = self.setup()?;
+        let failed = |e: sdrs::Error| server_error(format!("loading {}: {e}", path.display()));
+        let checkpoint = Checkpoint::open(path).map_err(failed)?;
+        StableDiffusion::load_with(&checkpoint, &setup.device, setup.network).map_err(failed)
     }
 
     fn generate(
-        &self,
-        job: &Job,
-        sd: &StableDiffusion,
+        &mut self,
+        job: u64,
         request: &GenerationRequest,
         init: Option<&RgbImage>,
     ) -> Result<(), JobError> {
+        if self.crash_test {
+            test_crash(&request.prompt);
+        }
         let folder = if init.is_some() {
             "img2img-samples"
         } else {
             "txt2img-samples"
         };
-        let mut out = OutputDir::prepare(&self.outdir.join(folder)).map_err(server_error)?;
-        let mut save_error = None;
+        let setup = self.setup()?;
+        let mut out = OutputDir::prepare(&setup.outdir.join(folder)).map_err(server_error)?;
+        let sd = self.model.as_ref().ok_or_else(|| {
+            server_error(
+                "no model is loaded (the last load failed; choose one with \
+                 POST /sdapi/v1/options {\"sd_model_checkpoint\": …})",
+            )
+        })?;
+        let control = self.control.clone();
+        let writer = &mut self.out;
+        // The first failure to save an image or to reach the server stops the job.
+        let mut failure: Option<JobError> = None;
         let mut on_event = |event: Event| -> Flow {
-            match event {
+            let sent = match event {
                 Event::Step {
                     image,
                     images,
@@ -139,28 +249,46 @@ impl Worker {
                     steps,
                     denoised,
                 } => {
-                    job.update(|s| {
-                        (s.image, s.images, s.step, s.steps) = (image, images, step, steps);
-                    });
-                    if let Some(preview) = cheap_preview(denoised) {
-                        job.set_preview(preview);
+                    let preview = cheap_preview(denoised);
+                    let message = FromWorker::Step {
+                        job,
+                        image,
+                        images,
+                        step,
+                        steps,
+                        preview: preview.as_ref().map(|p| p.dimensions()),
+                    };
+                    let pixels = preview.map(|p| p.into_raw()).unwrap_or_default();
+                    write_frame(writer, &message, &pixels)
+                }
+                Event::Image { index, image } => {
+                    let saved = encode_png(&image.image, Some(&image.infotext))
+                        .and_then(|png| Ok((out.write_sample(image.seed, "png", &png)?, png)));
+                    match saved {
+                        Ok((path, png)) => {
+                            let message = FromWorker::Image {
+                                job,
+                                index,
+                                seed: image.seed,
+                                infotext: image.infotext.clone(),
+                                path,
+                            };
+                            write_frame(writer, &message, &png)
+                        }
+                        Err(e) => {
+                            failure = Some(server_error(e));
+                            return Flow::Stop;
+                        }
                     }
                 }
-                Event::Image { index, image } => match save(&mut out, image) {
-                    Ok(finished) => job.update(|s| {
-                        s.results.push(finished);
-                        s.image = index + 1;
-                        s.step = 0;
-                    }),
-                    Err(e) => {
-                        save_error = Some(e);
-                        return Flow::Stop;
-                    }
-                },
+            };
+            if sent.is_err() {
+                failure = Some(server_error(LOST_SERVER));
+                return Flow::Stop;
             }
-            if job.interrupted() {
+            if control.interrupt.load(Ordering::SeqCst) {
                 Flow::Stop
-            } else if job.take_skip() {
+            } else if control.skip.swap(false, Ordering::SeqCst) {
                 Flow::Skip
             } else {
                 Flow::Continue
@@ -170,40 +298,122 @@ impl Worker {
             None => txt2img(sd, request, &mut on_event),
             Some(init) => img2img(sd, request, init, &mut on_event),
         };
-        if let Some(e) = save_error {
-            return Err(server_error(e));
+        if let Some(e) = failure {
+            return Err(e);
         }
         match result {
             Ok(_) => Ok(()),
-            Err(sdrs::Error::Cancelled) if job.interrupted() => Ok(()),
+            Err(sdrs::Error::Cancelled) if self.control.interrupt.load(Ordering::SeqCst) => Ok(()),
             Err(e) => Err(JobError {
                 bad_request: matches!(
                     e,
                     sdrs::Error::InvalidRequest(_)
                         | sdrs::Error::InvalidSize { .. }
                         | sdrs::Error::UnknownSampler { .. }
+                        | sdrs::Error::Limit { .. }
                 ),
-                message: e.to_string(),
+                message: without_backtrace(&e.to_string()),
             }),
         }
     }
 }
 
-fn server_error(e: sdrs::Error) -> JobError {
+/// The message of a job whose events could not be written: the server is gone.
+const LOST_SERVER: &str = "the server stopped reading";
+
+fn server_error(message: impl ToString) -> JobError {
     JobError {
-        message: e.to_string(),
+        message: without_backtrace(&message.to_string()),
         bad_request: false,
     }
 }
 
-/// Encodes an image with its infotext and writes it as the CLI does.
-fn save(out: &mut OutputDir, image: &GeneratedImage) -> sdrs::Result<FinishedImage> {
-    let png = encode_png(&image.image, Some(&image.infotext))?;
-    let path = out.write_sample(image.seed, "png", &png)?;
-    Ok(FinishedImage {
-        seed: image.seed,
-        infotext: image.infotext.clone(),
-        path,
-        png: Arc::new(png),
+/// Runs a job, turning a panic into its error (the message only, never a backtrace).
+fn guarded<T>(job: impl FnOnce() -> Result<T, JobError>) -> Result<T, JobError> {
+    catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(server_error(format!("internal error: {what}")))
     })
+}
+
+/// An error's text without the backtrace candle appends when `RUST_BACKTRACE` is set (the
+/// server also starts workers with `RUST_LIB_BACKTRACE=0`, so none is captured).
+pub fn without_backtrace(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines() {
+        let t = line.trim_start();
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if frame || t.starts_with("stack backtrace:") || t.starts_with("at ") && line != t {
+            break;
+        }
+        kept.push(line);
+    }
+    kept.join("\n").trim_end().to_string()
+}
+
+/// The protocol's output: the real stdout, kept aside; fd 1 then points at stderr so that a
+/// stray print anywhere in the process cannot corrupt a frame.
+fn protocol_output() -> Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    io::stdout().flush()?;
+    // SAFETY: plain descriptor calls on fds 1 and 2, which the process owns; the duplicate
+    // is owned by the returned File alone.
+    unsafe {
+        let fd = libc::dup(1);
+        if fd < 0 || libc::dup2(2, 1) < 0 {
+            bail!(
+                "setting up the worker's output: {}",
+                io::Error::last_os_error()
+            );
+        }
+        Ok(std::fs::File::from_raw_fd(fd))
+    }
+}
+
+/// Asks Linux to kill this process if the server dies, so that no orphan keeps a model (and
+/// a job) going.
+fn die_with_parent() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and touches no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+}
+
+/// Test-only crashes, armed by [`TEST_CRASH_VAR`] in the worker's environment: a prompt of
+/// `sdrs-test-crash:segv`, `:abort` or `:exit` makes the worker die that way.
+fn test_crash(prompt: &str) {
+    match prompt.strip_prefix("sdrs-test-crash:") {
+        Some("segv") => {
+            // SAFETY: none; this is the crash the test asks for (a write through null).
+            unsafe { std::ptr::null_mut::<u8>().write_volatile(1) }
+        }
+        Some("abort") => std::process::abort(),
+        Some("exit") => std::process::exit(3),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backtraces_are_cut_from_messages() {
+        let with = "shape mismatch for unet.conv_in.weight\n   0: candle_core::error::Error::bt\n             at /src/error.rs:1\n   1: main";
+        assert_eq!(
+            without_backtrace(with),
+            "shape mismatch for unet.conv_in.weight"
+        );
+        let panic = "internal error: boom\nstack backtrace:\n   0: x";
+        assert_eq!(without_backtrace(panic), "internal error: boom");
+        let plain = "loading a.safetensors: not a safetensors file\nsecond line: kept";
+        assert_eq!(without_backtrace(plain), plain);
+    }
 }

@@ -10,7 +10,7 @@ use axum::Router;
 use base64::Engine;
 use http_body_util::BodyExt;
 use sdrs::pipeline::{GenerationRequest, StableDiffusion};
-use sdrs_server::{Limits, Server, ServerConfig};
+use sdrs_server::{Limits, Server, ServerConfig, WorkerCommand};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -38,6 +38,9 @@ fn config(outdir: &Path) -> ServerConfig {
         device: candle_core::Device::Cpu,
         network: Default::default(),
         limits: Limits::default(),
+        worker: WorkerCommand::new(env!("CARGO_BIN_EXE_sdrs-server-worker"), &[]),
+        allowed_hosts: Vec::new(),
+        cors_allow_origins: Vec::new(),
     }
 }
 
@@ -635,3 +638,6 @@ async fn options_list_and_switch_models() {
     std::fs::remove_dir_all(&outdir).unwrap();
     std::fs::remove_dir_all(&models).unwrap();
 }
+
+#[path = "api/hostile.rs"]
+mod hostile;

@@ -56,3 +56,11 @@ pub fn exceeded(
         limit: limit.to_string(),
     }
 }
+
+/// Most prompt text one request may ask for in all: (prompt + negative prompt bytes) × images.
+/// The answer repeats both prompts for every image (A1111's `all_prompts`, `infotexts`), so
+/// this bounds an answer's size and the memory its infotexts take (a 64 KiB prompt for 64
+/// images, or a 1 KiB one for 4096).
+pub const MAX_PROMPT_BYTES_TIMES_IMAGES: usize = 4 << 20;
+/// Largest body of `POST /sdapi/v1/options`: a handful of short settings.
+pub const MAX_OPTIONS_BODY_BYTES: usize = 64 << 10;
