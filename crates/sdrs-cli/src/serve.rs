@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// bf16 products on AVX512-BF16 CPUs (see txt2img); recorded in each image's infotext.
     #[arg(long)]
     fast: bool,
+    /// Save images whose latent or pixels hold NaN or infinite values instead of failing them.
+    #[arg(long = "no-nan-check")]
+    no_nan_check: bool,
     /// Largest request body, in MiB.
     #[arg(long = "max-body-mib", default_value_t = Limits::default().max_body_bytes >> 20)]
     max_body_mib: usize,
@@ -82,6 +85,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let exe = std::env::current_exe().context("finding the sdrs binary to start workers")?;
     let config = ServerConfig {
         network: network_options(args.lowmem, args.fast, &device),
+        nan_check: !args.no_nan_check,
         model: args.model,
         models_dir: args.models_dir,
         listen: args.listen,

@@ -23,6 +23,8 @@ pub struct ServerConfig {
     pub outdir: PathBuf,
     pub device: Device,
     pub network: NetworkOptions,
+    /// Whether images with NaN or infinite values fail (`--no-nan-check` turns it off).
+    pub nan_check: bool,
     pub limits: Limits,
     /// How to start the worker process that owns the model and runs the jobs.
     pub worker: WorkerCommand,

@@ -35,7 +35,8 @@ pub fn view(state: &AppState, job: &Job) -> Value {
         .enumerate()
         .map(|(i, r)| {
             json!({
-                "seed": r.seed,
+                // Requests carry signed seeds; a wrapped negative one reads as given.
+                "seed": r.seed as i64,
                 "infotext": r.infotext,
                 "path": r.path.display().to_string(),
                 "url": format!("/sdrs/v1/jobs/{}/images/{i}", job.id),

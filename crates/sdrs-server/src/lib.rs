@@ -202,6 +202,7 @@ impl Server {
                 device: device_spec(&config.device),
                 lowmem: config.network.residency == sdrs::pipeline::Residency::OneAtATime,
                 fast: config.network.fast,
+                nan_check: config.nan_check,
                 outdir: config.outdir.clone(),
             },
             current: current.clone(),

@@ -40,6 +40,8 @@ pub enum ToWorker {
         /// `--lowmem`: one network resident at a time.
         lowmem: bool,
         fast: bool,
+        /// Whether an image with NaN or infinite values fails (`--no-nan-check` turns it off).
+        nan_check: bool,
         outdir: PathBuf,
     },
     /// Free the model, load this one. Answered with `Loaded` or `Done` with an error.
@@ -175,7 +177,7 @@ mod tests {
 
     #[test]
     fn the_largest_init_image_fits_in_a_frame() {
-        let rgb = sdrs::image_io::MAX_INPUT_PIXELS as usize * 3;
+        let rgb = sdrs::limits::MAX_INPUT_PIXELS as usize * 3;
         assert!(rgb <= MAX_ATTACHMENT_BYTES, "{rgb}");
     }
 

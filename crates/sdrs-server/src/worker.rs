@@ -105,6 +105,7 @@ fn read_input(control: &Control, jobs: &mpsc::Sender<(ToWorker, Vec<u8>)>) {
 struct Setup {
     device: Device,
     network: NetworkOptions,
+    nan_check: bool,
     outdir: PathBuf,
 }
 
@@ -127,6 +128,7 @@ impl Worker {
                 device,
                 lowmem,
                 fast,
+                nan_check,
                 outdir,
             } => {
                 let device = match device {
@@ -142,6 +144,7 @@ impl Worker {
                 self.setup = Some(Setup {
                     device,
                     network: NetworkOptions { residency, fast },
+                    nan_check,
                     outdir,
                 });
                 self.send(
@@ -211,7 +214,10 @@ impl Worker {
         let setup = self.setup()?;
         let failed = |e: sdrs::Error| server_error(format!("loading {}: {e}", path.display()));
         let checkpoint = Checkpoint::open(path).map_err(failed)?;
-        StableDiffusion::load_with(&checkpoint, &setup.device, setup.network).map_err(failed)
+        let mut sd = StableDiffusion::load_with(&checkpoint, &setup.device, setup.network)
+            .map_err(failed)?;
+        sd.nan_check = setup.nan_check;
+        Ok(sd)
     }
 
     fn generate(

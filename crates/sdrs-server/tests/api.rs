@@ -37,6 +37,7 @@ fn config(outdir: &Path) -> ServerConfig {
         outdir: outdir.to_path_buf(),
         device: candle_core::Device::Cpu,
         network: Default::default(),
+        nan_check: true,
         limits: Limits::default(),
         worker: WorkerCommand::new(env!("CARGO_BIN_EXE_sdrs-server-worker"), &[]),
         allowed_hosts: Vec::new(),
