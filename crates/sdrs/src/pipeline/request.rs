@@ -124,6 +124,7 @@ impl GenerationRequest {
                     MAX_PROMPT_BYTES,
                 ));
             }
+            crate::prompt::check_nesting(text)?;
         }
         if self.steps == 0 {
             return Err(Error::InvalidRequest("steps must be at least 1".into()));
