@@ -1,0 +1,448 @@
+//! torch checkpoints (`torch.save` zips: `.ckpt`, `.pth`, `.bin`): the state dict's tensor
+//! records read from `data.pkl` without running it, each checked against its storage member,
+//! and tensors loaded from the mapped file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Deref;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+
+use super::pickle::{Id, Pickle, Value};
+use super::source::{corrupt, release_pages, with_path};
+use super::zip::Archive;
+use crate::limits::{exceeded, MAX_PICKLE_BYTES, MAX_TENSORS};
+use crate::{Error, Result};
+
+/// A checkpoint's bytes: the file mapped, or a buffer (for fuzzing).
+pub(crate) enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(map) => map,
+            Bytes::Owned(vec) => vec,
+        }
+    }
+}
+
+/// Where one tensor lies in its storage member, checked to fit when the file was opened.
+struct Record {
+    member: usize,
+    dtype: DType,
+    /// The first element, counted in the storage's elements.
+    offset: usize,
+    shape: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+/// An opened torch zip: its tensors by state-dict name.
+pub(crate) struct TorchZip {
+    bytes: Bytes,
+    archive: Archive,
+    tensors: HashMap<String, Record>,
+    /// Whether members' CRC-32s are checked as they are read (off only to measure the cost).
+    verify_crc: bool,
+}
+
+impl TorchZip {
+    /// Maps and reads `path`. The state dict is the first of `wrappers` (such as Lightning's
+    /// `state_dict`) that the top-level dict holds as a dict, else the top-level dict.
+    pub(crate) fn open(path: &Path, wrappers: &[&str]) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only; like every mmap reader we rely on nobody truncating
+        // the file while it is open. Mapping keeps a 4 GB checkpoint out of RAM until the
+        // tensors are asked for.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(Bytes::Mapped(map), wrappers).map_err(with_path(path))
+    }
+
+    /// Reads a checkpoint held in `bytes`.
+    pub(crate) fn from_bytes(bytes: Bytes, wrappers: &[&str]) -> Result<Self> {
+        let archive = Archive::parse(&bytes)?;
+        let (pickle_member, prefix) = find_pickle(&archive)?;
+        if let Some(order) = archive.find(&format!("{prefix}byteorder")) {
+            if archive.read(&bytes, order, true)? != b"little" {
+                return Err(corrupt("a big-endian torch checkpoint"));
+            }
+        }
+        if archive.len(pickle_member) > MAX_PICKLE_BYTES {
+            return Err(exceeded(
+                "the checkpoint's data.pkl size",
+                archive.len(pickle_member),
+                "MAX_PICKLE_BYTES",
+                MAX_PICKLE_BYTES,
+            ));
+        }
+        let pickle = Pickle::parse(archive.read(&bytes, pickle_member, true)?)?;
+        let mut tensors = HashMap::new();
+        // Storage key → (dtype, elements), to catch two tensors disagreeing about one storage.
+        let mut storages: HashMap<&str, (DType, usize)> = HashMap::new();
+        for &(key, value) in state_dict(&pickle, wrappers)? {
+            let Some(name) = pickle.str(key) else {
+                continue;
+            };
+            let Some(raw) = tensor_record(&pickle, value).map_err(|e| in_tensor(name, &e))? else {
+                continue;
+            };
+            let Some(dtype) = raw.dtype else {
+                // A dtype candle has no type for (int8, complex): left out, as before.
+                continue;
+            };
+            if tensors.len() == MAX_TENSORS {
+                return Err(exceeded(
+                    "the checkpoint's tensor count",
+                    format!("more than {MAX_TENSORS}"),
+                    "MAX_TENSORS",
+                    MAX_TENSORS,
+                ));
+            }
+            let member = storage_member(&archive, &prefix, raw.key, dtype, raw.numel)
+                .map_err(|e| in_tensor(name, &e))?;
+            if *storages.entry(raw.key).or_insert((dtype, raw.numel)) != (dtype, raw.numel) {
+                return Err(in_tensor(
+                    name,
+                    &format!("storage {} is declared twice differently", raw.key),
+                ));
+            }
+            let record = Record {
+                member,
+                dtype,
+                offset: raw.offset,
+                shape: raw.shape,
+                stride: raw.stride,
+            };
+            check_fits(&record, raw.numel).map_err(|e| in_tensor(name, &e))?;
+            if tensors.insert(name.to_string(), record).is_some() {
+                return Err(corrupt(format!("the state dict names {name:?} twice")));
+            }
+        }
+        if tensors.is_empty() {
+            return Err(corrupt("a zip archive without torch tensors"));
+        }
+        Ok(Self {
+            bytes,
+            archive,
+            tensors,
+            verify_crc: true,
+        })
+    }
+
+    /// Turns the CRC-32 check off, to measure what it costs.
+    pub(crate) fn without_crc_check(mut self) -> Self {
+        self.verify_crc = false;
+        self
+    }
+
+    /// Every tensor's name and shape.
+    pub(crate) fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.tensors
+            .iter()
+            .map(|(name, r)| (name.as_str(), r.shape.as_slice()))
+    }
+
+    /// Reads tensor `name` onto `device`, in its stored dtype.
+    pub(crate) fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let record = self.tensors.get(name).ok_or_else(|| {
+            Error::Tensor(candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })
+        })?;
+        let storage = self
+            .archive
+            .read(&self.bytes, record.member, self.verify_crc)?;
+        let order = dense_order(&record.shape, &record.stride).ok_or_else(|| {
+            corrupt(format!(
+                "tensor {name}: its layout (shape {:?}, stride {:?}) is not a dense one, \
+                 which this reader supports only when contiguous or transposed",
+                record.shape, record.stride
+            ))
+        })?;
+        let size = record.dtype.size_in_bytes();
+        let numel: usize = record.shape.iter().product();
+        // Checked at open: offset + numel elements lie inside the storage.
+        let data = &storage[record.offset * size..(record.offset + numel) * size];
+        let tensor = if order.windows(2).all(|w| w[0] < w[1]) {
+            Tensor::from_raw_buffer(data, record.dtype, &record.shape, &Device::Cpu)?
+        } else {
+            // Stored transposed: read in memory order, then put the axes back.
+            let physical: Vec<usize> = order.iter().map(|&a| record.shape[a]).collect();
+            let mut back: Vec<usize> = (0..order.len()).collect();
+            back.sort_by_key(|&i| order[i]);
+            Tensor::from_raw_buffer(data, record.dtype, &physical, &Device::Cpu)?
+                .permute(back)?
+                .contiguous()?
+                .reshape(record.shape.as_slice())?
+        };
+        // The whole member: the CRC check brought all of its pages in.
+        release_pages(storage);
+        Ok(tensor.to_device(device)?)
+    }
+}
+
+/// The one `data.pkl` member and the folder prefix its storages are under.
+fn find_pickle(archive: &Archive) -> Result<(usize, String)> {
+    let mut pickles = archive
+        .names()
+        .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"));
+    let name = pickles
+        .next()
+        .ok_or_else(|| corrupt("a zip archive without data.pkl (not a torch checkpoint)"))?;
+    if let Some(other) = pickles.next() {
+        return Err(corrupt(format!(
+            "a zip archive with two pickles ({name}, {other})"
+        )));
+    }
+    let prefix = name
+        .strip_suffix("data.pkl")
+        .unwrap_or_default()
+        .to_string();
+    let id = archive
+        .find(name)
+        .ok_or_else(|| corrupt("data.pkl vanished"))?;
+    Ok((id, prefix))
+}
+
+/// The state dict's entries: see [`TorchZip::open`].
+fn state_dict<'p>(pickle: &'p Pickle, wrappers: &[&str]) -> Result<&'p [(Id, Id)]> {
+    let mut root = pickle.root();
+    // A TorchScript module keeps its attributes as BUILD's state.
+    if let Value::Call {
+        callable,
+        state: Some(state),
+        ..
+    } = pickle.get(root)
+    {
+        if pickle
+            .global(*callable)
+            .is_some_and(|(module, _)| module.starts_with("__torch__"))
+        {
+            root = *state;
+        }
+    }
+    let Value::Dict(top) = pickle.get(root) else {
+        return Err(corrupt(format!(
+            "data.pkl holds a {}, not a state dict",
+            pickle.kind(root)
+        )));
+    };
+    for wrapper in wrappers {
+        let inner = top
+            .iter()
+            .find(|(k, _)| pickle.str(*k) == Some(wrapper))
+            .map(|&(_, v)| pickle.get(v));
+        if let Some(Value::Dict(inner)) = inner {
+            return Ok(inner);
+        }
+    }
+    Ok(top)
+}
+
+/// What `_rebuild_tensor_v2` was asked to build.
+struct RawRecord<'p> {
+    key: &'p str,
+    dtype: Option<DType>,
+    numel: usize,
+    offset: usize,
+    shape: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+/// The tensor record of a state-dict value, or None if the value is not a tensor.
+fn tensor_record(pickle: &Pickle, value: Id) -> std::result::Result<Option<RawRecord<'_>>, String> {
+    let mut id = value;
+    // Parameters wrap the tensor's rebuild call; torch nests the wrappers two deep at most.
+    for _ in 0..3 {
+        let Value::Call { callable, args, .. } = pickle.get(id) else {
+            return Ok(None);
+        };
+        let args = pickle.tuple(*args);
+        match pickle.global(*callable) {
+            Some(("torch._utils", "_rebuild_tensor_v2")) => {
+                let args = args.ok_or("_rebuild_tensor_v2 without an argument tuple")?;
+                return rebuild_args(pickle, args).map(Some);
+            }
+            Some(("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state")) => {
+                id = *args
+                    .and_then(|a| a.first())
+                    .ok_or("_rebuild_parameter without its tensor")?;
+            }
+            // _rebuild_from_type_v2(func, type, args, state): a tensor subclass.
+            Some(("torch._tensor", "_rebuild_from_type_v2")) => {
+                let args = args
+                    .filter(|a| a.len() >= 3)
+                    .ok_or("_rebuild_from_type_v2 without its function and arguments")?;
+                if pickle.global(args[0]) != Some(("torch._utils", "_rebuild_tensor_v2")) {
+                    return Ok(None);
+                }
+                let inner = pickle
+                    .tuple(args[2])
+                    .ok_or("_rebuild_from_type_v2 without an argument tuple")?;
+                return rebuild_args(pickle, inner).map(Some);
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// `_rebuild_tensor_v2(storage, storage_offset, size, stride, ...)` with the storage a
+/// persistent id `('storage', torch.XStorage, key, location, numel)`.
+fn rebuild_args<'p>(pickle: &'p Pickle, args: &[Id]) -> std::result::Result<RawRecord<'p>, String> {
+    let [storage, offset, size, stride, ..] = args else {
+        return Err("_rebuild_tensor_v2 with fewer than 4 arguments".into());
+    };
+    let Value::PersistentId(pid) = pickle.get(*storage) else {
+        return Err("a tensor without a storage reference".into());
+    };
+    let pid = pickle
+        .tuple(*pid)
+        .filter(|t| t.len() == 5 && pickle.str(t[0]) == Some("storage"))
+        .ok_or("a storage reference other than ('storage', type, key, location, numel)")?;
+    let (module, class) = pickle
+        .global(pid[1])
+        .ok_or("a storage type that is not a class")?;
+    let key = pickle
+        .str(pid[2])
+        .ok_or("a storage key that is not a string")?;
+    let numel = pickle
+        .index(pid[4])
+        .ok_or("a storage size that is not a count")?;
+    let ints = |id: Id, what: &str| -> std::result::Result<Vec<usize>, String> {
+        pickle
+            .tuple(id)
+            .and_then(|t| t.iter().map(|&i| pickle.index(i)).collect())
+            .ok_or(format!("a {what} that is not a tuple of counts"))
+    };
+    Ok(RawRecord {
+        key,
+        dtype: if module == "torch" {
+            storage_dtype(class)
+        } else {
+            None
+        },
+        numel,
+        offset: pickle
+            .index(*offset)
+            .ok_or("a storage offset that is not a count")?,
+        shape: ints(*size, "shape")?,
+        stride: ints(*stride, "stride")?,
+    })
+}
+
+/// The element type of a `torch.XStorage` class.
+fn storage_dtype(class: &str) -> Option<DType> {
+    Some(match class {
+        "FloatStorage" => DType::F32,
+        "DoubleStorage" => DType::F64,
+        "HalfStorage" => DType::F16,
+        "BFloat16Storage" => DType::BF16,
+        "ByteStorage" | "BoolStorage" => DType::U8,
+        "ShortStorage" => DType::I16,
+        "IntStorage" => DType::I32,
+        "LongStorage" => DType::I64,
+        _ => return None,
+    })
+}
+
+/// The member holding storage `key`, checked to hold exactly `numel` elements of `dtype`.
+fn storage_member(
+    archive: &Archive,
+    prefix: &str,
+    key: &str,
+    dtype: DType,
+    numel: usize,
+) -> std::result::Result<usize, String> {
+    let name = format!("{prefix}data/{key}");
+    let member = archive
+        .find(&name)
+        .ok_or_else(|| format!("its storage {name} is not in the archive"))?;
+    let bytes = numel.checked_mul(dtype.size_in_bytes());
+    if bytes != Some(archive.len(member)) {
+        return Err(format!(
+            "storage {name} declares {numel} elements of {dtype:?} but holds {} bytes",
+            archive.len(member)
+        ));
+    }
+    Ok(member)
+}
+
+/// Checks that every element the record's shape and stride reach lies inside its storage.
+fn check_fits(record: &Record, numel: usize) -> std::result::Result<(), String> {
+    if record.shape.len() != record.stride.len() {
+        return Err(format!(
+            "shape {:?} and stride {:?} differ in rank",
+            record.shape, record.stride
+        ));
+    }
+    let elements = record
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d));
+    // The furthest element: offset + Σ (size − 1) · stride, for a non-empty tensor.
+    let reach = if elements == Some(0) {
+        Some(record.offset)
+    } else {
+        record
+            .shape
+            .iter()
+            .zip(&record.stride)
+            .try_fold(record.offset.checked_add(1), |end, (&d, &s)| {
+                Some(end?.checked_add((d - 1).checked_mul(s)?))
+            })
+            .flatten()
+    };
+    match (elements, reach) {
+        (Some(_), Some(end)) if end <= numel => Ok(()),
+        _ => Err(format!(
+            "shape {:?} (stride {:?}, offset {}) reaches past its storage of {numel} elements",
+            record.shape, record.stride, record.offset
+        )),
+    }
+}
+
+/// For a layout that is a permutation of a contiguous one, the axes of size > 1 from the
+/// outermost in memory to the innermost; None for any other layout (overlapping or gapped).
+fn dense_order(shape: &[usize], stride: &[usize]) -> Option<Vec<usize>> {
+    if shape.contains(&0) {
+        return Some(Vec::new());
+    }
+    let mut axes: Vec<usize> = (0..shape.len()).filter(|&a| shape[a] > 1).collect();
+    axes.sort_by_key(|&a| std::cmp::Reverse(stride[a]));
+    let mut expect = 1usize;
+    for &a in axes.iter().rev() {
+        if stride[a] != expect {
+            return None;
+        }
+        expect = expect.checked_mul(shape[a])?;
+    }
+    Some(axes)
+}
+
+fn in_tensor(name: &str, reason: &impl std::fmt::Display) -> Error {
+    corrupt(format!("tensor {name}: {reason}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dense_order;
+
+    #[test]
+    fn dense_orders_cover_contiguous_and_transposed_layouts() {
+        assert_eq!(dense_order(&[2, 3], &[3, 1]), Some(vec![0, 1]));
+        assert_eq!(dense_order(&[2, 3], &[1, 2]), Some(vec![1, 0]));
+        // Size-one axes may have any stride.
+        assert_eq!(dense_order(&[2, 1, 3], &[3, 99, 1]), Some(vec![0, 2]));
+        assert_eq!(dense_order(&[4, 3, 2], &[1, 4, 12]), Some(vec![2, 1, 0]));
+        // Broadcast (stride 0), overlapping and gapped layouts are refused.
+        assert_eq!(dense_order(&[2, 3], &[0, 1]), None);
+        assert_eq!(dense_order(&[2, 3], &[1, 1]), None);
+        assert_eq!(dense_order(&[2, 3], &[4, 1]), None);
+    }
+}
