@@ -34,52 +34,8 @@ use detect::VaeNaming;
 use source::TensorFile;
 pub use upscaler::UpscalerFile;
 
-/// Entry points for the fuzz targets and the CRC measurement: the readers on bytes in memory.
-/// Not part of the API.
 #[doc(hidden)]
-pub mod fuzzing {
-    use std::path::Path;
-
-    use candle_core::Device;
-
-    use super::torch_zip::{Bytes, TorchZip};
-    use crate::Result;
-
-    /// Reads a torch zip checkpoint from `bytes` and loads every tensor; returns their count.
-    pub fn checkpoint(bytes: &[u8]) -> Result<usize> {
-        let zip = TorchZip::from_bytes(Bytes::Owned(bytes.to_vec()), &["state_dict"])?;
-        load_all(&zip)
-    }
-
-    /// Checks a safetensors file's header held in `bytes`; returns its tensor count.
-    pub fn safetensors_header(bytes: &[u8]) -> Result<usize> {
-        super::safetensors_header::check_bytes(bytes)
-    }
-
-    /// Opens the torch zip at `path` and loads every tensor, with or without the CRC-32
-    /// check; returns the bytes loaded.
-    pub fn load_checkpoint(path: &Path, verify_crc: bool) -> Result<usize> {
-        let mut zip = TorchZip::open(path, &["state_dict"])?;
-        if !verify_crc {
-            zip = zip.without_crc_check();
-        }
-        let names: Vec<String> = zip.shapes().map(|(n, _)| n.to_string()).collect();
-        let mut bytes = 0;
-        for name in names {
-            let t = zip.load(&name, &Device::Cpu)?;
-            bytes += t.elem_count() * t.dtype().size_in_bytes();
-        }
-        Ok(bytes)
-    }
-
-    fn load_all(zip: &TorchZip) -> Result<usize> {
-        let names: Vec<&str> = zip.shapes().map(|(n, _)| n).collect();
-        for name in &names {
-            zip.load(name, &Device::Cpu)?;
-        }
-        Ok(names.len())
-    }
-}
+pub mod fuzzing;
 
 /// Which Stable Diffusion a checkpoint belongs to, as far as its weights tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
