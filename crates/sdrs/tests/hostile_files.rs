@@ -202,7 +202,7 @@ impl Pickle {
         self.op(b'(')
             .str("storage")
             .global("torch", t.class)
-            .str(t.key)
+            .str(&t.key)
             .str("cpu")
             .int(t.numel)
             .op(b't')
@@ -220,7 +220,7 @@ impl Pickle {
 
 struct TensorSpec {
     class: &'static str,
-    key: &'static str,
+    key: String,
     numel: i64,
     offset: i64,
     shape: Vec<i64>,
@@ -231,7 +231,7 @@ struct TensorSpec {
 fn small_tensor() -> TensorSpec {
     TensorSpec {
         class: "FloatStorage",
-        key: "0",
+        key: "0".into(),
         numel: 4,
         offset: 0,
         shape: vec![2, 2],
@@ -325,14 +325,16 @@ fn a_tensor_claiming_2_pow_40_elements_is_refused_before_allocation() {
 #[test]
 fn a_million_deep_list_on_the_stack_hits_the_stack_limit() {
     let data = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
-    // `]` a million times (lists to be nested by APPENDs), and `(` a million times (marks).
-    for (name, op) in [("lists", b']'), ("marks", b'(')] {
+    // [[[...]]] a million deep, as pickle writes it (`]` a million times, then APPEND), and
+    // with marks (`(` a million times, then LIST).
+    for (name, open, close) in [("lists", b']', b'a'), ("marks", b'(', b'l')] {
         let mut p = Pickle::new();
-        p.ops(&vec![op; 1_000_000]);
+        p.ops(&vec![open; 1_000_000]).ops(&vec![close; 999_999]);
         let bytes = torch_zip(&p.finish(), &[("0", &data)]);
         let path = write(&format!("deep-{name}.ckpt"), &bytes);
         let err = refused(&path, &["stack depth", "MAX_PICKLE_STACK", "deep-"]);
         assert!(matches!(err, Error::Limit { .. }), "{err}");
+        assert_eq!(err.to_string().matches("deep-").count(), 1, "{err}");
     }
 }
 
@@ -348,25 +350,28 @@ fn a_million_deep_list_built_through_the_memo_is_harmless() {
         }
     });
     let bytes = torch_zip(&pickle, &[("0", &data)]);
+    write("deep-memo.ckpt", &bytes);
     assert_eq!(fuzzing::checkpoint(&bytes).unwrap(), 1);
 }
 
 #[test]
 fn a_billion_laughs_pickle_stays_small() {
-    // "lol", then 30 levels each a list of ten references to the level below: 10^30 strings
-    // for a reader that copies memo entries, 300 references for one that shares them.
+    // L1 = ["lol"] * 10, L2 = [L1] * 10, ... L30, each list memoized once it is full and
+    // stored under its own key: 10^30 strings for a reader that copies memo entries, 300
+    // references for one that shares them.
     let data = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
     let pickle = state_dict(&small_tensor(), |p| {
-        p.str("laughs").str("lol").put(0);
+        p.str("lol").str("lol").put(0);
         for level in 1..=30u32 {
-            p.op(b'(');
+            p.str(&format!("laughs{level}")).op(b']').op(b'(');
             for _ in 0..10 {
                 p.get(level - 1);
             }
-            p.op(b'l').put(level);
+            p.op(b'e').put(level);
         }
     });
     let bytes = torch_zip(&pickle, &[("0", &data)]);
+    write("laughs.ckpt", &bytes);
     let start = Instant::now();
     assert_eq!(fuzzing::checkpoint(&bytes).unwrap(), 1);
     assert_quick(start, Path::new("billion laughs"));
@@ -395,6 +400,7 @@ fn an_unknown_opcode_is_named() {
         let mut p = Pickle::new();
         p.op(op);
         let bytes = torch_zip(&p.finish(), &[("0", &data)]);
+        write(&format!("opcode-{op:02x}.ckpt"), &bytes);
         reader_error(&bytes, &["pickle opcode", name]);
     }
 }
@@ -423,6 +429,7 @@ fn an_unknown_global_is_an_opaque_value_never_called() {
             .op(b'b');
     });
     let bytes = torch_zip(&pickle, &[("0", &data)]);
+    write("unknown-global.ckpt", &bytes);
     assert_eq!(fuzzing::checkpoint(&bytes).unwrap(), 1);
     assert!(!marker.exists(), "the pickle ran a command");
 }
@@ -444,9 +451,19 @@ fn twenty_thousand_entries_sharing_one_member_are_refused_at_once() {
     }
     let path = write("shared-names.ckpt", &zip.finish());
     refused(&path, &["two members are named \"archive/data/0\""]);
-    // 20,000 different names pointing at one member's header.
+    // 20,000 different names pointing at one member's header, each a tensor's storage (a
+    // reader that parses the directory again for each tensor spends minutes here).
+    let many = state_dict(&small_tensor(), |p| {
+        for i in 1..=20_000 {
+            let spec = TensorSpec {
+                key: i.to_string(),
+                ..small_tensor()
+            };
+            p.str(&format!("w{i}")).tensor(&spec);
+        }
+    });
     let mut zip = Zip::default();
-    zip.member("archive/data.pkl", &pickle);
+    zip.member("archive/data.pkl", &many);
     let shared = zip.member("archive/data/0", &data);
     for i in 1..=20_000 {
         zip.entry(
@@ -516,6 +533,7 @@ fn a_flipped_byte_inside_a_tensor_fails_its_crc_naming_the_member() {
     let mut bytes = std::fs::read(fixture("tiny-sd1.ckpt")).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
+    write("flipped-byte.ckpt", &bytes);
     let err = fuzzing::checkpoint(&bytes).expect_err("a flipped byte went unnoticed");
     let msg = err.to_string();
     assert!(

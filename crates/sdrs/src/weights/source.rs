@@ -176,12 +176,20 @@ pub(super) fn with_path(path: &Path) -> impl Fn(Error) -> Error + '_ {
             value,
             name,
             limit,
-        } => Error::Limit {
-            what: format!("{}: {what}", path.display()),
-            value,
-            name,
-            limit,
-        },
+        } => {
+            // Readers nest (a file inside a checkpoint): the path goes in once.
+            let prefix = format!("{}: ", path.display());
+            Error::Limit {
+                what: if what.starts_with(&prefix) {
+                    what
+                } else {
+                    prefix + &what
+                },
+                value,
+                name,
+                limit,
+            }
+        }
         other => other,
     }
 }
