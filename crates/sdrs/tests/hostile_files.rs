@@ -12,6 +12,11 @@ use sdrs::weights::fuzzing;
 use sdrs::weights::{Checkpoint, UpscalerFile};
 use sdrs::Error;
 
+#[path = "hostile_files/writers.rs"]
+mod writers;
+use writers::{f32_bytes, good_checkpoint, safetensors, small_tensor, state_dict, torch_zip};
+use writers::{Pickle, TensorSpec, Zip};
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures")
@@ -61,7 +66,7 @@ fn assert_quick(start: Instant, what: &Path) {
 
 /// The error reading the torch zip `bytes` (all tensors loaded), with every needle in it.
 fn reader_error(bytes: &[u8], needles: &[&str]) -> Error {
-    let err = fuzzing::checkpoint(bytes).expect_err("the hostile checkpoint was read");
+    let err = fuzzing::checkpoint(bytes, true).expect_err("the hostile checkpoint was read");
     let msg = err.to_string();
     for needle in needles {
         assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
@@ -69,208 +74,9 @@ fn reader_error(bytes: &[u8], needles: &[&str]) -> Error {
     err
 }
 
-// ---------------------------------------------------------------------------------------------
-// A zip writer: stored members, and the central directory written as told.
-
-#[derive(Default)]
-struct Zip {
-    out: Vec<u8>,
-    central: Vec<u8>,
-    entries: usize,
-}
-
-impl Zip {
-    /// A stored member with its right CRC; returns its local header's offset.
-    fn member(&mut self, name: &str, data: &[u8]) -> u32 {
-        self.member_as(name, data, 0, crc32fast::hash(data), data.len() as u32)
-    }
-
-    /// A member as told: compression `method`, `crc` and the `size` the directory claims.
-    fn member_as(&mut self, name: &str, data: &[u8], method: u16, crc: u32, size: u32) -> u32 {
-        let offset = self.out.len() as u32;
-        self.out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
-        self.out.extend_from_slice(&20u16.to_le_bytes()); // version
-        self.out.extend_from_slice(&0u16.to_le_bytes()); // flags
-        self.out.extend_from_slice(&method.to_le_bytes());
-        self.out.extend_from_slice(&[0; 4]); // time, date
-        self.out.extend_from_slice(&crc.to_le_bytes());
-        self.out.extend_from_slice(&size.to_le_bytes());
-        self.out.extend_from_slice(&size.to_le_bytes());
-        self.out
-            .extend_from_slice(&(name.len() as u16).to_le_bytes());
-        self.out.extend_from_slice(&0u16.to_le_bytes()); // extra
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.extend_from_slice(data);
-        self.entry(name, offset, size, crc, method);
-        offset
-    }
-
-    /// A central-directory entry only, pointing wherever it is told.
-    fn entry(&mut self, name: &str, offset: u32, size: u32, crc: u32, method: u16) {
-        let c = &mut self.central;
-        c.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
-        c.extend_from_slice(&[20, 0, 20, 0]); // versions
-        c.extend_from_slice(&0u16.to_le_bytes()); // flags
-        c.extend_from_slice(&method.to_le_bytes());
-        c.extend_from_slice(&[0; 4]);
-        c.extend_from_slice(&crc.to_le_bytes());
-        c.extend_from_slice(&size.to_le_bytes());
-        c.extend_from_slice(&size.to_le_bytes());
-        c.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        c.extend_from_slice(&[0; 4]); // extra, comment
-        c.extend_from_slice(&[0; 8]); // disk, attributes
-        c.extend_from_slice(&offset.to_le_bytes());
-        c.extend_from_slice(name.as_bytes());
-        self.entries += 1;
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        let start = self.out.len() as u32;
-        self.out.extend_from_slice(&self.central);
-        self.out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
-        self.out.extend_from_slice(&[0; 4]); // disks
-        self.out
-            .extend_from_slice(&(self.entries as u16).to_le_bytes());
-        self.out
-            .extend_from_slice(&(self.entries as u16).to_le_bytes());
-        self.out
-            .extend_from_slice(&(self.central.len() as u32).to_le_bytes());
-        self.out.extend_from_slice(&start.to_le_bytes());
-        self.out.extend_from_slice(&0u16.to_le_bytes());
-        self.out
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A pickle writer: the opcodes torch.save uses, and any byte we like.
-
-struct Pickle(Vec<u8>);
-
-impl Pickle {
-    fn new() -> Self {
-        Pickle(vec![0x80, 2])
-    }
-
-    fn op(&mut self, op: u8) -> &mut Self {
-        self.0.push(op);
-        self
-    }
-
-    fn ops(&mut self, ops: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(ops);
-        self
-    }
-
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.op(b'X');
-        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        self.ops(s.as_bytes())
-    }
-
-    fn int(&mut self, v: i64) -> &mut Self {
-        if let Ok(small) = i32::try_from(v) {
-            self.op(b'J').ops(&small.to_le_bytes())
-        } else {
-            self.ops(&[0x8a, 8]).ops(&v.to_le_bytes())
-        }
-    }
-
-    fn global(&mut self, module: &str, name: &str) -> &mut Self {
-        self.op(b'c');
-        self.ops(format!("{module}\n{name}\n").as_bytes())
-    }
-
-    fn put(&mut self, key: u32) -> &mut Self {
-        self.op(b'r').ops(&key.to_le_bytes())
-    }
-
-    fn get(&mut self, key: u32) -> &mut Self {
-        self.op(b'j').ops(&key.to_le_bytes())
-    }
-
-    fn ints(&mut self, values: &[i64]) -> &mut Self {
-        self.op(b'(');
-        for &v in values {
-            self.int(v);
-        }
-        self.op(b't')
-    }
-
-    /// `torch._utils._rebuild_tensor_v2(storage, offset, shape, stride, False, OrderedDict())`.
-    fn tensor(&mut self, t: &TensorSpec) -> &mut Self {
-        self.global("torch._utils", "_rebuild_tensor_v2").op(b'(');
-        self.op(b'(')
-            .str("storage")
-            .global("torch", t.class)
-            .str(&t.key)
-            .str("cpu")
-            .int(t.numel)
-            .op(b't')
-            .op(b'Q');
-        self.int(t.offset).ints(&t.shape).ints(&t.stride).op(0x89);
-        self.global("collections", "OrderedDict").op(b')').op(b'R');
-        self.op(b't').op(b'R')
-    }
-
-    fn finish(&mut self) -> Vec<u8> {
-        self.op(b'.');
-        std::mem::take(&mut self.0)
-    }
-}
-
-struct TensorSpec {
-    class: &'static str,
-    key: String,
-    numel: i64,
-    offset: i64,
-    shape: Vec<i64>,
-    stride: Vec<i64>,
-}
-
-/// A 2×2 float32 tensor in storage "0".
-fn small_tensor() -> TensorSpec {
-    TensorSpec {
-        class: "FloatStorage",
-        key: "0".into(),
-        numel: 4,
-        offset: 0,
-        shape: vec![2, 2],
-        stride: vec![2, 1],
-    }
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// A pickle of `{"w": tensor, ...more}`: `more` adds key/value pairs to the dict.
-fn state_dict(tensor: &TensorSpec, more: impl FnOnce(&mut Pickle)) -> Vec<u8> {
-    let mut p = Pickle::new();
-    p.op(b'}').op(b'(').str("w").tensor(tensor);
-    more(&mut p);
-    p.op(b'u').finish()
-}
-
-/// A torch zip of `pickle` and storage members `archive/data/KEY`.
-fn torch_zip(pickle: &[u8], storages: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut zip = Zip::default();
-    zip.member("archive/data.pkl", pickle);
-    zip.member("archive/byteorder", b"little");
-    for (key, data) in storages {
-        zip.member(&format!("archive/data/{key}"), data);
-    }
-    zip.finish()
-}
-
-/// The well-formed checkpoint the hostile ones are variations of: `{"w": [[1, 2], [3, 4]]}`.
-fn good_checkpoint() -> Vec<u8> {
-    let data = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
-    torch_zip(&state_dict(&small_tensor(), |_| {}), &[("0", &data)])
-}
-
 #[test]
 fn the_builders_make_a_checkpoint_the_reader_loads() {
-    let tensors = fuzzing::checkpoint_tensors(&good_checkpoint()).unwrap();
+    let tensors = fuzzing::checkpoint_tensors(&good_checkpoint(), true).unwrap();
     assert_eq!(tensors.len(), 1);
     let (name, w) = &tensors[0];
     assert_eq!(name, "w");
@@ -351,7 +157,7 @@ fn a_million_deep_list_built_through_the_memo_is_harmless() {
     });
     let bytes = torch_zip(&pickle, &[("0", &data)]);
     write("deep-memo.ckpt", &bytes);
-    assert_eq!(fuzzing::checkpoint(&bytes).unwrap(), 1);
+    assert_eq!(fuzzing::checkpoint(&bytes, true).unwrap(), 1);
 }
 
 #[test]
@@ -373,7 +179,7 @@ fn a_billion_laughs_pickle_stays_small() {
     let bytes = torch_zip(&pickle, &[("0", &data)]);
     write("laughs.ckpt", &bytes);
     let start = Instant::now();
-    assert_eq!(fuzzing::checkpoint(&bytes).unwrap(), 1);
+    assert_eq!(fuzzing::checkpoint(&bytes, true).unwrap(), 1);
     assert_quick(start, Path::new("billion laughs"));
 }
 
@@ -430,7 +236,7 @@ fn an_unknown_global_is_an_opaque_value_never_called() {
     });
     let bytes = torch_zip(&pickle, &[("0", &data)]);
     write("unknown-global.ckpt", &bytes);
-    assert_eq!(fuzzing::checkpoint(&bytes).unwrap(), 1);
+    assert_eq!(fuzzing::checkpoint(&bytes, true).unwrap(), 1);
     assert!(!marker.exists(), "the pickle ran a command");
 }
 
@@ -534,7 +340,7 @@ fn a_flipped_byte_inside_a_tensor_fails_its_crc_naming_the_member() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     write("flipped-byte.ckpt", &bytes);
-    let err = fuzzing::checkpoint(&bytes).expect_err("a flipped byte went unnoticed");
+    let err = fuzzing::checkpoint(&bytes, true).expect_err("a flipped byte went unnoticed");
     let msg = err.to_string();
     assert!(
         msg.contains("CRC-32") && msg.contains("tiny-sd1/data/"),
@@ -589,7 +395,7 @@ fn transposed_tensors_load_and_other_strides_are_refused_clearly() {
         ..small_tensor()
     };
     let bytes = torch_zip(&state_dict(&transposed, |_| {}), &[("0", &data)]);
-    let tensors = fuzzing::checkpoint_tensors(&bytes).unwrap();
+    let tensors = fuzzing::checkpoint_tensors(&bytes, true).unwrap();
     assert_eq!(
         tensors[0].1.to_vec2::<f32>().unwrap(),
         vec![vec![1.0, 3.0, 5.0], vec![2.0, 4.0, 6.0]]
@@ -607,14 +413,6 @@ fn transposed_tensors_load_and_other_strides_are_refused_clearly() {
 
 // ---------------------------------------------------------------------------------------------
 // safetensors headers.
-
-/// A safetensors file with `header` and `data_len` zero bytes of data.
-fn safetensors(header: &str, data_len: usize) -> Vec<u8> {
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.resize(bytes.len() + data_len, 0);
-    bytes
-}
 
 #[test]
 fn a_duplicate_safetensors_key_is_refused() {
@@ -828,7 +626,7 @@ fn torch_written_files_load_to_the_same_numbers_as_candles_reader() {
         ("tiny-sd1-bin/text_encoder/pytorch_model.bin", None),
     ] {
         let path = fixture(file);
-        let ours = fuzzing::checkpoint_tensors(&std::fs::read(&path).unwrap()).unwrap();
+        let ours = fuzzing::checkpoint_tensors(&std::fs::read(&path).unwrap(), true).unwrap();
         let theirs: HashMap<String, Tensor> = candle_core::pickle::read_all_with_key(&path, key)
             .unwrap()
             .into_iter()
@@ -865,4 +663,45 @@ fn torch_written_files_load_to_the_same_numbers_as_candles_reader() {
             "{file}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the CRC-32 check costs.
+
+/// Times opening and loading every tensor of a full-size SD 1.5 `.ckpt` with and without the
+/// CRC-32 check. Make the file with torch (fp32, like v1-5-pruned-emaonly.ckpt, ~4.3 GB), e.g.
+/// `torch.save({"state_dict": sd}, "/tmp/sd15-random.ckpt")` over `tools/full_size.py`'s
+/// random SD 1.5 weights in CompVis names; the path is overridable with `SDRS_FULL_SIZE_CKPT`.
+/// Run with `cargo test --release -p sdrs --test hostile_files -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn full_size_ckpt_crc_cost() {
+    let path = std::env::var("SDRS_FULL_SIZE_CKPT").unwrap_or("/tmp/sd15-random.ckpt".into());
+    let path = Path::new(&path);
+    let time = |verify: bool| {
+        let start = Instant::now();
+        let bytes = fuzzing::load_checkpoint(path, verify).unwrap();
+        (start.elapsed().as_secs_f64(), bytes)
+    };
+    // The first passes bring the file into the page cache.
+    time(false);
+    time(true);
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let mut total = 0;
+    for _ in 0..3 {
+        let (t, bytes) = time(true);
+        with.push(t);
+        without.push(time(false).0);
+        total = bytes;
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (w, wo) = (best(&with), best(&without));
+    println!(
+        "{}: {:.2} GB of tensors; open + load all: {wo:.2} s without CRC, {w:.2} s with \
+         (+{:.0}%, {:.1} GB/s of CRC); runs with {with:.2?}, without {without:.2?}",
+        path.display(),
+        total as f64 / 1e9,
+        100.0 * (w - wo) / wo,
+        total as f64 / 1e9 / (w - wo).max(1e-9),
+    );
 }

@@ -12,6 +12,7 @@ mod openclip;
 mod pickle;
 mod safetensors_header;
 mod source;
+mod torch_pickle;
 mod torch_zip;
 mod upscaler;
 mod validate;

@@ -10,8 +10,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
-use super::pickle::{Id, Pickle, Value};
+use super::pickle::Pickle;
 use super::source::{corrupt, release_pages, with_path};
+use super::torch_pickle::{state_dict, tensor_record};
 use super::zip::Archive;
 use crate::limits::{exceeded, MAX_PICKLE_BYTES, MAX_TENSORS};
 use crate::{Error, Result};
@@ -55,20 +56,16 @@ impl TorchZip {
     /// Maps and reads `path`. The state dict is the first of `wrappers` (such as Lightning's
     /// `state_dict`) that the top-level dict holds as a dict, else the top-level dict.
     pub(crate) fn open(path: &Path, wrappers: &[&str]) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the mapping is read-only; like every mmap reader we rely on nobody truncating
-        // the file while it is open. Mapping keeps a 4 GB checkpoint out of RAM until the
-        // tensors are asked for.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::from_bytes(Bytes::Mapped(map), wrappers).map_err(with_path(path))
+        Self::from_bytes(map(path)?, wrappers, true).map_err(with_path(path))
     }
 
-    /// Reads a checkpoint held in `bytes`.
-    pub(crate) fn from_bytes(bytes: Bytes, wrappers: &[&str]) -> Result<Self> {
+    /// Reads a checkpoint held in `bytes`. `verify_crc` false skips the CRC-32 checks (to
+    /// measure their cost, and so that fuzzed bytes inside members reach the pickle reader).
+    pub(crate) fn from_bytes(bytes: Bytes, wrappers: &[&str], verify_crc: bool) -> Result<Self> {
         let archive = Archive::parse(&bytes)?;
         let (pickle_member, prefix) = find_pickle(&archive)?;
         if let Some(order) = archive.find(&format!("{prefix}byteorder")) {
-            if archive.read(&bytes, order, true)? != b"little" {
+            if archive.read(&bytes, order, verify_crc)? != b"little" {
                 return Err(corrupt("a big-endian torch checkpoint"));
             }
         }
@@ -80,7 +77,7 @@ impl TorchZip {
                 MAX_PICKLE_BYTES,
             ));
         }
-        let pickle = Pickle::parse(archive.read(&bytes, pickle_member, true)?)?;
+        let pickle = Pickle::parse(archive.read(&bytes, pickle_member, verify_crc)?)?;
         let mut tensors = HashMap::new();
         // Storage key → (dtype, elements), to catch two tensors disagreeing about one storage.
         let mut storages: HashMap<&str, (DType, usize)> = HashMap::new();
@@ -130,14 +127,8 @@ impl TorchZip {
             bytes,
             archive,
             tensors,
-            verify_crc: true,
+            verify_crc,
         })
-    }
-
-    /// Turns the CRC-32 check off, to measure what it costs.
-    pub(crate) fn without_crc_check(mut self) -> Self {
-        self.verify_crc = false;
-        self
     }
 
     /// Every tensor's name and shape.
@@ -186,6 +177,16 @@ impl TorchZip {
     }
 }
 
+/// Maps the file at `path`.
+pub(crate) fn map(path: &Path) -> Result<Bytes> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the mapping is read-only; like every mmap reader we rely on nobody truncating
+    // the file while it is open. Mapping keeps a 4 GB checkpoint out of RAM until the tensors
+    // are asked for.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(Bytes::Mapped(map))
+}
+
 /// The one `data.pkl` member and the folder prefix its storages are under.
 fn find_pickle(archive: &Archive) -> Result<(usize, String)> {
     let mut pickles = archive
@@ -207,148 +208,6 @@ fn find_pickle(archive: &Archive) -> Result<(usize, String)> {
         .find(name)
         .ok_or_else(|| corrupt("data.pkl vanished"))?;
     Ok((id, prefix))
-}
-
-/// The state dict's entries: see [`TorchZip::open`].
-fn state_dict<'p>(pickle: &'p Pickle, wrappers: &[&str]) -> Result<&'p [(Id, Id)]> {
-    let mut root = pickle.root();
-    // A TorchScript module keeps its attributes as BUILD's state.
-    if let Value::Call {
-        callable,
-        state: Some(state),
-        ..
-    } = pickle.get(root)
-    {
-        if pickle
-            .global(*callable)
-            .is_some_and(|(module, _)| module.starts_with("__torch__"))
-        {
-            root = *state;
-        }
-    }
-    let Value::Dict(top) = pickle.get(root) else {
-        return Err(corrupt(format!(
-            "data.pkl holds a {}, not a state dict",
-            pickle.kind(root)
-        )));
-    };
-    for wrapper in wrappers {
-        let inner = top
-            .iter()
-            .find(|(k, _)| pickle.str(*k) == Some(wrapper))
-            .map(|&(_, v)| pickle.get(v));
-        if let Some(Value::Dict(inner)) = inner {
-            return Ok(inner);
-        }
-    }
-    Ok(top)
-}
-
-/// What `_rebuild_tensor_v2` was asked to build.
-struct RawRecord<'p> {
-    key: &'p str,
-    dtype: Option<DType>,
-    numel: usize,
-    offset: usize,
-    shape: Vec<usize>,
-    stride: Vec<usize>,
-}
-
-/// The tensor record of a state-dict value, or None if the value is not a tensor.
-fn tensor_record(pickle: &Pickle, value: Id) -> std::result::Result<Option<RawRecord<'_>>, String> {
-    let mut id = value;
-    // Parameters wrap the tensor's rebuild call; torch nests the wrappers two deep at most.
-    for _ in 0..3 {
-        let Value::Call { callable, args, .. } = pickle.get(id) else {
-            return Ok(None);
-        };
-        let args = pickle.tuple(*args);
-        match pickle.global(*callable) {
-            Some(("torch._utils", "_rebuild_tensor_v2")) => {
-                let args = args.ok_or("_rebuild_tensor_v2 without an argument tuple")?;
-                return rebuild_args(pickle, args).map(Some);
-            }
-            Some(("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state")) => {
-                id = *args
-                    .and_then(|a| a.first())
-                    .ok_or("_rebuild_parameter without its tensor")?;
-            }
-            // _rebuild_from_type_v2(func, type, args, state): a tensor subclass.
-            Some(("torch._tensor", "_rebuild_from_type_v2")) => {
-                let args = args
-                    .filter(|a| a.len() >= 3)
-                    .ok_or("_rebuild_from_type_v2 without its function and arguments")?;
-                if pickle.global(args[0]) != Some(("torch._utils", "_rebuild_tensor_v2")) {
-                    return Ok(None);
-                }
-                let inner = pickle
-                    .tuple(args[2])
-                    .ok_or("_rebuild_from_type_v2 without an argument tuple")?;
-                return rebuild_args(pickle, inner).map(Some);
-            }
-            _ => return Ok(None),
-        }
-    }
-    Ok(None)
-}
-
-/// `_rebuild_tensor_v2(storage, storage_offset, size, stride, ...)` with the storage a
-/// persistent id `('storage', torch.XStorage, key, location, numel)`.
-fn rebuild_args<'p>(pickle: &'p Pickle, args: &[Id]) -> std::result::Result<RawRecord<'p>, String> {
-    let [storage, offset, size, stride, ..] = args else {
-        return Err("_rebuild_tensor_v2 with fewer than 4 arguments".into());
-    };
-    let Value::PersistentId(pid) = pickle.get(*storage) else {
-        return Err("a tensor without a storage reference".into());
-    };
-    let pid = pickle
-        .tuple(*pid)
-        .filter(|t| t.len() == 5 && pickle.str(t[0]) == Some("storage"))
-        .ok_or("a storage reference other than ('storage', type, key, location, numel)")?;
-    let (module, class) = pickle
-        .global(pid[1])
-        .ok_or("a storage type that is not a class")?;
-    let key = pickle
-        .str(pid[2])
-        .ok_or("a storage key that is not a string")?;
-    let numel = pickle
-        .index(pid[4])
-        .ok_or("a storage size that is not a count")?;
-    let ints = |id: Id, what: &str| -> std::result::Result<Vec<usize>, String> {
-        pickle
-            .tuple(id)
-            .and_then(|t| t.iter().map(|&i| pickle.index(i)).collect())
-            .ok_or(format!("a {what} that is not a tuple of counts"))
-    };
-    Ok(RawRecord {
-        key,
-        dtype: if module == "torch" {
-            storage_dtype(class)
-        } else {
-            None
-        },
-        numel,
-        offset: pickle
-            .index(*offset)
-            .ok_or("a storage offset that is not a count")?,
-        shape: ints(*size, "shape")?,
-        stride: ints(*stride, "stride")?,
-    })
-}
-
-/// The element type of a `torch.XStorage` class.
-fn storage_dtype(class: &str) -> Option<DType> {
-    Some(match class {
-        "FloatStorage" => DType::F32,
-        "DoubleStorage" => DType::F64,
-        "HalfStorage" => DType::F16,
-        "BFloat16Storage" => DType::BF16,
-        "ByteStorage" | "BoolStorage" => DType::U8,
-        "ShortStorage" => DType::I16,
-        "IntStorage" => DType::I32,
-        "LongStorage" => DType::I64,
-        _ => return None,
-    })
 }
 
 /// The member holding storage `key`, checked to hold exactly `numel` elements of `dtype`.
