@@ -486,6 +486,7 @@ fn a_huge_number_in_a_tensor_name_is_refused_by_its_limit() {
     // A number under the limit that leaves a gap is named too.
     tensors.remove("model.diffusion_model.input_blocks.100000000000.0.weight");
     tensors.insert("model.diffusion_model.input_blocks.40.0.weight".into(), one);
+    let path = scratch("gap-index.safetensors");
     candle_core::safetensors::save(&tensors, &path).unwrap();
     refused(
         &path,

@@ -427,7 +427,7 @@ impl Machine<'_> {
 
 /// Key/value pairs from a flat run of items.
 fn pairs(items: &[Id]) -> Result<Vec<(Id, Id)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(corrupt("a dict with a key but no value"));
     }
     Ok(items.chunks_exact(2).map(|p| (p[0], p[1])).collect())
