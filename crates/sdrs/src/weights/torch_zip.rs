@@ -171,8 +171,11 @@ impl TorchZip {
                 .contiguous()?
                 .reshape(record.shape.as_slice())?
         };
-        // The whole member: the CRC check brought all of its pages in.
-        release_pages(storage);
+        // The whole member: the CRC check brought all of its pages in. Only a file mapping's
+        // pages: dropping those of a buffer would zero them.
+        if matches!(self.bytes, Bytes::Mapped(_)) {
+            release_pages(storage);
+        }
         Ok(tensor.to_device(device)?)
     }
 }
@@ -290,7 +293,36 @@ fn in_tensor(name: &str, reason: &impl std::fmt::Display) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::dense_order;
+    use super::*;
+
+    #[test]
+    fn a_tensor_reads_the_same_twice_from_a_mapping_or_a_buffer() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-vae-nowrap.ckpt");
+        let owned = Bytes::Owned(std::fs::read(&path).unwrap());
+        for zip in [
+            TorchZip::open(&path, &[]).unwrap(),
+            TorchZip::from_bytes(owned, &[], true).unwrap(),
+        ] {
+            // The largest tensor spans whole pages, which a mapping gives back after each read.
+            let (name, _) = zip
+                .shapes()
+                .max_by_key(|(_, shape)| shape.iter().product::<usize>())
+                .unwrap();
+            let read = || {
+                let t = zip.load(name, &Device::Cpu).unwrap();
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let first = read();
+            assert!(first.iter().any(|&v| v != 0.0));
+            assert_eq!(first, read(), "{name}");
+        }
+    }
 
     #[test]
     fn dense_orders_cover_contiguous_and_transposed_layouts() {
