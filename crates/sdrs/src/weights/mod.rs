@@ -122,9 +122,9 @@ impl Checkpoint {
     }
 
     /// What the UNet predicts: a diffusers folder's `scheduler/scheduler_config.json` says (an
-    /// unknown value there fails [`Checkpoint::open`]); a
-    /// single file cannot tell from its weights, so A1111's sidecar `NAME.yaml`
-    /// (`parameterization: "v"`) or a name hint ("768-v", "v-pred", "vpred") decides, else ε.
+    /// unknown value there fails [`Checkpoint::open`]); a single file cannot tell from its
+    /// weights, so A1111's sidecar `NAME.yaml` (`parameterization: "v"`) or a name hint
+    /// ("768-v", "v-pred", "vpred") decides, else ε.
     pub fn prediction(&self) -> Prediction {
         if self.path.is_dir() {
             return self.scheduler_prediction.unwrap_or_default();

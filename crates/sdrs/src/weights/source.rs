@@ -28,7 +28,7 @@ enum Part {
 }
 
 /// What the first bytes of a file say it is.
-pub(super) enum Kind {
+enum Kind {
     Safetensors,
     Zip,
 }
@@ -195,7 +195,7 @@ pub(super) fn with_path(path: &Path) -> impl Fn(Error) -> Error + '_ {
 }
 
 /// Decides the reader from the first bytes, and names common wrong files plainly.
-pub(super) fn sniff(path: &Path) -> Result<Kind> {
+fn sniff(path: &Path) -> Result<Kind> {
     let mut head = Vec::with_capacity(16);
     File::open(path)
         .and_then(|f| f.take(16).read_to_end(&mut head))
