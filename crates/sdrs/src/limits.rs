@@ -28,6 +28,8 @@ pub const MAX_PROMPT_PARTS: usize = 32;
 /// cross-attention of every step.
 pub const MAX_PROMPT_CHUNKS: usize = 32;
 
+// Pictures, upscaling and benchmarks.
+
 /// Most runs of each phase `sdrs bench` times.
 pub const MAX_BENCH_REPEATS: usize = 100;
 /// Largest width or height of a picture read (init images, upscaler input), in pixels.
@@ -41,6 +43,53 @@ pub const MAX_UPSCALED_PIXELS: usize = 8192 * 8192;
 /// Largest side of the input one upscaler network pass sees (a tile with its padding, or the
 /// whole picture without tiles): its activations grow with the square of it.
 pub const MAX_UPSCALE_TILE: usize = 2048;
+
+// Checkpoint files: zip archives, pickles, safetensors headers. Real files stay far below
+// these (SD 1.5 with EMA weights: ~2,300 tensors, a 300 KB pickle of ~60,000 opcodes).
+
+/// Most tensors one checkpoint file may name (safetensors header entries or state-dict tensors).
+pub const MAX_TENSORS: usize = 100_000;
+/// Most members of a torch zip archive (one per tensor storage, plus a few records).
+pub const MAX_ZIP_MEMBERS: usize = 100_000;
+/// Largest safetensors JSON header, in bytes (the safetensors crate's own bound).
+pub const MAX_SAFETENSORS_HEADER: usize = 100_000_000;
+/// Largest `data.pkl` of a torch zip, in bytes.
+pub const MAX_PICKLE_BYTES: usize = 64 << 20;
+/// Most opcodes one pickle may execute.
+pub const MAX_PICKLE_OPS: usize = 8_000_000;
+/// Most values one pickle may create (each is a slot of the reader's arena).
+pub const MAX_PICKLE_OBJECTS: usize = 2_000_000;
+/// Deepest the pickle machine's stack may grow, values and marks together: what bounds lists
+/// nested on the stack. (Nesting built through the memo costs no stack and no recursion.)
+pub const MAX_PICKLE_STACK: usize = 100_000;
+/// Most items in one pickled list, tuple, set or dict.
+pub const MAX_PICKLE_CONTAINER: usize = 1_000_000;
+
+// Model architectures, whether read from a diffusers config.json or counted from tensor names.
+
+/// Most resolution levels of a UNet (SD: 4, SDXL: 3).
+pub const MAX_UNET_LEVELS: usize = 8;
+/// Most resnets per UNet or VAE level (SD: 2).
+pub const MAX_LAYERS_PER_BLOCK: usize = 16;
+/// Most numbered `input_blocks` of a CompVis UNet: conv_in, then per level its layers and
+/// a downsampler.
+pub const MAX_UNET_INPUT_BLOCKS: usize = 1 + MAX_UNET_LEVELS * (MAX_LAYERS_PER_BLOCK + 1);
+/// Most transformer blocks in one UNet attention (SD: 1, SDXL: 10).
+pub const MAX_TRANSFORMER_DEPTH: usize = 64;
+/// Most layers of a CLIP text encoder (SD 1: 12, SD 2: 24, SDXL's bigG: 32).
+pub const MAX_CLIP_LAYERS: usize = 64;
+/// Most resolution levels of a VAE (SD: 4).
+pub const MAX_VAE_LEVELS: usize = 8;
+/// Widest channel count or hidden width of any layer (SD: 1280; CLIP bigG's MLP: 5120).
+pub const MAX_CHANNELS: usize = 16_384;
+/// Largest text-encoder vocabulary (CLIP: 49,408).
+pub const MAX_VOCAB: usize = 1 << 20;
+/// Most text-encoder positions (CLIP: 77).
+pub const MAX_POSITIONS: usize = 4096;
+/// Most numbered layers of an upscaler network (RRDB blocks, or a compact net's layers).
+pub const MAX_UPSCALER_LAYERS: usize = 256;
+/// Largest factor per side an upscaler network enlarges by (ESRGAN: 4).
+pub const MAX_NETWORK_SCALE: usize = 16;
 
 /// The error for `value` of `what` over the limit called `name`.
 pub fn exceeded(

@@ -1,7 +1,12 @@
 //! What a single-file checkpoint is, and its architecture, read from tensor names and shapes.
 
+use super::numbered::{self, Limit};
 use super::source::TensorFile;
 use super::ModelFamily;
+use crate::limits::{
+    MAX_CLIP_LAYERS, MAX_LAYERS_PER_BLOCK, MAX_TRANSFORMER_DEPTH, MAX_UNET_INPUT_BLOCKS,
+    MAX_VAE_LEVELS,
+};
 use crate::models::clip::{Activation, ClipConfig};
 use crate::models::unet::{PerBlock, UNetConfig};
 use crate::models::vae::VaeConfig;
@@ -15,6 +20,7 @@ pub(crate) const CLIP_PREFIXES: [&str; 2] = [
     "cond_stage_model.transformer.",
 ];
 const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+const CLIP_LAYERS: Limit = ("MAX_CLIP_LAYERS", MAX_CLIP_LAYERS);
 
 /// The family of a CompVis single-file checkpoint.
 pub(crate) fn family(file: &TensorFile) -> ModelFamily {
@@ -69,15 +75,11 @@ impl Shapes<'_> {
         self.file.contains(&format!("{}{name}", self.prefix))
     }
 
-    /// How many numbered children `{prefix}{head}N.…` there are (one more than the largest N).
-    fn count(&self, head: &str) -> usize {
+    /// How many numbered children `{prefix}{head}N.…` there are: the numbers present must run
+    /// from 0 without a gap and stay under the limit (see [`numbered::count`]).
+    fn count(&self, head: &str, what: &str, limit: Limit) -> Result<usize> {
         let start = format!("{}{head}", self.prefix);
-        self.file
-            .names()
-            .filter_map(|n| n.strip_prefix(&start))
-            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |n| n + 1)
+        numbered::count(self.file.names(), &start, what, limit)
     }
 }
 
@@ -85,17 +87,19 @@ impl Shapes<'_> {
 pub(crate) fn clip_config(file: &TensorFile, prefix: &str) -> Result<ClipConfig> {
     let s = Shapes { file, prefix };
     let hidden_size = s.dim("embeddings.token_embedding.weight", 1)?;
-    Ok(ClipConfig {
+    let config = ClipConfig {
         vocab_size: s.dim("embeddings.token_embedding.weight", 0)?,
         hidden_size,
         intermediate_size: s.dim("encoder.layers.0.mlp.fc1.weight", 0)?,
-        num_hidden_layers: s.count("encoder.layers."),
+        num_hidden_layers: s.count("encoder.layers.", "CLIP layers", CLIP_LAYERS)?,
         // OpenAI CLIP uses 64-wide heads; narrower test models have one head.
         num_attention_heads: (hidden_size / 64).max(1),
         max_position_embeddings: s.dim("embeddings.position_embedding.weight", 0)?,
         hidden_act: Activation::QuickGelu,
         layer_norm_eps: 1e-5,
-    })
+    };
+    config.validate()?;
+    Ok(config)
 }
 
 /// SD2's OpenCLIP text encoder config (`cond_stage_model.model.*`).
@@ -105,17 +109,20 @@ pub(crate) fn open_clip_config(file: &TensorFile) -> Result<ClipConfig> {
         prefix: OPEN_CLIP_PREFIX,
     };
     let hidden_size = s.dim("token_embedding.weight", 1)?;
-    Ok(ClipConfig {
+    let layers = s.count("transformer.resblocks.", "OpenCLIP layers", CLIP_LAYERS)?;
+    let config = ClipConfig {
         vocab_size: s.dim("token_embedding.weight", 0)?,
         hidden_size,
         intermediate_size: s.dim("transformer.resblocks.0.mlp.c_fc.weight", 0)?,
         // SD 2 stops at the penultimate layer (see `weights::openclip`).
-        num_hidden_layers: s.count("transformer.resblocks.").saturating_sub(1).max(1),
+        num_hidden_layers: layers.saturating_sub(1).max(1),
         num_attention_heads: (hidden_size / 64).max(1),
         max_position_embeddings: s.dim("positional_embedding", 0)?,
         hidden_act: Activation::Gelu,
         layer_norm_eps: 1e-5,
-    })
+    };
+    config.validate()?;
+    Ok(config)
 }
 
 /// Whether the file holds an SD2 OpenCLIP text encoder.
@@ -130,7 +137,11 @@ pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
         prefix: UNET_PREFIX,
     };
     // input_blocks: conv_in, then per level `layers` resnets and (except last) a downsampler.
-    let blocks = s.count("input_blocks.");
+    let blocks = s.count(
+        "input_blocks.",
+        "UNet input blocks",
+        ("MAX_UNET_INPUT_BLOCKS", MAX_UNET_INPUT_BLOCKS),
+    )?;
     let levels = 1
         + (0..blocks)
             .filter(|n| s.has(&format!("input_blocks.{n}.0.op.weight")))
@@ -155,7 +166,11 @@ pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
         let proj_in = format!("input_blocks.{}.1.proj_in.weight", first(i));
         attention.push(s.has(&proj_in));
         if s.has(&proj_in) {
-            depths.push(s.count(&format!("input_blocks.{}.1.transformer_blocks.", first(i))));
+            depths.push(s.count(
+                &format!("input_blocks.{}.1.transformer_blocks.", first(i)),
+                "UNet transformer blocks",
+                ("MAX_TRANSFORMER_DEPTH", MAX_TRANSFORMER_DEPTH),
+            )?);
             linear_projection = file
                 .shape(&format!("{UNET_PREFIX}{proj_in}"))
                 .map(<[usize]>::len)
@@ -192,7 +207,7 @@ pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
         Some(_) => PerBlock::Each(depths),
         None => PerBlock::All(1),
     };
-    Ok(UNetConfig {
+    let config = UNetConfig {
         in_channels: s.dim("input_blocks.0.0.weight", 1)?,
         out_channels: s.dim("out.2.weight", 0)?,
         down_block_types,
@@ -205,7 +220,9 @@ pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
         use_linear_projection: linear_projection,
         transformer_layers_per_block,
         ..UNetConfig::sd1()
-    })
+    };
+    config.validate()?;
+    Ok(config)
 }
 
 /// How a VAE's tensors are named in a file.
@@ -248,16 +265,22 @@ pub(crate) fn vae_config(
         VaeNaming::Diffusers => ("", "encoder.down_blocks.", "resnets.", "resnets.0.conv1"),
     };
     let s = Shapes { file, prefix };
-    let levels = s.count(down);
+    let levels = s.count(down, "VAE levels", ("MAX_VAE_LEVELS", MAX_VAE_LEVELS))?;
     let block_out_channels = (0..levels)
         .map(|i| s.dim(&format!("{down}{i}.{conv1}.weight"), 0))
         .collect::<Result<Vec<_>>>()?;
-    Ok(VaeConfig {
+    let config = VaeConfig {
         in_channels: s.dim("encoder.conv_in.weight", 1)?,
         out_channels: s.dim("decoder.conv_out.weight", 0)?,
         block_out_channels,
-        layers_per_block: s.count(&format!("{down}0.{resnets}")),
+        layers_per_block: s.count(
+            &format!("{down}0.{resnets}"),
+            "VAE resnets per level",
+            ("MAX_LAYERS_PER_BLOCK", MAX_LAYERS_PER_BLOCK),
+        )?,
         latent_channels: s.dim("post_quant_conv.weight", 0)?,
         ..base.clone()
-    })
+    };
+    config.validate()?;
+    Ok(config)
 }

@@ -9,10 +9,10 @@ use serde::de::DeserializeOwned;
 use super::backend::Component;
 use super::compvis::{clip_names, unet_names};
 use super::detect::VaeNaming;
-use super::source::TensorFile;
+use super::source::{with_path, TensorFile};
 use super::{vae_component, Checkpoint, ModelFamily};
 use crate::models::clip::ClipConfig;
-use crate::models::unet::UNetConfig;
+use crate::models::unet::{Prediction, UNetConfig};
 use crate::models::vae::VaeConfig;
 use crate::{Error, Result};
 
@@ -38,6 +38,7 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint> {
     }
     let unet_raw: serde_json::Value = read_json(&unet_json)?;
     let unet_config: UNetConfig = from_value(&unet_json, unet_raw.clone())?;
+    unet_config.validate().map_err(in_file(&unet_json))?;
     let sdxl = dir.join("text_encoder_2").is_dir()
         || unet_raw
             .get("addition_embed_type")
@@ -49,15 +50,13 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint> {
     }
     .ensure_supported()?;
 
-    let clip_config: ClipConfig = read_json(&dir.join("text_encoder").join("config.json"))?;
-    let vae_config: VaeConfig = read_json(&dir.join("vae").join("config.json"))?;
-    // The name tables start from the first level and end at the last one.
-    if unet_config.block_out_channels.is_empty() || vae_config.block_out_channels.is_empty() {
-        return Err(Error::InvalidConfig(format!(
-            "{}: empty block_out_channels",
-            dir.display()
-        )));
-    }
+    let clip_json = dir.join("text_encoder").join("config.json");
+    let clip_config: ClipConfig = read_json(&clip_json)?;
+    clip_config.validate().map_err(in_file(&clip_json))?;
+    let vae_json = dir.join("vae").join("config.json");
+    let vae_config: VaeConfig = read_json(&vae_json)?;
+    vae_config.validate().map_err(in_file(&vae_json))?;
+    let prediction = scheduler_prediction(dir)?;
 
     let unet_files = weight_files(&dir.join("unet"))?;
     let hash_file = unet_files[0].clone();
@@ -83,7 +82,40 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint> {
         unet_config,
         vae_config,
         pad_token: pad_token(dir),
+        scheduler_prediction: prediction,
     })
+}
+
+/// What `scheduler/scheduler_config.json` says the UNet predicts: None without the file or
+/// the field (diffusers' default, ε, applies); an error for a value sdrs cannot run.
+fn scheduler_prediction(dir: &Path) -> Result<Option<Prediction>> {
+    let path = dir.join("scheduler").join("scheduler_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let config: serde_json::Value = read_json(&path)?;
+    let value = &config["prediction_type"];
+    if value.is_null() {
+        return Ok(None);
+    }
+    value
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "{}: unknown prediction_type {value}; sdrs runs epsilon and v_prediction",
+                path.display()
+            ))
+        })
+}
+
+/// Names the config file in a validation error.
+fn in_file(path: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::InvalidConfig(msg) => Error::InvalidConfig(format!("{}: {msg}", path.display())),
+        other => with_path(path)(other),
+    }
 }
 
 /// The tokenizer's padding token: SD 2's folders say `"!"` (id 0); SD 1's pad with EOS.

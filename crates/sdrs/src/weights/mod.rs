@@ -7,9 +7,16 @@ mod compvis_vae;
 mod detect;
 pub mod file_hash;
 mod folder;
+mod numbered;
 mod openclip;
+mod pickle;
+mod safetensors_header;
 mod source;
+mod torch_pickle;
+mod torch_zip;
 mod upscaler;
+mod validate;
+mod zip;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -27,6 +34,9 @@ use compvis::TensorName;
 use detect::VaeNaming;
 use source::TensorFile;
 pub use upscaler::UpscalerFile;
+
+#[doc(hidden)]
+pub mod fuzzing;
 
 /// Which Stable Diffusion a checkpoint belongs to, as far as its weights tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +101,8 @@ pub struct Checkpoint {
     vae: Component,
     /// The padding id after a prompt's end: EOS for SD 1's CLIP, 0 ("!") for SD 2's OpenCLIP.
     pad_token: u32,
+    /// A diffusers folder's `prediction_type`, read (and checked) when it opened.
+    scheduler_prediction: Option<Prediction>,
 }
 
 impl Checkpoint {
@@ -100,7 +112,7 @@ impl Checkpoint {
         if meta.is_dir() {
             folder::open(path)
         } else {
-            open_single_file(path)
+            open_single_file(path).map_err(source::with_path(path))
         }
     }
 
@@ -109,18 +121,13 @@ impl Checkpoint {
         self.family
     }
 
-    /// What the UNet predicts: a diffusers folder's `scheduler/scheduler_config.json` says; a
-    /// single file cannot tell from its weights, so A1111's sidecar `NAME.yaml`
-    /// (`parameterization: "v"`) or a name hint ("768-v", "v-pred", "vpred") decides, else ε.
+    /// What the UNet predicts: a diffusers folder's `scheduler/scheduler_config.json` says (an
+    /// unknown value there fails [`Checkpoint::open`]); a single file cannot tell from its
+    /// weights, so A1111's sidecar `NAME.yaml` (`parameterization: "v"`) or a name hint
+    /// ("768-v", "v-pred", "vpred") decides, else ε.
     pub fn prediction(&self) -> Prediction {
         if self.path.is_dir() {
-            let config = self.path.join("scheduler").join("scheduler_config.json");
-            return std::fs::read_to_string(config)
-                .ok()
-                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-                .and_then(|v| v["prediction_type"].as_str().map(str::to_string))
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_default();
+            return self.scheduler_prediction.unwrap_or_default();
         }
         let yaml = std::fs::read_to_string(self.path.with_extension("yaml")).unwrap_or_default();
         let sidecar_v = yaml.lines().any(|l| {
@@ -181,7 +188,8 @@ impl Checkpoint {
             path: path.to_path_buf(),
             reason: "no VAE tensors (encoder.*, decoder.*) found".into(),
         })?;
-        let config = detect::vae_config(&file, naming, &self.vae_config)?;
+        let config =
+            detect::vae_config(&file, naming, &self.vae_config).map_err(source::with_path(path))?;
         self.vae = vae_component(file, &config, naming);
         self.vae_config = config;
         Ok(())
@@ -289,5 +297,6 @@ fn open_single_file(path: &Path) -> Result<Checkpoint> {
         unet_config,
         vae_config,
         pad_token: if open_clip { 0 } else { crate::tokenizer::EOS },
+        scheduler_prediction: None,
     })
 }

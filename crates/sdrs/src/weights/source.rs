@@ -5,11 +5,15 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::pickle::PthTensors;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 
+use super::safetensors_header;
+use super::torch_zip::TorchZip;
 use crate::{Error, Result};
+
+/// What Lightning and similar trainers wrap a state dict in, next to other entries.
+const SD_WRAPPERS: [&str; 1] = ["state_dict"];
 
 /// One or more files (shards) holding named tensors, with an index of names and shapes.
 pub(crate) struct TensorFile {
@@ -20,7 +24,7 @@ pub(crate) struct TensorFile {
 
 enum Part {
     Safetensors(MmapedSafetensors),
-    Pickle(PthTensors),
+    Pickle(TorchZip),
 }
 
 /// What the first bytes of a file say it is.
@@ -77,7 +81,10 @@ impl TensorFile {
                 release_pages(view.data());
                 Ok(tensor)
             }
-            Part::Pickle(pth) => pth.get(name)?.ok_or_else(not_found)?.to_device(device),
+            Part::Pickle(zip) => zip.load(name, device).map_err(|e| match e {
+                Error::Tensor(e) => e,
+                other => candle_core::Error::Msg(other.to_string()),
+            }),
         }
     }
 }
@@ -87,7 +94,7 @@ impl TensorFile {
 /// counted in the process's memory next to the converted weights until it is unmapped, which
 /// doubles the peak while a model loads. The pages stay in the page cache, and a later read of
 /// the same bytes maps them back in unchanged.
-fn release_pages(data: &[u8]) {
+pub(super) fn release_pages(data: &[u8]) {
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;
@@ -120,48 +127,70 @@ impl Part {
                 .into_iter()
                 .map(|(name, view)| (name, view.shape().to_vec()))
                 .collect(),
-            Part::Pickle(pth) => pth
-                .tensor_infos()
-                .iter()
-                .map(|(name, info)| (name.clone(), info.layout.dims().to_vec()))
+            Part::Pickle(zip) => zip
+                .shapes()
+                .map(|(name, shape)| (name.to_string(), shape.to_vec()))
                 .collect(),
         }
     }
 }
 
 fn open_part(path: &Path) -> Result<Part> {
-    let not_a_checkpoint = |reason: String| Error::NotACheckpoint {
-        path: path.to_path_buf(),
-        reason,
-    };
     match sniff(path)? {
         Kind::Safetensors => {
+            // Our own bounds first: candle's reader trusts the header's counts and keeps the
+            // last of duplicate names.
+            safetensors_header::check_file(path)?;
             // SAFETY: the mapping is read-only; like every mmap reader we rely on nobody
             // truncating the file while it is open. Mapping (rather than reading) is what
             // keeps a 4 GB checkpoint out of RAM until the tensors are asked for.
-            let st = unsafe { MmapedSafetensors::new(path) }
-                .map_err(|e| not_a_checkpoint(format!("truncated or corrupt safetensors ({e})")))?;
+            let st =
+                unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::NotACheckpoint {
+                    path: path.to_path_buf(),
+                    reason: format!("truncated or corrupt safetensors ({e})"),
+                })?;
             Ok(Part::Safetensors(st))
         }
-        Kind::Zip => {
-            let read = |key| {
-                PthTensors::new(path, key).map_err(|e| {
-                    not_a_checkpoint(format!("unreadable torch zip (truncated or corrupt?): {e}"))
-                })
-            };
-            // Lightning checkpoints wrap the weights in {"state_dict": ...} next to other
-            // entries (some of them tensors); plain ones are the state dict itself.
-            let tensors = match read(Some("state_dict")) {
-                Ok(wrapped) => wrapped,
-                Err(_) => read(None)?,
-            };
-            if tensors.tensor_infos().is_empty() {
-                return Err(not_a_checkpoint(
-                    "a zip archive without torch tensors".into(),
-                ));
+        Kind::Zip => Ok(Part::Pickle(TorchZip::open(path, &SD_WRAPPERS)?)),
+    }
+}
+
+/// A malformed-file error from a reader that does not know the path; [`with_path`] adds it.
+pub(super) fn corrupt(reason: impl Into<String>) -> Error {
+    Error::NotACheckpoint {
+        path: PathBuf::new(),
+        reason: reason.into(),
+    }
+}
+
+/// Puts `path` into a reader's error: as the file that is not a checkpoint, or in front of
+/// what went over a limit.
+pub(super) fn with_path(path: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::NotACheckpoint { reason, .. } => Error::NotACheckpoint {
+            path: path.to_path_buf(),
+            reason,
+        },
+        Error::Limit {
+            what,
+            value,
+            name,
+            limit,
+        } => {
+            // Readers nest (a file inside a checkpoint): the path goes in once.
+            let prefix = format!("{}: ", path.display());
+            Error::Limit {
+                what: if what.starts_with(&prefix) {
+                    what
+                } else {
+                    prefix + &what
+                },
+                value,
+                name,
+                limit,
             }
-            Ok(Part::Pickle(tensors))
         }
+        other => other,
     }
 }
 

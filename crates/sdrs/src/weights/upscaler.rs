@@ -9,8 +9,17 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::numbered::{consecutive, Limit};
+use super::safetensors_header;
+use super::source::with_path;
+use super::torch_zip::TorchZip;
+use crate::limits::{exceeded, MAX_CHANNELS, MAX_NETWORK_SCALE, MAX_UPSCALER_LAYERS};
 use crate::models::esrgan::{CompactConfig, EsrganConfig, RrdbConfig};
 use crate::{Error, Result};
+
+/// What Real-ESRGAN wraps its weights in, preferred in this order.
+const WRAPPERS: [&str; 2] = ["params_ema", "params"];
+const LAYERS: Limit = ("MAX_UPSCALER_LAYERS", MAX_UPSCALER_LAYERS);
 
 /// What the error for an unrecognised file lists.
 const SUPPORTED: &str = "RRDBNet (ESRGAN, Real-ESRGAN x4plus / x2plus / anime_6B; old ESRGAN \
@@ -36,12 +45,14 @@ impl UpscalerFile {
             })
             .collect();
         let dims = |name: &str| stored.get(name).map(|t| t.dims().to_vec());
+        let detected = detect_basicsr(&dims)
+            .transpose()
+            .or_else(|| detect_old_esrgan(&dims).transpose())
+            .or_else(|| detect_compact(&dims).transpose())
+            .transpose()
+            .map_err(with_path(path))?;
         let (config, layout, names) =
-            if let Some(d) = detect_basicsr(&dims) {
-                d
-            } else if let Some(d) = detect_old_esrgan(&dims) {
-                d
-            } else if let Some(d) = detect_compact(&dims) {
+            if let Some(d) = detected {
                 d
             } else {
                 let mut sample: Vec<&str> = stored.keys().map(String::as_str).collect();
@@ -94,31 +105,83 @@ impl UpscalerFile {
 type Names = Vec<(String, String)>;
 type Detected = (EsrganConfig, &'static str, Names);
 
-fn detect_basicsr(dims: &impl Fn(&str) -> Option<Vec<usize>>) -> Option<Detected> {
-    let first = dims("conv_first.weight")?;
-    let grow = dims("body.0.rdb1.conv1.weight")?[0];
-    let out_channels = dims("conv_last.weight")?[0];
-    let num_block = count(|i| dims(&format!("body.{i}.rdb1.conv1.weight")).is_some());
-    let upsamples = count(|i| dims(&format!("conv_up{}.weight", i + 1)).is_some());
-    let config = rrdb_config(&first, out_channels, num_block, grow, upsamples)?;
+/// The first dimension of tensor `name`, bounded as a channel count.
+fn channels(dims: &impl Fn(&str) -> Option<Vec<usize>>, name: &str) -> Result<Option<usize>> {
+    let Some(&c) = dims(name).as_deref().and_then(<[usize]>::first) else {
+        return Ok(None);
+    };
+    if c > MAX_CHANNELS {
+        return Err(exceeded(
+            format!("the channels of {name}"),
+            c,
+            "MAX_CHANNELS",
+            MAX_CHANNELS,
+        ));
+    }
+    Ok(Some(c))
+}
+
+/// How many upsampling stages `exists(i)` finds, bounded by [`MAX_NETWORK_SCALE`].
+fn upsample_count(exists: impl Fn(usize) -> bool) -> Result<usize> {
+    let doublings = MAX_NETWORK_SCALE.ilog2() as usize;
+    consecutive(
+        "upsampling stages",
+        ("MAX_NETWORK_SCALE", doublings),
+        exists,
+    )
+    .map_err(|_| {
+        exceeded(
+            "the upscaler's scale",
+            format!("more than {MAX_NETWORK_SCALE}"),
+            "MAX_NETWORK_SCALE",
+            MAX_NETWORK_SCALE,
+        )
+    })
+}
+
+fn detect_basicsr(dims: &impl Fn(&str) -> Option<Vec<usize>>) -> Result<Option<Detected>> {
+    let (Some(first), Some(grow), Some(out_channels)) = (
+        dims("conv_first.weight"),
+        channels(dims, "body.0.rdb1.conv1.weight")?,
+        channels(dims, "conv_last.weight")?,
+    ) else {
+        return Ok(None);
+    };
+    let num_block = consecutive("RRDB blocks", LAYERS, |i| {
+        dims(&format!("body.{i}.rdb1.conv1.weight")).is_some()
+    })?;
+    let upsamples = upsample_count(|i| dims(&format!("conv_up{}.weight", i + 1)).is_some())?;
+    let Some(config) = rrdb_config(&first, out_channels, num_block, grow, upsamples)? else {
+        return Ok(None);
+    };
     let names = rrdb_names(&config)
         .into_iter()
         .map(|n| (n.clone(), n))
         .collect();
-    Some((EsrganConfig::Rrdb(config), "BasicSR", names))
+    Ok(Some((EsrganConfig::Rrdb(config), "BasicSR", names)))
 }
 
 /// ESRGAN's original `nn.Sequential` names: `model.0` conv_first, `model.1.sub.N` the blocks
 /// and conv_body, then per upsampling (nearest, conv, LeakyReLU) `model.3`, `model.6`, ...,
 /// then conv_hr and conv_last.
-fn detect_old_esrgan(dims: &impl Fn(&str) -> Option<Vec<usize>>) -> Option<Detected> {
-    let first = dims("model.0.weight")?;
-    let grow = dims("model.1.sub.0.RDB1.conv1.0.weight")?[0];
-    let num_block = count(|i| dims(&format!("model.1.sub.{i}.RDB1.conv1.0.weight")).is_some());
-    let upsamples = count(|i| dims(&format!("model.{}.weight", 3 + 3 * i)).is_some());
+fn detect_old_esrgan(dims: &impl Fn(&str) -> Option<Vec<usize>>) -> Result<Option<Detected>> {
+    let (Some(first), Some(grow)) = (
+        dims("model.0.weight"),
+        channels(dims, "model.1.sub.0.RDB1.conv1.0.weight")?,
+    ) else {
+        return Ok(None);
+    };
+    let num_block = consecutive("RRDB blocks", LAYERS, |i| {
+        dims(&format!("model.1.sub.{i}.RDB1.conv1.0.weight")).is_some()
+    })?;
+    let upsamples = upsample_count(|i| dims(&format!("model.{}.weight", 3 + 3 * i)).is_some())?;
     let last = 4 + 3 * upsamples;
-    let out_channels = dims(&format!("model.{last}.weight"))?[0];
-    let config = rrdb_config(&first, out_channels, num_block, grow, upsamples)?;
+    let Some(out_channels) = channels(dims, &format!("model.{last}.weight"))? else {
+        return Ok(None);
+    };
+    let Some(config) = rrdb_config(&first, out_channels, num_block, grow, upsamples)? else {
+        return Ok(None);
+    };
     let old_name = |name: &str| -> String {
         let (module, param) = name.rsplit_once('.').unwrap_or((name, ""));
         let old_module = match module {
@@ -142,25 +205,36 @@ fn detect_old_esrgan(dims: &impl Fn(&str) -> Option<Vec<usize>>) -> Option<Detec
             (n, old)
         })
         .collect();
-    Some((EsrganConfig::Rrdb(config), "old ESRGAN", names))
+    Ok(Some((EsrganConfig::Rrdb(config), "old ESRGAN", names)))
 }
 
-fn detect_compact(dims: &impl Fn(&str) -> Option<Vec<usize>>) -> Option<Detected> {
-    let first = dims("body.0.weight")?;
-    if first.len() != 4 || dims("body.1.weight")?.len() != 1 {
-        return None;
+fn detect_compact(dims: &impl Fn(&str) -> Option<Vec<usize>>) -> Result<Option<Detected>> {
+    let (Some(first), Some(prelu)) = (dims("body.0.weight"), dims("body.1.weight")) else {
+        return Ok(None);
+    };
+    if first.len() != 4 || prelu.len() != 1 {
+        return Ok(None);
     }
-    let layers = count(|i| dims(&format!("body.{i}.weight")).is_some());
+    bounded_channels("body.0.weight", &first)?;
+    let layers = consecutive("compact network layers", LAYERS, |i| {
+        dims(&format!("body.{i}.weight")).is_some()
+    })?;
     // conv, PReLU, (conv, PReLU) × num_conv, conv: an odd number of layers, at least 3.
     if layers < 3 || layers % 2 == 0 {
-        return None;
+        return Ok(None);
     }
-    let last = dims(&format!("body.{}.weight", layers - 1))?;
+    let name = format!("body.{}.weight", layers - 1);
+    let Some(last) = channels(dims, &name)? else {
+        return Ok(None);
+    };
     let out_channels = first[1];
-    let upscale = exact_sqrt(last[0] / out_channels)?;
-    if upscale * upscale * out_channels != last[0] {
-        return None;
-    }
+    let Some(upscale) = last
+        .checked_div(out_channels)
+        .and_then(exact_sqrt)
+        .filter(|&u| u * u * out_channels == last && u <= MAX_NETWORK_SCALE)
+    else {
+        return Ok(None);
+    };
     let config = CompactConfig {
         in_channels: first[1],
         out_channels,
@@ -179,7 +253,20 @@ fn detect_compact(dims: &impl Fn(&str) -> Option<Vec<usize>>) -> Option<Detected
         })
         .map(|n| (n.clone(), n))
         .collect();
-    Some((EsrganConfig::Compact(config), "BasicSR", names))
+    Ok(Some((EsrganConfig::Compact(config), "BasicSR", names)))
+}
+
+/// Every dimension of a convolution's shape is a channel count or a kernel side.
+fn bounded_channels(name: &str, shape: &[usize]) -> Result<()> {
+    match shape.iter().max() {
+        Some(&c) if c > MAX_CHANNELS => Err(exceeded(
+            format!("the channels of {name}"),
+            c,
+            "MAX_CHANNELS",
+            MAX_CHANNELS,
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn rrdb_config(
@@ -188,18 +275,24 @@ fn rrdb_config(
     num_block: usize,
     grow: usize,
     upsamples: usize,
-) -> Option<RrdbConfig> {
-    let (&num_feat, &first_in) = (first.first()?, first.get(1)?);
+) -> Result<Option<RrdbConfig>> {
+    let (Some(&num_feat), Some(&first_in)) = (first.first(), first.get(1)) else {
+        return Ok(None);
+    };
+    bounded_channels("conv_first.weight", first)?;
     // x2 / x1 models see a pixel-unshuffled input: 4 or 16 times the image channels.
-    let unshuffle = exact_sqrt(first_in / out_channels.max(1))?;
+    let Some(unshuffle) = exact_sqrt(first_in / out_channels.max(1)) else {
+        return Ok(None);
+    };
+    // `upsample_count` bounded `upsamples` so that the shift cannot overflow.
     if unshuffle * unshuffle * out_channels != first_in
         || !matches!(unshuffle, 1 | 2 | 4)
         || num_block == 0
         || (1 << upsamples) < unshuffle
     {
-        return None;
+        return Ok(None);
     }
-    Some(RrdbConfig {
+    Ok(Some(RrdbConfig {
         in_channels: out_channels,
         out_channels,
         num_feat,
@@ -207,7 +300,7 @@ fn rrdb_config(
         num_grow_ch: grow,
         unshuffle,
         upsamples,
-    })
+    }))
 }
 
 /// Every parameter name RRDBNet asks for, BasicSR spelling.
@@ -228,11 +321,7 @@ fn rrdb_names(config: &RrdbConfig) -> Vec<String> {
         .collect()
 }
 
-/// How many of `exists(0)`, `exists(1)`, ... hold before the first gap.
-fn count(exists: impl Fn(usize) -> bool) -> usize {
-    (0..).take_while(|&i| exists(i)).count()
-}
-
+/// The whole square root of `n`, if it has one (`n` is a bounded channel ratio).
 fn exact_sqrt(n: usize) -> Option<usize> {
     (1..=n).take_while(|r| r * r <= n).find(|r| r * r == n)
 }
@@ -248,15 +337,13 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
         .and_then(|f| f.take(16).read_to_end(&mut head))
         .map_err(|e| Error::io(path, e))?;
     if head.starts_with(b"PK\x03\x04") {
-        let read = |key| candle_core::pickle::read_all_with_key(path, key);
-        let tensors = read(Some("params_ema"))
-            .or_else(|_| read(Some("params")))
-            .or_else(|_| read(None))
-            .map_err(|e| not_a_model(format!("unreadable torch zip: {e}")))?;
-        if tensors.is_empty() {
-            return Err(not_a_model("a zip archive without torch tensors".into()));
-        }
-        Ok(tensors)
+        let zip = TorchZip::open(path, &WRAPPERS)?;
+        let names: Vec<&str> = zip.shapes().map(|(name, _)| name).collect();
+        names
+            .into_iter()
+            .map(|name| Ok((name.to_string(), zip.load(name, &Device::Cpu)?)))
+            .collect::<Result<Vec<_>>>()
+            .map_err(with_path(path))
     } else if head.starts_with(b"\x89PNG") || head.starts_with(b"\xff\xd8\xff") {
         Err(not_a_model("it is an image, not a network".into()))
     } else if head.first() == Some(&0x80) {
@@ -264,6 +351,7 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
             "an old-style (pre-zip) torch pickle; re-save it with a recent torch or convert it to safetensors".into(),
         ))
     } else if head.len() > 8 && head[8] == b'{' {
+        safetensors_header::check_file(path)?;
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| not_a_model(format!("truncated or corrupt safetensors ({e})")))?;
         Ok(tensors.into_iter().collect())
