@@ -75,26 +75,24 @@ impl From<candle_core::Error> for Error {
 }
 
 /// candle wraps some errors in a backtrace when `RUST_BACKTRACE` is set, and prints it as part
-/// of the message; a user gets the message alone. The wrappers are peeled in a loop, keeping
-/// the context and path layers in their order.
+/// of the message; a user gets the message alone. The wrappers are peeled in a loop (no
+/// recursion), keeping the context and path layers in their order.
 fn without_backtrace(mut e: candle_core::Error) -> candle_core::Error {
     use candle_core::Error as E;
+    enum Layer {
+        Context(Box<dyn std::fmt::Display + Send + Sync>),
+        Path(PathBuf),
+    }
     let mut layers = Vec::new();
     let innermost = loop {
         e = match e {
             E::WithBacktrace { inner, .. } => *inner,
             E::Context { inner, context } => {
-                layers.push(E::Context {
-                    inner: Box::new(E::Msg(String::new())),
-                    context,
-                });
+                layers.push(Layer::Context(context));
                 *inner
             }
             E::WithPath { inner, path } => {
-                layers.push(E::WithPath {
-                    inner: Box::new(E::Msg(String::new())),
-                    path,
-                });
+                layers.push(Layer::Path(path));
                 *inner
             }
             other => break other,
@@ -104,16 +102,28 @@ fn without_backtrace(mut e: candle_core::Error) -> candle_core::Error {
         .into_iter()
         .rev()
         .fold(innermost, |inner, layer| match layer {
-            E::Context { context, .. } => E::Context {
+            Layer::Context(context) => E::Context {
                 inner: Box::new(inner),
                 context,
             },
-            E::WithPath { path, .. } => E::WithPath {
+            Layer::Path(path) => E::WithPath {
                 inner: Box::new(inner),
                 path,
             },
-            other => other,
         })
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            cause,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -134,18 +144,5 @@ mod tests {
             Error::from(wrapped).to_string(),
             "path: \"model.safetensors\" loading the unet\nshape mismatch"
         );
-    }
-}
-
-/// The library's result type.
-pub type Result<T> = std::result::Result<T, Error>;
-
-impl Error {
-    /// An I/O error with the path it happened on.
-    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            cause,
-        }
     }
 }
