@@ -80,6 +80,11 @@ async fn send_with(
     let request = request
         .body(Body::from(body.unwrap_or_default().to_string()))
         .unwrap();
+    raw(router, request).await
+}
+
+/// Sends a request as built, whatever its headers, and collects the answer.
+async fn raw(router: &Router, request: Request<Body>) -> Reply {
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();

@@ -5,25 +5,6 @@ use std::time::Instant;
 
 use super::*;
 
-/// A request with whatever headers a hostile client chooses.
-async fn raw(router: &Router, request: Request<Body>) -> Reply {
-    let response = router.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
 /// Checks an error answer: one of `statuses`, JSON, with a detail that contains `words`.
 #[track_caller]
 fn assert_error(reply: &Reply, statuses: &[u16], words: &str) -> String {
