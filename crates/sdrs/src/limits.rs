@@ -91,6 +91,16 @@ pub const MAX_UPSCALER_LAYERS: usize = 256;
 /// Largest factor per side an upscaler network enlarges by (ESRGAN: 4).
 pub const MAX_NETWORK_SCALE: usize = 16;
 
+// The server.
+
+/// Most prompt text one request may ask for in all: (prompt + negative prompt bytes) × images.
+/// The answer repeats both prompts for every image (A1111's `all_prompts`, `infotexts`), so
+/// this bounds an answer's size and the memory its infotexts take (a 64 KiB prompt for 64
+/// images, or a 1 KiB one for 4096).
+pub const MAX_PROMPT_BYTES_TIMES_IMAGES: usize = 4 << 20;
+/// Largest body of `POST /sdapi/v1/options`: a handful of short settings.
+pub const MAX_OPTIONS_BODY_BYTES: usize = 64 << 10;
+
 /// The error for `value` of `what` over the limit called `name`.
 pub fn exceeded(
     what: impl Into<String>,
@@ -105,11 +115,3 @@ pub fn exceeded(
         limit: limit.to_string(),
     }
 }
-
-/// Most prompt text one request may ask for in all: (prompt + negative prompt bytes) × images.
-/// The answer repeats both prompts for every image (A1111's `all_prompts`, `infotexts`), so
-/// this bounds an answer's size and the memory its infotexts take (a 64 KiB prompt for 64
-/// images, or a 1 KiB one for 4096).
-pub const MAX_PROMPT_BYTES_TIMES_IMAGES: usize = 4 << 20;
-/// Largest body of `POST /sdapi/v1/options`: a handful of short settings.
-pub const MAX_OPTIONS_BODY_BYTES: usize = 64 << 10;
