@@ -318,7 +318,7 @@ impl Worker {
                         | sdrs::Error::UnknownSampler { .. }
                         | sdrs::Error::Limit { .. }
                 ),
-                message: without_backtrace(&e.to_string()),
+                message: e.to_string(),
             }),
         }
     }
@@ -329,7 +329,7 @@ const LOST_SERVER: &str = "the server stopped reading";
 
 fn server_error(message: impl ToString) -> JobError {
     JobError {
-        message: without_backtrace(&message.to_string()),
+        message: message.to_string(),
         bad_request: false,
     }
 }
@@ -344,23 +344,6 @@ fn guarded<T>(job: impl FnOnce() -> Result<T, JobError>) -> Result<T, JobError> 
             .unwrap_or_default();
         Err(server_error(format!("internal error: {what}")))
     })
-}
-
-/// An error's text without the backtrace candle appends when `RUST_BACKTRACE` is set (the
-/// server also starts workers with `RUST_LIB_BACKTRACE=0`, so none is captured).
-pub fn without_backtrace(message: &str) -> String {
-    let mut kept = Vec::new();
-    for line in message.lines() {
-        let t = line.trim_start();
-        let frame = t
-            .split_once(": ")
-            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if frame || t.starts_with("stack backtrace:") || t.starts_with("at ") && line != t {
-            break;
-        }
-        kept.push(line);
-    }
-    kept.join("\n").trim_end().to_string()
 }
 
 /// The protocol's output: the real stdout, kept aside; fd 1 then points at stderr so that a
@@ -403,23 +386,5 @@ fn test_crash(prompt: &str) {
         Some("abort") => std::process::abort(),
         Some("exit") => std::process::exit(3),
         _ => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backtraces_are_cut_from_messages() {
-        let with = "shape mismatch for unet.conv_in.weight\n   0: candle_core::error::Error::bt\n             at /src/error.rs:1\n   1: main";
-        assert_eq!(
-            without_backtrace(with),
-            "shape mismatch for unet.conv_in.weight"
-        );
-        let panic = "internal error: boom\nstack backtrace:\n   0: x";
-        assert_eq!(without_backtrace(panic), "internal error: boom");
-        let plain = "loading a.safetensors: not a safetensors file\nsecond line: kept";
-        assert_eq!(without_backtrace(plain), plain);
     }
 }
