@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::image_io::ResizeMode;
-use crate::limits::{exceeded, MAX_IMAGES, MAX_PIXELS, MAX_PROMPT_BYTES, MAX_SIDE, MAX_STEPS};
+use crate::limits::{exceeded, MAX_IMAGES, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
 use crate::prompt::PromptSyntax;
 use crate::sampling::rng::NormalVariant;
 use crate::sampling::{Sampler, SamplerChoice, SigmaSchedule};
@@ -116,15 +116,7 @@ impl GenerationRequest {
             ("prompt", &self.prompt),
             ("negative prompt", &self.negative_prompt),
         ] {
-            if text.len() > MAX_PROMPT_BYTES {
-                return Err(exceeded(
-                    format!("the {field}'s length in bytes"),
-                    text.len(),
-                    "MAX_PROMPT_BYTES",
-                    MAX_PROMPT_BYTES,
-                ));
-            }
-            crate::prompt::check_nesting(text)?;
+            crate::prompt::check_text(field, text)?;
         }
         if self.steps == 0 {
             return Err(Error::InvalidRequest("steps must be at least 1".into()));

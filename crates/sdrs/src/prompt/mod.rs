@@ -154,15 +154,7 @@ pub fn plan(text: &str, syntax: PromptSyntax, steps: usize) -> Result<PromptPlan
     if steps > MAX_STEPS {
         return Err(exceeded("steps", steps, "MAX_STEPS", MAX_STEPS));
     }
-    if text.len() > MAX_PROMPT_BYTES {
-        return Err(exceeded(
-            "the prompt's length in bytes",
-            text.len(),
-            "MAX_PROMPT_BYTES",
-            MAX_PROMPT_BYTES,
-        ));
-    }
-    check_nesting(text)?;
+    check_text("prompt", text)?;
     let single = |text: &str| PromptPlan {
         parts: vec![PlanPart {
             weight: 1.0,
@@ -218,9 +210,10 @@ fn reading(text: &str) -> Reading {
 
 /// `a:0.3 AND b` → parts with A1111's schedules.
 fn a1111_plan(text: &str, steps: usize) -> Result<PromptPlan> {
-    check_parts(and_regex().split(text).count())?;
-    let parts = and_regex()
-        .split(text)
+    let texts: Vec<&str> = and_regex().split(text).collect();
+    check_parts(texts.len())?;
+    let parts = texts
+        .into_iter()
         .map(|part| {
             let (text, weight) = and_part_weight(part);
             Ok(PlanPart {
@@ -286,6 +279,21 @@ fn check_parts(count: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a prompt (`what`: "prompt", "negative prompt") longer than [`MAX_PROMPT_BYTES`] or
+/// nested deeper than [`MAX_PROMPT_NESTING`]: what a request's validation and every plan check
+/// before any parsing.
+pub(crate) fn check_text(what: &str, text: &str) -> Result<()> {
+    if text.len() > MAX_PROMPT_BYTES {
+        return Err(exceeded(
+            format!("the {what}'s length in bytes"),
+            text.len(),
+            "MAX_PROMPT_BYTES",
+            MAX_PROMPT_BYTES,
+        ));
+    }
+    check_nesting(text)
 }
 
 /// Refuses a prompt whose brackets nest deeper than [`MAX_PROMPT_NESTING`], before either
