@@ -2,7 +2,6 @@
 //! text encoding, one UNet step with guidance, one VAE decode, and a whole image — on a real
 //! checkpoint, as a table or JSON (what `tools/bench_torch.py` compares with PyTorch).
 
-use std::cell::Cell;
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,7 +10,9 @@ use clap::Args;
 use sdrs::hub::Hub;
 use sdrs::limits::{exceeded, MAX_BENCH_REPEATS, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
 use sdrs::pipeline::flops;
-use sdrs::pipeline::{decode, txt2img, CfgDenoiser, GenerationRequest, StableDiffusion};
+use sdrs::pipeline::{
+    decode, txt2img, CfgDenoiser, GenerationRequest, LoadOptions, StableDiffusion,
+};
 use sdrs::prompt::PromptSyntax;
 use sdrs::sampling::rng::{NormalVariant, TorchRng};
 use sdrs::sampling::{Denoiser, Flow, NoiseSource};
@@ -94,7 +95,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let checkpoint =
         Checkpoint::open(path).with_context(|| format!("loading checkpoint {}", path.display()))?;
-    let options = network_options(args.lowmem, args.fast, &device);
+    let options = LoadOptions {
+        networks: network_options(args.lowmem, args.fast, &device),
+        ..LoadOptions::default()
+    };
     let sd = StableDiffusion::load_with(&checkpoint, &device, options)
         .with_context(|| format!("loading checkpoint {}", path.display()))?;
     let mut phases = vec![Phase {
@@ -104,7 +108,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         peak_rss: peak_rss(),
     }];
 
-    let latent_side = args.size / sd.vae_config.downscale_factor();
+    let latent_side = args.size / sd.vae_config().downscale_factor();
     let tokens = checkpoint.clip_config().max_position_embeddings;
     let text_flops = flops::text_encode(checkpoint.clip_config(), tokens).times(2.0);
     let step_flops =
@@ -138,16 +142,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let cond = conditioning(&sd)?;
     let mut noise = TorchRng::new(1, NormalVariant::default());
-    let latent_channels = sd.vae_config.latent_channels;
+    let latent_channels = sd.vae_config().latent_channels;
     let x = noise.sample(&[1, latent_channels, latent_side, latent_side], &device)?;
-    let step = Cell::new(0);
     measure(
         "UNet step (CFG)",
         step_flops.total(),
         args.repeats,
         &mut || {
-            let mut denoiser = CfgDenoiser::new(&sd, &cond, CFG_SCALE, &step);
-            denoiser.denoise(&x, 1.0)?;
+            let mut denoiser = CfgDenoiser::new(&sd, &cond, CFG_SCALE);
+            denoiser.denoise(&x, 1.0, 0)?;
             Ok(())
         },
     )?;
@@ -173,11 +176,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         seed: 1,
         ..Default::default()
     };
-    request.validate()?;
+    let gen = request.validate()?;
     let image_flops =
         text_flops.total() + step_flops.total() * args.steps as f64 + decode_flops.total();
     measure("whole image", image_flops, 1, &mut || {
-        txt2img(&sd, &request, &mut |_| Flow::Continue)?;
+        txt2img(&sd, &gen, &mut |_| Flow::Continue)?;
         Ok(())
     })?;
 

@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use sdrs::hub::Hub;
 use sdrs::image_io::{encode_png, load_image};
 use sdrs::output::OutputDir;
 use sdrs::pipeline::hd::{final_size, hd, HdEvent, HdOptions};
@@ -45,9 +46,11 @@ pub struct HdArgs {
 }
 
 pub fn run(args: HdArgs) -> Result<()> {
-    let mut request = args.common.request();
-    (request.width, request.height) = args.common.size();
-    request.validate()?;
+    let hub = Hub::from_env();
+    let defaults = args.common.model_defaults(&hub);
+    let mut request = args.common.request(&defaults);
+    (request.width, request.height) = args.common.size(&defaults);
+    let gen = request.validate()?;
     let start = match &args.img {
         Some(path) => Some(load_image(path).context("reading the start picture")?),
         None => None,
@@ -80,54 +83,50 @@ pub fn run(args: HdArgs) -> Result<()> {
         .with_context(|| format!("cannot use the output directory {}", outdir.display()))?;
     eprintln!(
         "hd: {w}x{h} -> {final_w}x{final_h} in {} pass(es), seed {}",
-        args.passes, request.seed
+        args.passes,
+        gen.request().seed
     );
 
     let started = Instant::now();
-    let sd = args.common.load_model(&device)?;
+    let sd = args.common.load_model(&hub, &device)?;
     let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
     let bar = ProgressBar::new(1).with_style(style);
-    let result = hd(
-        &sd,
-        &request,
-        start.as_ref(),
-        &upscaler,
-        &opts,
-        &mut |event| {
-            match event {
-                HdEvent::Base(Event::Step { step, steps, .. }) => {
-                    bar.set_message("base image");
-                    bar.set_length(steps as u64);
-                    bar.set_position(step as u64);
-                }
-                HdEvent::Base(Event::Image { .. }) => {}
-                HdEvent::Tile {
-                    pass,
-                    passes,
-                    tile,
-                    tiles,
-                } => {
-                    bar.set_message(format!(
-                        "pass {}/{passes} tile {}/{tiles}",
-                        pass + 1,
-                        tile + 1
-                    ));
-                    bar.set_position(0);
-                }
-                HdEvent::Step { step, steps } => {
-                    bar.set_length(steps as u64);
-                    bar.set_position(step as u64);
-                }
+    let result = hd(&sd, &gen, start.as_ref(), &upscaler, &opts, &mut |event| {
+        match event {
+            HdEvent::Base(Event::Step { step, steps, .. }) => {
+                bar.set_message("base image");
+                bar.set_length(steps as u64);
+                bar.set_position(step as u64);
             }
-            Flow::Continue
-        },
-    );
+            HdEvent::Base(Event::Image { .. }) => {}
+            HdEvent::Tile {
+                pass,
+                passes,
+                tile,
+                tiles,
+            } => {
+                bar.set_message(format!(
+                    "pass {}/{passes} tile {}/{tiles}",
+                    pass + 1,
+                    tile + 1
+                ));
+                bar.set_position(0);
+            }
+            HdEvent::Step { step, steps } => {
+                bar.set_length(steps as u64);
+                bar.set_position(step as u64);
+            }
+        }
+        Flow::Continue
+    });
     bar.finish_and_clear();
-    let image = result?;
+    let Some(image) = result? else {
+        bail!("hd was stopped before it finished");
+    };
     let bytes = encode_png(&image.image, Some(&image.infotext))?;
-    let path = out.write_sample(request.seed as u64, "png", &bytes)?;
+    let path = out.write_sample(gen.seed(), "png", &bytes)?;
     println!("{}", path.display());
     eprintln!(
         "{}x{} in {:.1}s",

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use sdrs::hub::Hub;
 use sdrs::image_io::{load_image, ResizeMode};
 use sdrs::pipeline::img2img;
 
@@ -51,13 +52,15 @@ pub fn run(args: Img2ImgArgs) -> Result<()> {
             init.height()
         );
     }
-    let mut request = args.common.request();
+    let hub = Hub::from_env();
+    let mut request = args.common.request(&args.common.model_defaults(&hub));
     request.width = width;
     request.height = height;
     request.denoising_strength = args.strength;
     request.resize_mode = args.resize_mode;
     execute(
         &args.common,
+        &hub,
         request,
         "outputs/img2img-samples",
         |sd, req, on_event| img2img(sd, req, &init, on_event),

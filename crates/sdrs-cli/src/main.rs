@@ -5,6 +5,8 @@ mod download;
 mod hd;
 mod img2img;
 mod models;
+mod progress;
+mod saver;
 mod serve;
 mod threads;
 mod timing;

@@ -6,22 +6,21 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use sdrs::hub::{Hub, ModelDefaults};
-use sdrs::image_io::{encode_jpeg, encode_png, grid};
 use sdrs::models::unet::Prediction;
-use sdrs::output::OutputDir;
+use sdrs::output::ImageFormat;
 use sdrs::pipeline::{
-    resolve_seed, txt2img, Event, GeneratedImage, GenerationRequest, NetworkOptions, Residency,
-    StableDiffusion, TilingMode,
+    txt2img, Event, Generation, GenerationRequest, LoadOptions, NetworkOptions, Outcome, Residency,
+    StableDiffusion, TilingMode, VaeTiling,
 };
 use sdrs::prompt::PromptSyntax;
 use sdrs::sampling::rng::NormalVariant;
-use sdrs::sampling::{Flow, SigmaSchedule};
+use sdrs::sampling::{Flow, Sampler, SigmaSchedule};
 use sdrs::weights::Checkpoint;
 
 use crate::download::resolve_model;
-use crate::timing::PhaseClock;
+use crate::progress::Progress;
+use crate::saver::Saver;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {
@@ -49,6 +48,15 @@ enum VaeTilingArg {
 enum Format {
     Png,
     Jpg,
+}
+
+impl Format {
+    fn image_format(self) -> ImageFormat {
+        match self {
+            Format::Png => ImageFormat::Png,
+            Format::Jpg => ImageFormat::Jpeg,
+        }
+    }
 }
 
 /// Arguments of `sdrs txt2img`.
@@ -111,17 +119,19 @@ pub struct GenerationArgs {
     /// SD-Turbo 1].
     #[arg(long = "scale", visible_aliases = ["cfg-scale", "cfg_scale"])]
     scale: Option<f64>,
-    /// Sampler, by A1111 name: DDIM, PLMS, Euler, "Euler a", Heun, "DPM++ 2M" (add " Karras")
-    /// [default: the model's; PLMS, SD-Turbo "Euler a"].
-    #[arg(long)]
+    #[arg(long, help = sampler_help())]
     sampler: Option<String>,
     /// Sigma schedule for the k-diffusion samplers: normal, karras, sgm_uniform [default: the
     /// model's; normal, SD-Turbo sgm_uniform].
     #[arg(long)]
     schedule: Option<SigmaSchedule>,
-    /// DDIM's η (0 = deterministic).
-    #[arg(long = "ddim-eta", visible_aliases = ["ddim_eta", "eta"], default_value_t = 0.0)]
-    eta: f64,
+    /// η, the share of fresh noise per step, for DDIM and "Euler a" [default: the sampler's;
+    /// DDIM 0 (deterministic), Euler a 1].
+    #[arg(long = "ddim-eta", visible_aliases = ["ddim_eta", "eta"])]
+    eta: Option<f64>,
+    /// The scale of "Euler a"'s fresh noise (k-diffusion's s_noise).
+    #[arg(long = "s-noise", default_value_t = 1.0)]
+    s_noise: f64,
     /// Use the text encoder's n-th layer from the end (1 = last).
     #[arg(long = "clip-skip", alias = "clip_skip", default_value_t = 1)]
     clip_skip: usize,
@@ -182,20 +192,22 @@ impl GenerationArgs {
     }
 
     /// The settings the named model is made for; knowing them needs no download.
-    pub fn model_defaults(&self) -> ModelDefaults {
-        Hub::from_env().defaults(self.model.as_deref())
+    pub fn model_defaults(&self, hub: &Hub) -> ModelDefaults {
+        hub.defaults(self.model.as_deref())
     }
 
     /// Width and height from the flags, else the model's size.
-    pub fn size(&self) -> (usize, usize) {
-        let side = self.model_defaults().size;
-        (self.width.unwrap_or(side), self.height.unwrap_or(side))
+    pub fn size(&self, defaults: &ModelDefaults) -> (usize, usize) {
+        (
+            self.width.unwrap_or(defaults.size),
+            self.height.unwrap_or(defaults.size),
+        )
     }
 
     /// Loads the checkpoint (and separate VAE) the flags name, with their VAE tiling; a
     /// catalogue model missing from the Hub cache is downloaded first.
-    pub fn load_model(&self, device: &candle_core::Device) -> Result<StableDiffusion> {
-        let resolved = resolve_model(&Hub::from_env(), self.model.as_deref())?;
+    pub fn load_model(&self, hub: &Hub, device: &candle_core::Device) -> Result<StableDiffusion> {
+        let resolved = resolve_model(hub, self.model.as_deref())?;
         let path = &resolved.path;
         let mut checkpoint = Checkpoint::open(path)
             .with_context(|| format!("loading checkpoint {}", path.display()))?;
@@ -204,24 +216,24 @@ impl GenerationArgs {
                 .set_vae_file(vae)
                 .with_context(|| format!("loading VAE {}", vae.display()))?;
         }
-        let options = network_options(self.lowmem, self.fast, device);
-        let mut sd = StableDiffusion::load_with(&checkpoint, device, options)
-            .with_context(|| format!("loading checkpoint {}", path.display()))?;
-        if let Some(entry) = resolved.entry {
+        let options = LoadOptions {
+            networks: network_options(self.lowmem, self.fast, device),
+            prediction: self.prediction,
+            vae_tiling: VaeTiling {
+                mode: match self.vae_tiling {
+                    VaeTilingArg::Auto => TilingMode::Auto,
+                    VaeTilingArg::Always => TilingMode::Always,
+                    VaeTilingArg::Never => TilingMode::Never,
+                },
+                ..VaeTiling::default()
+            },
+            nan_check: !self.no_nan_check,
             // A Hub snapshot folder is named by its commit; the short name says more.
-            sd.model_name = entry.name.to_string();
-        }
-        if let Some(prediction) = self.prediction {
-            sd.prediction = prediction;
-        }
-        sd.nan_check = !self.no_nan_check;
-        sd.vae_tiling.mode = match self.vae_tiling {
-            VaeTilingArg::Auto => TilingMode::Auto,
-            VaeTilingArg::Always => TilingMode::Always,
-            VaeTilingArg::Never => TilingMode::Never,
+            name: resolved.entry.map(|entry| entry.name.to_string()),
         };
-        // The models now own their weights; dropping the checkpoint unmaps the file.
-        Ok(sd)
+        // The models own their weights once built; dropping the checkpoint unmaps the file.
+        StableDiffusion::load_with(&checkpoint, device, options)
+            .with_context(|| format!("loading checkpoint {}", path.display()))
     }
 }
 
@@ -238,8 +250,10 @@ fn device(arg: DeviceArg) -> Result<candle_core::Device> {
 }
 
 pub fn run(args: Txt2ImgArgs) -> Result<()> {
-    let mut request = args.common.request();
-    (request.width, request.height) = args.common.size();
+    let hub = Hub::from_env();
+    let defaults = args.common.model_defaults(&hub);
+    let mut request = args.common.request(&defaults);
+    (request.width, request.height) = args.common.size(&defaults);
     if let Some(scale) = args.hires_scale {
         request.enable_hr = true;
         request.hr_scale = scale;
@@ -249,20 +263,27 @@ pub fn run(args: Txt2ImgArgs) -> Result<()> {
     } else if args.hires_steps.is_some() {
         bail!("--hires-steps needs --hires-scale");
     }
-    let args = args.common;
     execute(
-        &args,
+        &args.common,
+        &hub,
         request,
         "outputs/txt2img-samples",
-        |sd, req, on_event| txt2img(sd, req, on_event),
+        |sd, gen, on_event| txt2img(sd, gen, on_event),
+    )
+}
+
+/// The `--sampler` help, from the library's sampler table.
+fn sampler_help() -> String {
+    format!(
+        "Sampler, by A1111 name: {} [default: the model's; PLMS, SD-Turbo \"Euler a\"]",
+        Sampler::help()
     )
 }
 
 impl GenerationArgs {
     /// The request these flags describe, the model's settings where they are silent; the
     /// caller sets the size and img2img's fields.
-    pub fn request(&self) -> GenerationRequest {
-        let defaults = self.model_defaults();
+    pub fn request(&self, defaults: &ModelDefaults) -> GenerationRequest {
         GenerationRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -270,10 +291,11 @@ impl GenerationArgs {
             cfg_scale: self.scale.unwrap_or(defaults.cfg_scale),
             sampler_name: self.sampler.clone().unwrap_or(defaults.sampler.into()),
             scheduler: self.schedule.unwrap_or(defaults.schedule),
-            seed: resolve_seed(self.seed) as i64,
+            seed: self.seed,
             batch_size: self.n_samples,
             n_iter: self.n_iter,
             eta: self.eta,
+            s_noise: self.s_noise,
             clip_skip: self.clip_skip,
             prompt_syntax: self.prompt_syntax,
             rng_math: self.rng_math,
@@ -286,112 +308,66 @@ impl GenerationArgs {
 /// every image as it is done (then a grid).
 pub fn execute(
     args: &GenerationArgs,
+    hub: &Hub,
     request: GenerationRequest,
     default_outdir: &str,
     generate: impl FnOnce(
         &StableDiffusion,
-        &GenerationRequest,
+        &Generation,
         &mut dyn FnMut(Event) -> Flow,
-    ) -> sdrs::Result<Vec<GeneratedImage>>,
+    ) -> sdrs::Result<Outcome>,
 ) -> Result<()> {
     let _ = (args.precision, args.turbo);
-    request.validate()?;
+    let gen = request.validate()?;
+    let seed = gen.request().seed;
     if args.seed == -1 {
-        eprintln!("seed: {}", request.seed);
+        eprintln!("seed: {seed}");
     }
     let device = args.device()?;
     let outdir = args
         .outdir
         .clone()
         .unwrap_or_else(|| PathBuf::from(default_outdir));
-    let mut out = OutputDir::prepare(&outdir)
-        .with_context(|| format!("cannot use the output directory {}", outdir.display()))?;
+    let mut saver = Saver::prepare(&outdir, args.format.image_format())?;
 
     let started = Instant::now();
-    let sd = args.load_model(&device)?;
+    let sd = args.load_model(hub, &device)?;
     let load_time = started.elapsed();
 
-    let ext = match args.format {
-        Format::Png => "png",
-        Format::Jpg => "jpg",
-    };
-    let style = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec})",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    let mut bar: Option<ProgressBar> = None;
-    let mut write_error = None;
-    let mut written = Vec::new();
-    let mut clock = PhaseClock::start();
-    let result = generate(&sd, &request, &mut |event| {
-        match event {
-            Event::Step {
-                image,
-                images,
-                step,
-                steps,
-                ..
-            } => {
-                let b = bar.get_or_insert_with(|| {
-                    let b = ProgressBar::new(steps as u64).with_style(style.clone());
-                    b.set_message(format!("image {}/{images}", image + 1));
-                    b
-                });
-                b.set_length(steps as u64);
-                b.set_position(step as u64);
-                clock.step_done();
-            }
-            Event::Image { image, .. } => {
-                clock.image_done();
-                if let Some(b) = bar.take() {
-                    b.finish();
-                }
-                let bytes = match args.format {
-                    Format::Png => encode_png(&image.image, Some(&image.infotext)),
-                    Format::Jpg => encode_jpeg(&image.image),
-                };
-                match bytes.and_then(|b| out.write_sample(image.seed, ext, &b)) {
-                    Ok(path) => written.push((path, image.image.clone())),
-                    Err(e) => {
-                        write_error = Some(anyhow::Error::from(e));
-                        return Flow::Stop;
-                    }
-                }
+    let mut progress = Progress::start();
+    let outcome = generate(&sd, &gen, &mut |event| match event {
+        Event::Step {
+            image,
+            images,
+            step,
+            steps,
+            ..
+        } => {
+            progress.step(image, images, step, steps);
+            Flow::Continue
+        }
+        Event::Image { image, .. } => {
+            progress.image_done();
+            if saver.save(image) {
+                Flow::Continue
+            } else {
+                Flow::Stop
             }
         }
-        Flow::Continue
     });
-    if let Some(e) = write_error {
+    if let Some(e) = saver.take_error() {
         return Err(e);
     }
-    let images = result?;
-
-    if !args.skip_grid && images.len() > 1 {
-        let all: Vec<_> = written.iter().map(|(_, img)| img.clone()).collect();
-        if let Some(g) = grid(&all, args.n_samples) {
-            let bytes = match args.format {
-                Format::Png => encode_png(&g, None)?,
-                Format::Jpg => encode_jpeg(&g)?,
-            };
-            let path = out.write_grid(ext, &bytes)?;
-            eprintln!("grid: {}", path.display());
-        }
-    }
-    for (path, _) in &written {
+    let outcome = outcome?;
+    let written = saver.finish(args.n_samples, args.skip_grid)?;
+    for path in &written {
         println!("{}", path.display());
     }
     eprintln!(
-        "{} image(s) in {:.1}s: load {:.1}s, sampling {:.1}s ({:.2}s/step), decode {:.1}s, seed {}",
-        images.len(),
-        started.elapsed().as_secs_f64(),
-        load_time.as_secs_f64(),
-        clock.sampling.as_secs_f64(),
-        clock.per_step(),
-        clock.decoding.as_secs_f64(),
-        request.seed,
+        "{}",
+        progress.summary(outcome.images.len(), started.elapsed(), load_time, seed)
     );
-    if images.is_empty() {
+    if outcome.images.is_empty() {
         bail!("no image was generated");
     }
     Ok(())

@@ -46,7 +46,7 @@ async fn generate(state: &AppState, caller: Caller, parsed: ParsedRequest) -> Ap
         parameters,
     } = parsed;
     let work = Work::Generate {
-        request: request.clone(),
+        request: Box::new(request.clone()),
         init,
     };
     let status = state.run_to_end(work, caller).await?;
@@ -70,9 +70,10 @@ async fn generate(state: &AppState, caller: Caller, parsed: ParsedRequest) -> Ap
 /// A1111's `Processed.js()`: the keys clients read from `info`.
 fn info_json(
     state: &AppState,
-    request: &sdrs::pipeline::GenerationRequest,
+    generation: &sdrs::pipeline::Generation,
     status: &JobStatus,
 ) -> Value {
+    let request = generation.request();
     let count = request.image_count();
     let seed = request.seed;
     let all_seeds: Vec<i64> = (0..count as i64).map(|i| seed.wrapping_add(i)).collect();

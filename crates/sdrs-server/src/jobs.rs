@@ -83,7 +83,7 @@ pub async fn submit(
     let body = state.read_body(request).await?;
     let parsed = request::parse(&body, false, &state.limits)?;
     let work = Work::Generate {
-        request: parsed.request,
+        request: Box::new(parsed.request),
         init: parsed.init,
     };
     let job = state.submit(work, caller)?;

@@ -9,7 +9,7 @@
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use sdrs::pipeline::GenerationRequest;
+use sdrs::pipeline::Generation;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +50,7 @@ pub enum ToWorker {
     /// gives its size (img2img).
     Generate {
         job: u64,
-        request: Box<GenerationRequest>,
+        request: Box<Generation>,
         init: Option<(u32, u32)>,
     },
     /// Stop job `job` at its next step, keeping the images made.
@@ -140,15 +140,17 @@ mod tests {
 
     #[test]
     fn frames_round_trip_with_their_attachments_and_floats_exactly() {
-        let request = GenerationRequest {
+        let request = sdrs::pipeline::GenerationRequest {
             prompt: "a (cat:1.1)\n\"quoted\"".into(),
             cfg_scale: 7.123456789012345,
             denoising_strength: 0.1 + 0.2,
-            eta: f64::MIN_POSITIVE,
+            eta: Some(f64::MIN_POSITIVE),
             hr_scale: 1.0 / 3.0,
             seed: -5,
             ..Default::default()
-        };
+        }
+        .validate()
+        .unwrap();
         let mut bytes = Vec::new();
         let message = ToWorker::Generate {
             job: 7,

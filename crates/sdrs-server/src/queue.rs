@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use image::RgbImage;
-use sdrs::pipeline::GenerationRequest;
+use sdrs::pipeline::Generation;
 use tokio::sync::watch;
 
 use crate::models::ModelEntry;
@@ -43,7 +43,7 @@ impl JobState {
 /// What a job does.
 pub enum Work {
     Generate {
-        request: GenerationRequest,
+        request: Box<Generation>,
         /// The init image of an img2img job.
         init: Option<RgbImage>,
     },
@@ -378,7 +378,11 @@ mod tests {
 
     fn work() -> Work {
         Work::Generate {
-            request: GenerationRequest::default(),
+            request: Box::new(
+                sdrs::pipeline::GenerationRequest::default()
+                    .validate()
+                    .expect("the default request is valid"),
+            ),
             init: None,
         }
     }

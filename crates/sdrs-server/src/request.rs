@@ -5,16 +5,16 @@ use base64::Engine;
 use image::RgbImage;
 use sdrs::image_io::decode_image;
 use sdrs::limits::{exceeded, MAX_PROMPT_BYTES_TIMES_IMAGES};
-use sdrs::pipeline::{resolve_seed, GenerationRequest};
+use sdrs::pipeline::{Generation, GenerationRequest};
 use sdrs::sampling::SigmaSchedule;
 use serde_json::{Map, Value};
 
 use crate::config::Limits;
 use crate::error::ApiError;
 
-/// A request read from a body, checked, seed settled.
+/// A request read from a body, validated (seed settled) and within the server's limits.
 pub struct ParsedRequest {
-    pub request: GenerationRequest,
+    pub request: Generation,
     /// img2img's first `init_images` entry.
     pub init: Option<RgbImage>,
     /// The body with A1111's defaults filled in, as A1111 echoes it in `parameters`.
@@ -53,7 +53,6 @@ pub fn parse(body: &[u8], needs_init: bool, limits: &Limits) -> Result<ParsedReq
     merged.extend(fields);
     let mut request: GenerationRequest = serde_json::from_value(Value::Object(merged.clone()))
         .map_err(|e| ApiError::invalid(format!("invalid field: {e}")))?;
-    request.seed = resolve_seed(request.seed) as i64;
 
     let init = match init_images {
         Some(Value::Array(images)) if !images.is_empty() => Some(decode_init(&images[0])?),
@@ -73,8 +72,8 @@ pub fn parse(body: &[u8], needs_init: bool, limits: &Limits) -> Result<ParsedReq
             request.height = round(init.height()).max(8);
         }
     }
-    check(&request, limits)?;
-    merged.insert("seed".into(), request.seed.into());
+    let request = check(&request, limits)?;
+    merged.insert("seed".into(), request.request().seed.into());
     if init.is_some() {
         merged.insert("init_images".into(), Value::Null);
     }
@@ -158,8 +157,8 @@ fn decode_init(value: &Value) -> Result<RgbImage, ApiError> {
 }
 
 /// The request's own checks, then the server's limits.
-fn check(request: &GenerationRequest, limits: &Limits) -> Result<(), ApiError> {
-    request
+fn check(request: &GenerationRequest, limits: &Limits) -> Result<Generation, ApiError> {
+    let generation = request
         .validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     for (field, text) in [
@@ -204,7 +203,7 @@ fn check(request: &GenerationRequest, limits: &Limits) -> Result<(), ApiError> {
             limits.max_pixels
         )));
     }
-    Ok(())
+    Ok(generation)
 }
 
 #[cfg(test)]
@@ -218,11 +217,11 @@ mod tests {
     #[test]
     fn a1111_defaults_fill_what_the_body_leaves_out() {
         let p = parse_json(r#"{"prompt": "a cat", "seed": 5, "unknown_field": [1, 2]}"#).unwrap();
-        assert_eq!(p.request.prompt, "a cat");
-        assert_eq!(p.request.steps, 50);
-        assert_eq!(p.request.cfg_scale, 7.0);
-        assert_eq!(p.request.sampler_name, "Euler");
-        assert_eq!(p.request.seed, 5);
+        assert_eq!(p.request.request().prompt, "a cat");
+        assert_eq!(p.request.request().steps, 50);
+        assert_eq!(p.request.request().cfg_scale, 7.0);
+        assert_eq!(p.request.request().sampler_name, "Euler");
+        assert_eq!(p.request.request().seed, 5);
         assert_eq!(p.parameters["steps"], 50);
         assert!(p.init.is_none());
     }
@@ -234,11 +233,14 @@ mod tests {
                 "steps": 20, "seed": -1, "cfg_scale": 7}"#,
         )
         .unwrap();
-        assert_eq!(p.request.sampler_name, "Euler a");
-        assert_eq!(p.request.scheduler, SigmaSchedule::Normal);
-        assert!(p.request.seed >= 0, "a random seed is drawn at once");
+        assert_eq!(p.request.request().sampler_name, "Euler a");
+        assert_eq!(p.request.request().scheduler, SigmaSchedule::Normal);
+        assert!(
+            p.request.request().seed >= 0,
+            "a random seed is drawn at once"
+        );
         let k = parse_json(r#"{"scheduler": "SGM Uniform"}"#).unwrap();
-        assert_eq!(k.request.scheduler, SigmaSchedule::SgmUniform);
+        assert_eq!(k.request.request().scheduler, SigmaSchedule::SgmUniform);
     }
 
     #[test]
@@ -282,11 +284,17 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(png);
         let body = format!(r#"{{"init_images": ["data:image/png;base64,{b64}"]}}"#);
         let p = parse(body.as_bytes(), true, &Limits::default()).unwrap();
-        assert_eq!((p.request.width, p.request.height), (64, 40));
+        assert_eq!(
+            (p.request.request().width, p.request.request().height),
+            (64, 40)
+        );
         assert_eq!(p.init.unwrap().dimensions(), (70, 41));
         assert!(p.parameters["init_images"].is_null());
         let body = format!(r#"{{"init_images": ["{b64}"], "width": 128}}"#);
         let p = parse(body.as_bytes(), true, &Limits::default()).unwrap();
-        assert_eq!((p.request.width, p.request.height), (128, 40));
+        assert_eq!(
+            (p.request.request().width, p.request.request().height),
+            (128, 40)
+        );
     }
 }

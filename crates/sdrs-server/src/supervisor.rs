@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use image::RgbImage;
-use sdrs::pipeline::GenerationRequest;
+use sdrs::pipeline::Generation;
 
 use crate::models::ModelEntry;
 use crate::process::{Process, WorkerCommand};
@@ -211,7 +211,7 @@ impl Supervisor {
         &self,
         worker: &mut Process,
         job: &Job,
-        request: &GenerationRequest,
+        request: &Generation,
         init: Option<&RgbImage>,
     ) -> Ended<()> {
         let message = ToWorker::Generate {

@@ -12,10 +12,9 @@ use std::sync::{mpsc, Arc};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use image::RgbImage;
-use sdrs::image_io::encode_png;
-use sdrs::output::OutputDir;
+use sdrs::output::{ImageFormat, OutputDir};
 use sdrs::pipeline::{
-    img2img, txt2img, Event, GenerationRequest, NetworkOptions, Residency, StableDiffusion,
+    img2img, txt2img, Event, Generation, LoadOptions, NetworkOptions, Residency, StableDiffusion,
 };
 use sdrs::sampling::Flow;
 use sdrs::weights::Checkpoint;
@@ -160,7 +159,7 @@ impl Worker {
                 self.model = None;
                 match guarded(|| self.load(&path)) {
                     Ok(model) => {
-                        let hash = model.model_hash.clone();
+                        let hash = model.model_hash().map(str::to_string);
                         self.model = Some(model);
                         self.send(&FromWorker::Loaded { job, hash }, &[])?;
                     }
@@ -214,20 +213,22 @@ impl Worker {
         let setup = self.setup()?;
         let failed = |e: sdrs::Error| server_error(format!("loading {}: {e}", path.display()));
         let checkpoint = Checkpoint::open(path).map_err(failed)?;
-        let mut sd = StableDiffusion::load_with(&checkpoint, &setup.device, setup.network)
-            .map_err(failed)?;
-        sd.nan_check = setup.nan_check;
-        Ok(sd)
+        let options = LoadOptions {
+            networks: setup.network,
+            nan_check: setup.nan_check,
+            ..LoadOptions::default()
+        };
+        StableDiffusion::load_with(&checkpoint, &setup.device, options).map_err(failed)
     }
 
     fn generate(
         &mut self,
         job: u64,
-        request: &GenerationRequest,
+        request: &Generation,
         init: Option<&RgbImage>,
     ) -> Result<(), JobError> {
         if self.crash_test {
-            test_crash(&request.prompt);
+            test_crash(&request.request().prompt);
         }
         let folder = if init.is_some() {
             "img2img-samples"
@@ -267,26 +268,22 @@ impl Worker {
                     let pixels = preview.map(|p| p.into_raw()).unwrap_or_default();
                     write_frame(writer, &message, &pixels)
                 }
-                Event::Image { index, image } => {
-                    let saved = encode_png(&image.image, Some(&image.infotext))
-                        .and_then(|png| Ok((out.write_sample(image.seed, "png", &png)?, png)));
-                    match saved {
-                        Ok((path, png)) => {
-                            let message = FromWorker::Image {
-                                job,
-                                index,
-                                seed: image.seed,
-                                infotext: image.infotext.clone(),
-                                path,
-                            };
-                            write_frame(writer, &message, &png)
-                        }
-                        Err(e) => {
-                            failure = Some(server_error(e));
-                            return Flow::Stop;
-                        }
+                Event::Image { index, image } => match out.save(image, ImageFormat::Png) {
+                    Ok(saved) => {
+                        let message = FromWorker::Image {
+                            job,
+                            index,
+                            seed: image.seed,
+                            infotext: image.infotext.clone(),
+                            path: saved.path,
+                        };
+                        write_frame(writer, &message, &saved.bytes)
                     }
-                }
+                    Err(e) => {
+                        failure = Some(server_error(e));
+                        return Flow::Stop;
+                    }
+                },
             };
             if sent.is_err() {
                 failure = Some(server_error(LOST_SERVER));
@@ -308,16 +305,11 @@ impl Worker {
             return Err(e);
         }
         match result {
+            // A stopped run is the interrupt the server asked for: the job ends with the
+            // images it has.
             Ok(_) => Ok(()),
-            Err(sdrs::Error::Cancelled) if self.control.interrupt.load(Ordering::SeqCst) => Ok(()),
             Err(e) => Err(JobError {
-                bad_request: matches!(
-                    e,
-                    sdrs::Error::InvalidRequest(_)
-                        | sdrs::Error::InvalidSize { .. }
-                        | sdrs::Error::UnknownSampler { .. }
-                        | sdrs::Error::Limit { .. }
-                ),
+                bad_request: e.is_user_error(),
                 message: e.to_string(),
             }),
         }

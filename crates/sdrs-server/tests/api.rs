@@ -204,8 +204,11 @@ async fn txt2img_answers_as_a1111_does_with_the_pipelines_own_images_and_saves_t
         cfg_scale: 6.0,
         ..Default::default()
     };
+    let generation = request.validate().unwrap();
     let expected =
-        sdrs::pipeline::txt2img(&sd, &request, &mut |_| sdrs::sampling::Flow::Continue).unwrap();
+        sdrs::pipeline::txt2img(&sd, &generation, &mut |_| sdrs::sampling::Flow::Continue)
+            .unwrap()
+            .images;
     let infotexts = info["infotexts"].as_array().unwrap();
     for (i, want) in expected.iter().enumerate() {
         let got = decode_png(images[i].as_str().unwrap());

@@ -6,7 +6,48 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use image::RgbImage;
+
+use crate::image_io::{encode_jpeg, encode_png};
+use crate::pipeline::GeneratedImage;
 use crate::{Error, Result};
+
+/// The file formats images are saved in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// PNG, with the infotext in a `parameters` text chunk (as A1111 writes it).
+    #[default]
+    Png,
+    /// JPEG at quality 95, without metadata.
+    Jpeg,
+}
+
+impl ImageFormat {
+    /// The file name extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "png",
+            ImageFormat::Jpeg => "jpg",
+        }
+    }
+
+    /// The file's bytes; `infotext` goes into PNGs only.
+    pub fn encode(self, image: &RgbImage, infotext: Option<&str>) -> Result<Vec<u8>> {
+        match self {
+            ImageFormat::Png => encode_png(image, infotext),
+            ImageFormat::Jpeg => encode_jpeg(image),
+        }
+    }
+}
+
+/// An image written to its file.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    /// Where it was written.
+    pub path: PathBuf,
+    /// The file's bytes.
+    pub bytes: Vec<u8>,
+}
 
 /// The output folder of a run and the numbering of what is written into it.
 pub struct OutputDir {
@@ -42,6 +83,14 @@ impl OutputDir {
             dir: dir.to_path_buf(),
             next,
         })
+    }
+
+    /// Saves a generated image as `<NNNNN>-<seed>.<ext>`, with its infotext where the format
+    /// keeps one.
+    pub fn save(&mut self, image: &GeneratedImage, format: ImageFormat) -> Result<Saved> {
+        let bytes = format.encode(&image.image, Some(&image.infotext))?;
+        let path = self.write_sample(image.seed, format.extension(), &bytes)?;
+        Ok(Saved { path, bytes })
     }
 
     /// Writes `<NNNNN>-<seed>.<ext>` and returns its path (a wrapped negative seed is named

@@ -166,9 +166,12 @@ fn tiny_model_txt2img_matches_the_references_within_the_fast_tolerance() {
         return;
     }
     let ckpt = sdrs::weights::Checkpoint::open(&common::fixtures().join("tiny-sd1")).unwrap();
-    let options = NetworkOptions {
-        residency: Residency::All,
-        fast: true,
+    let options = sdrs::pipeline::LoadOptions {
+        networks: NetworkOptions {
+            residency: Residency::All,
+            fast: true,
+        },
+        ..Default::default()
     };
     let sd = StableDiffusion::load_with(&ckpt, &Device::Cpu, options).unwrap();
     assert!(sd.fast());
@@ -176,7 +179,11 @@ fn tiny_model_txt2img_matches_the_references_within_the_fast_tolerance() {
     for case in manifest["cases"].as_array().expect("cases") {
         let name = case["name"].as_str().unwrap_or("case");
         let want = common::reference_image(case["file"].as_str().expect("file"));
-        let images = txt2img(&sd, &common::request(case), &mut |_| Flow::Continue).expect(name);
+        let images = txt2img(&sd, &common::request(case).validate().unwrap(), &mut |_| {
+            Flow::Continue
+        })
+        .expect(name)
+        .images;
         assert!(
             images[0].infotext.contains("Precision: bf16"),
             "{name}: infotext"

@@ -43,7 +43,7 @@ fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn tiled_vae_decode_and_encode_stay_close_to_the_whole_image() {
     let sd = tiny();
-    let factor = sd.vae_config.downscale_factor();
+    let factor = sd.vae_config().downscale_factor();
     // A 40×24 latent (320×192 pixels) in tiles of 16 latent cells overlapping by 6: 3×2 tiles.
     // The bounds are loose because this VAE's random weights make its group norms and
     // mid-block attention (which see one tile at a time) matter far more than a trained
@@ -116,10 +116,14 @@ fn hires_with_an_image_upscaler_is_txt2img_then_img2img() {
         denoising_strength: 0.5,
         ..first.clone()
     };
-    let got = txt2img(&sd, &hires, &mut |_| Flow::Continue).expect("hires");
+    let got = txt2img(&sd, &hires.validate().unwrap(), &mut |_| Flow::Continue)
+        .expect("hires")
+        .images;
     assert_eq!(got[0].image.dimensions(), (128, 128));
 
-    let base = txt2img(&sd, &first, &mut |_| Flow::Continue).expect("first pass");
+    let base = txt2img(&sd, &first.validate().unwrap(), &mut |_| Flow::Continue)
+        .expect("first pass")
+        .images;
     let enlarged = resize_lanczos(&base[0].image, 128, 128);
     let second = GenerationRequest {
         width: 128,
@@ -128,7 +132,11 @@ fn hires_with_an_image_upscaler_is_txt2img_then_img2img() {
         denoising_strength: 0.4,
         ..first.clone()
     };
-    let want = img2img(&sd, &second, &enlarged, &mut |_| Flow::Continue).expect("img2img");
+    let want = img2img(&sd, &second.validate().unwrap(), &enlarged, &mut |_| {
+        Flow::Continue
+    })
+    .expect("img2img")
+    .images;
     common::assert_images_close(
         "hires = txt2img + img2img",
         &got[0].image,
@@ -167,26 +175,32 @@ fn latent_hires_doubles_the_size_reproducibly_and_reports_every_step() {
         ..base_request()
     };
     let mut steps = Vec::new();
-    let a = txt2img(&sd, &req, &mut |e| {
+    let a = txt2img(&sd, &req.validate().unwrap(), &mut |e| {
         if let sdrs::pipeline::Event::Step { step, steps: n, .. } = e {
             steps.push((step, n));
         }
         Flow::Continue
     })
-    .expect("latent hires");
+    .expect("latent hires")
+    .images;
     assert_eq!(a[0].image.dimensions(), (96, 72));
     assert_eq!(steps, (1..=7).map(|s| (s, 7)).collect::<Vec<_>>());
-    let b = txt2img(&sd, &req, &mut |_| Flow::Continue).expect("again");
+    let b = txt2img(&sd, &req.validate().unwrap(), &mut |_| Flow::Continue)
+        .expect("again")
+        .images;
     common::assert_images_close("same seed", &a[0].image, &b[0].image, 0);
     let plain = txt2img(
         &sd,
-        &GenerationRequest {
+        &(GenerationRequest {
             enable_hr: false,
             ..req.clone()
-        },
+        })
+        .validate()
+        .unwrap(),
         &mut |_| Flow::Continue,
     )
-    .expect("plain");
+    .expect("plain")
+    .images;
     assert_eq!(plain[0].image.dimensions(), (64, 48));
 }
 
@@ -198,14 +212,15 @@ fn hires_refuses_bad_settings() {
         hr_scale: 200.0,
         ..base_request()
     };
-    let err = txt2img(&sd, &too_big, &mut |_| Flow::Continue).unwrap_err();
+    // Refused when the request is validated, before anything runs.
+    let err = too_big.validate().unwrap_err();
     assert!(err.to_string().contains("12800x12800"), "{err}");
     let unknown = GenerationRequest {
         enable_hr: true,
         hr_upscaler: "R-ESRGAN 9x".into(),
         ..base_request()
     };
-    let err = txt2img(&sd, &unknown, &mut |_| Flow::Continue).unwrap_err();
+    let err = txt2img(&sd, &unknown.validate().unwrap(), &mut |_| Flow::Continue).unwrap_err();
     assert!(err.to_string().contains("unknown hires upscaler"), "{err}");
 }
 
@@ -216,10 +231,12 @@ fn run_hd(sd: &StableDiffusion, req: &GenerationRequest, start: Option<&RgbImage
         detail_steps: Some(6),
         ..Default::default()
     };
-    hd(sd, req, start, &Upscaler::Lanczos, &opts, &mut |_| {
+    let gen = req.validate().expect("valid request");
+    hd(sd, &gen, start, &Upscaler::Lanczos, &opts, &mut |_| {
         Flow::Continue
     })
     .expect("hd")
+    .expect("not stopped")
     .image
 }
 
@@ -268,7 +285,7 @@ fn hd_refuses_sizes_and_overlaps_it_cannot_do() {
     };
     let err = hd(
         &sd,
-        &base_request(),
+        &base_request().validate().unwrap(),
         None,
         &Upscaler::Lanczos,
         &opts,

@@ -26,8 +26,14 @@ fn ddim_and_k_samplers_match_the_python_reference_at_both_strengths() {
     let mut samplers = std::collections::BTreeSet::new();
     for case in cases {
         let file = case["file"].as_str().expect("file");
-        let images =
-            img2img(&sd, &common::request(case), &init, &mut |_| Flow::Continue).expect(file);
+        let images = img2img(
+            &sd,
+            &common::request(case).validate().unwrap(),
+            &init,
+            &mut |_| Flow::Continue,
+        )
+        .expect(file)
+        .images;
         assert_eq!(images.len(), 1);
         common::assert_images_close(file, &images[0].image, &common::reference_image(file), 2);
         let info = sdrs::pipeline::infotext::parse(&images[0].infotext);
@@ -62,13 +68,14 @@ fn strength_zero_is_the_decoded_init_latent_for_every_sampler() {
             ..Default::default()
         };
         let mut steps = 0;
-        let images = img2img(&sd, &req, &init, &mut |e| {
+        let images = img2img(&sd, &req.validate().unwrap(), &init, &mut |e| {
             if matches!(e, sdrs::pipeline::Event::Step { .. }) {
                 steps += 1;
             }
             Flow::Continue
         })
-        .expect(sampler);
+        .expect(sampler)
+        .images;
         assert_eq!(steps, 0, "{sampler}: no sampling step at strength 0");
         common::assert_images_close(sampler, &images[0].image, &want, 2);
     }

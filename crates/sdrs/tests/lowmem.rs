@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use image::RgbImage;
 use sdrs::image_io::load_image;
-use sdrs::pipeline::{img2img, txt2img, NetworkOptions, Residency, StableDiffusion};
+use sdrs::pipeline::{img2img, txt2img, LoadOptions, NetworkOptions, Residency, StableDiffusion};
 use sdrs::sampling::Flow;
 use sdrs::weights::Checkpoint;
 
@@ -19,9 +19,12 @@ fn load(residency: Residency) -> StableDiffusion {
     StableDiffusion::load_with(
         &ckpt,
         &Device::Cpu,
-        NetworkOptions {
-            residency,
-            fast: false,
+        LoadOptions {
+            networks: NetworkOptions {
+                residency,
+                fast: false,
+            },
+            ..LoadOptions::default()
         },
     )
     .expect("load tiny model")
@@ -62,7 +65,11 @@ fn txt2img_and_img2img_match_the_python_reference_one_network_at_a_time() {
     let mut ran = 0;
     for case in manifest["cases"].as_array().unwrap().iter().step_by(3) {
         let file = case["file"].as_str().unwrap();
-        let images = txt2img(&sd, &common::request(case), &mut |_| Flow::Continue).expect(file);
+        let images = txt2img(&sd, &common::request(case).validate().unwrap(), &mut |_| {
+            Flow::Continue
+        })
+        .expect(file)
+        .images;
         let want: RgbImage = common::reference_image(file);
         common::assert_images_close(file, &images[0].image, &want, F16_TOLERANCE);
         ran += 1;
@@ -79,8 +86,14 @@ fn txt2img_and_img2img_match_the_python_reference_one_network_at_a_time() {
     .unwrap();
     for case in manifest["cases"].as_array().unwrap().iter().step_by(6) {
         let file = case["file"].as_str().unwrap();
-        let images =
-            img2img(&sd, &common::request(case), &init, &mut |_| Flow::Continue).expect(file);
+        let images = img2img(
+            &sd,
+            &common::request(case).validate().unwrap(),
+            &init,
+            &mut |_| Flow::Continue,
+        )
+        .expect(file)
+        .images;
         common::assert_images_close(
             file,
             &images[0].image,

@@ -9,13 +9,11 @@
 
 mod common;
 
-use std::cell::Cell;
-
 use candle_core::{Device, Tensor};
 use sdrs::pipeline::{txt2img, CfgDenoiser, GenerationRequest, StableDiffusion};
 use sdrs::prompt::plan;
 use sdrs::sampling::rng::TorchRng;
-use sdrs::sampling::{Flow, NoiseSource};
+use sdrs::sampling::{Flow, NoiseSource, Sampled, SamplerContext};
 
 /// Relative tolerance on the final latents (Rust and torch agree to ~1e-6 of their scale).
 const LATENT_TOL: f64 = 3e-5;
@@ -102,20 +100,25 @@ fn prompt_language_images_match_the_python_reference() {
             .join("reference")
             .join(case["file"].as_str().expect("file"));
         let want = image::open(path).expect("reference image").to_rgb8();
-        let images = txt2img(&sd, &common::request(&case), &mut |_| Flow::Continue)
-            .unwrap_or_else(|e| panic!("{}: {e}", name(&case)));
+        let images = txt2img(
+            &sd,
+            &common::request(&case).validate().unwrap(),
+            &mut |_| Flow::Continue,
+        )
+        .map(|outcome| outcome.images)
+        .unwrap_or_else(|e| panic!("{}: {e}", name(&case)));
         assert_eq!(images.len(), 1);
         common::assert_images_close(name(&case), &images[0].image, &want, 2);
     }
 }
 
 /// The request's final latent (before the VAE), run from the pipeline's public pieces the way
-/// `txt2img` runs them: the step counter moves after each completed sampler step.
+/// `txt2img` runs them: the sampler passes each step's index to the denoiser.
 fn final_latent(sd: &StableDiffusion, req: &GenerationRequest) -> Tensor {
-    let sampling = req.validate().expect("valid request");
-    let sigmas = sampling
-        .sampler
-        .sigmas(&sd.schedule, req.steps, sampling.schedule);
+    let gen = req.validate().expect("valid request");
+    let sigmas = gen
+        .sampler()
+        .sigmas(sd.schedule(), req.steps, gen.schedule());
     let conditioning = sd
         .conditioning(
             &req.prompt,
@@ -125,20 +128,24 @@ fn final_latent(sd: &StableDiffusion, req: &GenerationRequest) -> Tensor {
             req.clip_skip,
         )
         .expect("conditioning");
-    let step = Cell::new(0);
-    let mut denoiser = CfgDenoiser::new(sd, &conditioning, req.cfg_scale, &step);
-    let mut noise = TorchRng::new(req.seed as u64, req.rng_math);
+    let mut denoiser = CfgDenoiser::new(sd, &conditioning, req.cfg_scale);
+    let mut noise = TorchRng::new(gen.seed(), req.rng_math);
     let shape = [1, 4, req.height / 8, req.width / 8];
-    let scale = sampling.sampler.initial_noise_scale(sigmas[0]);
+    let scale = gen.sampler().initial_noise_scale(sigmas[0]);
     let x = (noise.sample(&shape, &Device::Cpu).expect("noise") * scale).expect("scale");
-    let mut on_step = |s: &sdrs::sampling::Step| {
-        step.set(s.index + 1);
-        Flow::Continue
+    let mut on_step = |_: &sdrs::sampling::Step| Flow::Continue;
+    let mut ctx = SamplerContext {
+        denoiser: &mut denoiser,
+        noise: &mut noise,
+        on_step: &mut on_step,
     };
-    let x = sampling
-        .sampler
-        .run(&mut denoiser, x, &sigmas, &mut noise, &mut on_step, req.eta)
-        .expect("sampling");
+    let Sampled::Done(x) = gen
+        .sampler()
+        .run(&mut ctx, x, &sigmas, &gen.options())
+        .expect("sampling")
+    else {
+        panic!("sampling stopped");
+    };
     // DDIM ends at σ_0 > 0, where the latent is x·sqrt(ᾱ_0).
     let last = sigmas.last().copied().unwrap_or(0.0);
     (x / (1.0 + last * last).sqrt()).expect("unscale")

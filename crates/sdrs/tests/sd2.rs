@@ -48,17 +48,21 @@ fn sd2_file_and_folder_txt2img_match_the_python_reference() {
     for case in cases {
         let file = case["file"].as_str().expect("file");
         let sd = common::load_model(case["model"].as_str().expect("model"));
-        assert_eq!(sd.pad_token, 0, "{file}");
+        assert_eq!(sd.pad_token(), 0, "{file}");
         let v = file.contains("_v_");
         assert_eq!(
-            sd.prediction,
+            sd.prediction(),
             if v {
                 Prediction::V
             } else {
                 Prediction::Epsilon
             }
         );
-        let images = txt2img(&sd, &common::request(case), &mut |_| Flow::Continue).expect(file);
+        let images = txt2img(&sd, &common::request(case).validate().unwrap(), &mut |_| {
+            Flow::Continue
+        })
+        .expect(file)
+        .images;
         common::assert_images_close(file, &images[0].image, &common::reference_image(file), 2);
     }
 }

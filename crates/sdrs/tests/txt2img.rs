@@ -19,7 +19,11 @@ fn run_cases(sd: &StableDiffusion, filter: impl Fn(&serde_json::Value) -> bool) 
         )
         .expect("reference image")
         .to_rgb8();
-        let images = txt2img(sd, &common::request(case), &mut |_| Flow::Continue).expect(name);
+        let images = txt2img(sd, &common::request(case).validate().unwrap(), &mut |_| {
+            Flow::Continue
+        })
+        .expect(name)
+        .images;
         assert_eq!(images.len(), 1);
         common::assert_images_close(name, &images[0].image, &want, 2);
         ran += 1;
@@ -67,8 +71,13 @@ fn nan_weights_and_overflowing_guidance_fail_the_image_by_name() {
     let path = dir.join("nan-weights.safetensors");
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let checkpoint = sdrs::weights::Checkpoint::open(&path).unwrap();
-    let mut sd = StableDiffusion::load(&checkpoint, &candle_core::Device::Cpu).unwrap();
-    let err = txt2img(&sd, &small_request(1, 7.0), &mut |_| Flow::Continue).unwrap_err();
+    let sd = StableDiffusion::load(&checkpoint, &candle_core::Device::Cpu).unwrap();
+    let err = txt2img(
+        &sd,
+        &(small_request(1, 7.0)).validate().unwrap(),
+        &mut |_| Flow::Continue,
+    )
+    .unwrap_err();
     let message = err.to_string();
     assert!(
         matches!(
@@ -82,13 +91,28 @@ fn nan_weights_and_overflowing_guidance_fail_the_image_by_name() {
         "{message}"
     );
     // Without the check the image comes out as it is (black), as before.
-    sd.nan_check = false;
-    let images = txt2img(&sd, &small_request(1, 7.0), &mut |_| Flow::Continue).unwrap();
+    let options = sdrs::pipeline::LoadOptions {
+        nan_check: false,
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load_with(&checkpoint, &candle_core::Device::Cpu, options).unwrap();
+    let images = txt2img(
+        &sd,
+        &(small_request(1, 7.0)).validate().unwrap(),
+        &mut |_| Flow::Continue,
+    )
+    .unwrap()
+    .images;
     assert!(images[0].image.pixels().all(|p| p.0 == [0, 0, 0]));
     std::fs::remove_dir_all(&dir).unwrap();
 
     let sd = common::load_model("tiny-sd1.safetensors");
-    let err = txt2img(&sd, &small_request(1, 1e308), &mut |_| Flow::Continue).unwrap_err();
+    let err = txt2img(
+        &sd,
+        &(small_request(1, 1e308)).validate().unwrap(),
+        &mut |_| Flow::Continue,
+    )
+    .unwrap_err();
     assert!(matches!(err, sdrs::Error::NonFinite { .. }), "{err}");
 }
 
@@ -96,17 +120,32 @@ fn nan_weights_and_overflowing_guidance_fail_the_image_by_name() {
 fn a_negative_seed_wraps_to_64_bits_as_torch_does() {
     let sd = common::load_model("tiny-sd1.safetensors");
     // torch's manual_seed(-5) seeds with 2^64 − 5, whose low 32 bits are 4294967291.
-    let negative = txt2img(&sd, &small_request(-5, 7.0), &mut |_| Flow::Continue).unwrap();
-    let positive = txt2img(&sd, &small_request(4_294_967_291, 7.0), &mut |_| {
-        Flow::Continue
-    })
-    .unwrap();
+    let negative = txt2img(
+        &sd,
+        &(small_request(-5, 7.0)).validate().unwrap(),
+        &mut |_| Flow::Continue,
+    )
+    .unwrap()
+    .images;
+    let positive = txt2img(
+        &sd,
+        &(small_request(4_294_967_291, 7.0)).validate().unwrap(),
+        &mut |_| Flow::Continue,
+    )
+    .unwrap()
+    .images;
     assert_eq!(negative[0].image, positive[0].image);
     assert!(
         negative[0].infotext.contains("Seed: -5,"),
         "{}",
         negative[0].infotext
     );
-    let other = txt2img(&sd, &small_request(-6, 7.0), &mut |_| Flow::Continue).unwrap();
+    let other = txt2img(
+        &sd,
+        &(small_request(-6, 7.0)).validate().unwrap(),
+        &mut |_| Flow::Continue,
+    )
+    .unwrap()
+    .images;
     assert_ne!(negative[0].image, other[0].image);
 }

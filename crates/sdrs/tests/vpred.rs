@@ -13,18 +13,26 @@ use sdrs::weights::Checkpoint;
 
 #[test]
 fn v_prediction_and_unguided_runs_match_the_python_reference() {
-    let mut sd = common::load_model("tiny-sd1");
     let manifest = common::reference_json("vpred.json");
     let cases = manifest["cases"].as_array().expect("vpred.json: cases");
     assert!(cases.len() >= 6, "only {} cases", cases.len());
     for case in cases {
         let file = case["file"].as_str().expect("file");
-        sd.prediction = case["prediction"]
+        let prediction = case["prediction"]
             .as_str()
             .expect("prediction")
             .parse()
             .expect("parse");
-        let images = txt2img(&sd, &common::request(case), &mut |_| Flow::Continue).expect(file);
+        let options = sdrs::pipeline::LoadOptions {
+            prediction: Some(prediction),
+            ..Default::default()
+        };
+        let sd = common::load_model_with("tiny-sd1", options);
+        let images = txt2img(&sd, &common::request(case).validate().unwrap(), &mut |_| {
+            Flow::Continue
+        })
+        .expect(file)
+        .images;
         common::assert_images_close(file, &images[0].image, &common::reference_image(file), 2);
     }
 }

@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::StableDiffusion;
+use super::{Generation, StableDiffusion};
 use crate::prompt::{encode_batch, encode_blend, plan, PromptPlan, PromptSyntax};
 use crate::{Error, Result};
 
@@ -81,6 +81,18 @@ fn encode_plan(
 }
 
 impl StableDiffusion {
+    /// The conditioning of `gen`'s prompts for a pass of `steps` steps.
+    pub(super) fn conditioning_for(&self, gen: &Generation, steps: usize) -> Result<Conditioning> {
+        let req = &gen.request;
+        self.conditioning(
+            &req.prompt,
+            &req.negative_prompt,
+            req.prompt_syntax,
+            steps,
+            req.clip_skip,
+        )
+    }
+
     /// Parses and encodes a prompt and its negative for a run of `steps` steps.
     pub fn conditioning(
         &self,

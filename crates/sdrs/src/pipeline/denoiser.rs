@@ -2,8 +2,6 @@
 //! prompt's AND parts (composable diffusion), the prompt schedule, and the k-diffusion
 //! scalings between sigma space and the UNet's input.
 
-use std::cell::Cell;
-
 use candle_core::Tensor;
 
 use super::conditioning::Conditioning;
@@ -20,25 +18,15 @@ pub struct CfgDenoiser<'a> {
     sd: &'a StableDiffusion,
     conditioning: &'a Conditioning,
     cfg_scale: f64,
-    /// The sampling step in progress, which picks the scheduled prompt; the pipeline advances
-    /// it after each step, so both model calls of a Heun step see the same prompt.
-    step: &'a Cell<usize>,
 }
 
 impl<'a> CfgDenoiser<'a> {
-    /// A guided denoiser around `sd`'s UNet (predicting `sd.prediction`), reading the current
-    /// step from `step`.
-    pub fn new(
-        sd: &'a StableDiffusion,
-        conditioning: &'a Conditioning,
-        cfg_scale: f64,
-        step: &'a Cell<usize>,
-    ) -> Self {
+    /// A guided denoiser around `sd`'s UNet (predicting `sd.prediction`).
+    pub fn new(sd: &'a StableDiffusion, conditioning: &'a Conditioning, cfg_scale: f64) -> Self {
         Self {
             sd,
             conditioning,
             cfg_scale,
-            step,
         }
     }
 
@@ -60,8 +48,8 @@ impl<'a> CfgDenoiser<'a> {
 
     /// `ε_u + Σ_i w_i · s · (ε_i − ε_u)` (A1111's `combine_denoised`, in the UNet's output,
     /// which is linear in the denoised latent for ε and v alike).
-    fn guided_output(&self, x_in: &Tensor, t: f64) -> Result<Tensor> {
-        let step = self.step.get();
+    /// `step` picks each part's scheduled prompt.
+    fn guided_output(&self, x_in: &Tensor, t: f64, step: usize) -> Result<Tensor> {
         let parts = &self.conditioning.parts;
         if self.conditioning.unguided(self.cfg_scale) {
             return self.sd.unet()?.forward(x_in, t, parts[0].at(step));
@@ -79,10 +67,10 @@ impl<'a> CfgDenoiser<'a> {
 }
 
 impl Denoiser for CfgDenoiser<'_> {
-    fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+    fn denoise(&mut self, x: &Tensor, sigma: f64, step: usize) -> Result<Tensor> {
         let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
         let t = self.sd.schedule.sigma_to_t(sigma);
-        let out = self.guided_output(&(x * c_in)?, t)?;
+        let out = self.guided_output(&(x * c_in)?, t, step)?;
         match self.sd.prediction {
             Prediction::Epsilon => Ok((x - (out * sigma)?)?),
             // c_skip = 1/(σ²+1), c_out = −σ/√(σ²+1) (k-diffusion's CompVisVDenoiser).

@@ -11,7 +11,7 @@ use image::RgbImage;
 use super::hires::enlarge;
 use super::infotext;
 use super::tiles::{self, Blender};
-use super::{img2img, txt2img, Event, GenerationRequest, StableDiffusion};
+use super::{img2img, txt2img, Event, Generation, Outcome, StableDiffusion};
 use crate::image_io::resize_lanczos;
 use crate::limits::{MAX_PIXELS, MAX_SIDE};
 use crate::sampling::Flow;
@@ -62,7 +62,9 @@ pub enum HdEvent<'a> {
 
 /// The finished image and what made it.
 pub struct HdImage {
+    /// The pixels.
     pub image: RgbImage,
+    /// A1111's parameters text, with the redraw's settings appended.
     pub infotext: String,
 }
 
@@ -88,16 +90,16 @@ pub fn final_size(width: usize, height: usize, passes: usize) -> Result<(usize, 
     Ok((w, h))
 }
 
-/// Runs `hd`: `req` gives the prompt, sampler, seed and the generation (= tile) size; `start`
-/// replaces the generated base image when given.
+/// Runs `hd`: `gen` gives the prompt, sampler, seed and the generation (= tile) size; `start`
+/// replaces the generated base image when given. `None` when an event callback stopped it.
 pub fn hd(
     sd: &StableDiffusion,
-    req: &GenerationRequest,
+    gen: &Generation,
     start: Option<&RgbImage>,
     upscaler: &Upscaler,
     opts: &HdOptions,
     on_event: &mut dyn FnMut(HdEvent) -> Flow,
-) -> Result<HdImage> {
+) -> Result<Option<HdImage>> {
     if opts.passes == 0 {
         return Err(Error::InvalidRequest("hd needs at least one pass".into()));
     }
@@ -107,24 +109,17 @@ pub fn hd(
             opts.strength
         )));
     }
-    let single = GenerationRequest {
-        batch_size: 1,
-        n_iter: 1,
-        enable_hr: false,
-        ..req.clone()
-    };
-    let sampling = single.validate()?;
-    if opts.overlap >= single.width.min(single.height) {
+    let single = gen.derive(|r| {
+        (r.batch_size, r.n_iter, r.enable_hr) = (1, 1, false);
+    })?;
+    let (width, height) = (single.request.width, single.request.height);
+    if opts.overlap >= width.min(height) {
         return Err(Error::InvalidRequest(format!(
-            "tiles of {}x{} cannot overlap by {}: the overlap must be smaller than a tile",
-            single.width, single.height, opts.overlap
+            "tiles of {width}x{height} cannot overlap by {}: the overlap must be smaller than \
+             a tile",
+            opts.overlap
         )));
     }
-    let seed = super::resolve_seed(single.seed);
-    let single = GenerationRequest {
-        seed: seed as i64,
-        ..single
-    };
     let mut image = match start {
         Some(img) => {
             let (w, h) = (img.width() / 8 * 8, img.height() / 8 * 8);
@@ -142,33 +137,33 @@ pub fn hd(
             }
         }
         None => {
-            final_size(single.width, single.height, opts.passes)?;
-            let mut images = txt2img(sd, &single, &mut |e| on_event(HdEvent::Base(e)))?;
-            images
-                .pop()
-                .ok_or_else(|| Error::Image("txt2img returned no image".into()))?
-                .image
+            final_size(width, height, opts.passes)?;
+            let outcome = txt2img(sd, &single, &mut |e| on_event(HdEvent::Base(e)))?;
+            match only_image(outcome)? {
+                Some(image) => image,
+                None => return Ok(None),
+            }
         }
     };
     final_size(image.width() as usize, image.height() as usize, opts.passes)?;
 
-    let tile_req = GenerationRequest {
-        denoising_strength: opts.strength,
-        steps: opts.detail_steps.unwrap_or(single.steps),
-        cfg_scale: opts.detail_scale.unwrap_or(single.cfg_scale),
-        ..single.clone()
-    };
+    let tile_gen = single.derive(|r| {
+        r.denoising_strength = opts.strength;
+        r.steps = opts.detail_steps.unwrap_or(r.steps);
+        r.cfg_scale = opts.detail_scale.unwrap_or(r.cfg_scale);
+    })?;
     for pass in 0..opts.passes {
         let (w, h) = (image.width() * 2, image.height() * 2);
         let enlarged = enlarge(upscaler, &image, w as usize, h as usize)?;
-        image = redraw(sd, &tile_req, &enlarged, pass, opts, on_event)?;
+        image = match redraw(sd, &tile_gen, &enlarged, pass, opts, on_event)? {
+            Some(image) => image,
+            None => return Ok(None),
+        };
     }
     let mut text = infotext::render(
         &single,
-        sampling.sampler.name(),
-        sampling.schedule,
         &infotext::ImageFacts {
-            seed,
+            seed: single.seed,
             model_name: sd.model_name.clone(),
             model_hash: sd.model_hash.clone(),
             img2img: false,
@@ -182,28 +177,42 @@ pub fn hd(
         upscaler.name(),
         opts.passes,
         opts.strength,
-        tile_req.steps,
-        tile_req.cfg_scale
+        tile_gen.request.steps,
+        tile_gen.request.cfg_scale
     ));
-    Ok(HdImage {
+    Ok(Some(HdImage {
         image,
         infotext: text,
-    })
+    }))
 }
 
-/// One pass's redraw: img2img over every tile of `enlarged`, joined with ramps.
+/// The one image of a single-image run; `None` when it was stopped or skipped.
+fn only_image(outcome: Outcome) -> Result<Option<RgbImage>> {
+    if outcome.stopped {
+        return Ok(None);
+    }
+    Ok(outcome
+        .images
+        .into_iter()
+        .next()
+        .map(|generated| generated.image))
+}
+
+/// One pass's redraw: img2img over every tile of `enlarged`, joined with ramps; `None` when
+/// an event callback stopped it.
 fn redraw(
     sd: &StableDiffusion,
-    tile_req: &GenerationRequest,
+    tile_gen: &Generation,
     enlarged: &RgbImage,
     pass: usize,
     opts: &HdOptions,
     on_event: &mut dyn FnMut(HdEvent) -> Flow,
-) -> Result<RgbImage> {
+) -> Result<Option<RgbImage>> {
     let (w, h) = (enlarged.width() as usize, enlarged.height() as usize);
+    let tile_req = &tile_gen.request;
     let grid = tiles::grid(w, h, tile_req.width, tile_req.height, opts.overlap)?;
     let mut blender = Blender::new(3, w, h, opts.overlap);
-    let base_seed = tile_req.seed as u64;
+    let base_seed = tile_gen.seed;
     for (index, &tile) in grid.iter().enumerate() {
         let started = HdEvent::Tile {
             pass,
@@ -212,7 +221,7 @@ fn redraw(
             tiles: grid.len(),
         };
         if on_event(started) == Flow::Stop {
-            return Err(Error::Cancelled);
+            return Ok(None);
         }
         let crop = image::imageops::crop_imm(
             enlarged,
@@ -222,20 +231,17 @@ fn redraw(
             tile.height as u32,
         )
         .to_image();
-        let req = GenerationRequest {
-            width: tile.width,
-            height: tile.height,
-            seed: tile_seed(base_seed, pass, index) as i64,
-            ..tile_req.clone()
-        };
-        let mut images = img2img(sd, &req, &crop, &mut |e| match e {
+        let tile_gen = tile_gen.derive(|r| {
+            (r.width, r.height) = (tile.width, tile.height);
+            r.seed = tile_seed(base_seed, pass, index) as i64;
+        })?;
+        let outcome = img2img(sd, &tile_gen, &crop, &mut |e| match e {
             Event::Step { step, steps, .. } => on_event(HdEvent::Step { step, steps }),
             Event::Image { .. } => Flow::Continue,
         })?;
-        let redrawn = images
-            .pop()
-            .ok_or_else(|| Error::Image("img2img returned no image".into()))?
-            .image;
+        let Some(redrawn) = only_image(outcome)? else {
+            return Ok(None);
+        };
         blender.add(tile, &planar(&redrawn))?;
     }
     let blended = blender.finish();
@@ -246,7 +252,7 @@ fn redraw(
             px.0[c] = blended[c * plane + i].round().clamp(0.0, 255.0) as u8;
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// An RGB image as planar float32 channels.

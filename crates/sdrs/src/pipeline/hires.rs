@@ -14,19 +14,17 @@
 //!   a schedule of `int(N / min(strength, 0.999))` steps (A1111's `img2img_fix_steps`
 //!   arithmetic, which it always uses for this pass).
 
-use std::cell::Cell;
 use std::path::Path;
 
 use candle_core::Tensor;
 use image::RgbImage;
 
 use super::conditioning::Conditioning;
-use super::txt2img::{decode, offset_steps, ImageRun};
-use super::vae_tiling;
-use super::{CfgDenoiser, GenerationRequest, ResolvedSampling, StableDiffusion};
-use crate::image_io::{image_to_tensor, resize_lanczos};
+use super::generate::{ImageRun, Pass};
+use super::latent::{decode, encode, sample_posterior, unscaled};
+use super::{Generation, GenerationRequest, StableDiffusion};
+use crate::image_io::resize_lanczos;
 use crate::limits::exceeded;
-use crate::sampling::rng::TorchRng;
 use crate::sampling::{NoiseSource, Sampler};
 use crate::upscale::Upscaler;
 use crate::{Error, Result};
@@ -126,42 +124,30 @@ pub(super) struct HiresPass {
     height: usize,
     steps: usize,
     upscaler: HiresUpscaler,
-    conditioning: Conditioning,
+    /// Planned for the second pass's own step count (prompt editing follows it).
+    conditioning: Option<Conditioning>,
     sigmas: Vec<f64>,
 }
 
 impl HiresPass {
-    /// The second pass `req` asks for, or `None` without `enable_hr`.
-    pub(super) fn prepare(
-        sd: &StableDiffusion,
-        req: &GenerationRequest,
-        sampling: ResolvedSampling,
-    ) -> Result<Option<Self>> {
-        if !req.enable_hr {
+    /// The second pass `gen` asks for, or `None` without the hires fix.
+    pub(super) fn prepare(sd: &StableDiffusion, gen: &Generation) -> Result<Option<Self>> {
+        let Some(plan) = gen.hires else {
             return Ok(None);
-        }
-        let (width, height) = target_size(req)?;
-        let (steps, schedule_steps) = second_pass_steps(req, sampling.sampler)?;
-        let sigmas = if schedule_steps > 0 {
-            let full = sampling
-                .sampler
-                .sigmas(&sd.schedule, schedule_steps, sampling.schedule);
-            full[full.len() - steps - 1..].to_vec()
+        };
+        let (sigmas, conditioning) = if plan.schedule_steps > 0 {
+            let full = gen.sigmas(&sd.schedule, plan.schedule_steps);
+            let sigmas = full[full.len() - plan.steps - 1..].to_vec();
+            (sigmas, Some(sd.conditioning_for(gen, plan.steps)?))
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         Ok(Some(Self {
-            width,
-            height,
-            steps: if sigmas.is_empty() { 0 } else { steps },
-            upscaler: HiresUpscaler::from_name(&req.hr_upscaler, sd)?,
-            conditioning: sd.conditioning(
-                &req.prompt,
-                &req.negative_prompt,
-                req.prompt_syntax,
-                steps,
-                req.clip_skip,
-            )?,
+            width: plan.width,
+            height: plan.height,
+            steps: plan.steps,
+            upscaler: HiresUpscaler::from_name(&gen.request.hr_upscaler, sd)?,
+            conditioning,
             sigmas,
         }))
     }
@@ -172,20 +158,20 @@ impl HiresPass {
     }
 
     /// Enlarges the first pass's result `x` (sampler space, ending at `last_sigma`), redraws
-    /// it, and decodes it. `first_steps` is the first pass's step count, for progress.
+    /// it, and decodes it; `None` when the redraw was stopped. `first_steps` is the first
+    /// pass's step count, for progress.
     pub(super) fn run(
         &self,
         sd: &StableDiffusion,
-        req: &GenerationRequest,
         run: &mut ImageRun,
         x: Tensor,
         last_sigma: f64,
         first_steps: usize,
-    ) -> Result<RgbImage> {
+    ) -> Result<Option<RgbImage>> {
         let factor = sd.vae_config.downscale_factor();
         let (lh, lw) = (self.height / factor, self.width / factor);
-        let latent = (x / (1.0 + last_sigma * last_sigma).sqrt())?;
-        let mut noise = TorchRng::new(run.seed, req.rng_math);
+        let latent = unscaled(&x, last_sigma)?;
+        let mut noise = run.generator();
         let latent = match &self.upscaler {
             HiresUpscaler::Latent { nearest: false } => {
                 latent.upsample_bilinear2d(lh, lw, false)?
@@ -194,35 +180,23 @@ impl HiresPass {
             HiresUpscaler::Image(upscaler) => {
                 let image = decode(sd, &latent, 0.0)?;
                 let enlarged = enlarge(upscaler, &image, self.width, self.height)?;
-                let pixels = image_to_tensor(&enlarged, &sd.device)?;
-                let posterior = vae_tiling::encode(&*sd.vae()?, factor, &pixels, &sd.vae_tiling)?;
-                let unit = noise.sample(posterior.mean.dims(), &sd.device)?;
-                ((&posterior.mean + (&posterior.std * unit)?)? * sd.vae_config.scaling_factor)?
+                sample_posterior(sd, &encode(sd, &enlarged)?, &mut noise)?
             }
         };
-        if self.sigmas.is_empty() {
-            return decode(sd, &latent, 0.0);
-        }
+        let Some(conditioning) = &self.conditioning else {
+            return decode(sd, &latent, 0.0).map(Some);
+        };
         let start = noise.sample(latent.dims(), &sd.device)?;
         let x = (latent + (start * self.sigmas[0])?)?;
-        let step = Cell::new(0);
-        let mut denoiser = CfgDenoiser::new(sd, &self.conditioning, req.cfg_scale, &step);
-        let total = first_steps + self.steps;
-        let on_step = &mut *run.on_step;
-        let mut report = offset_steps(on_step, first_steps, total);
-        let mut tracked = |s: &crate::sampling::Step| {
-            step.set(s.index + 1);
-            report(s)
+        let pass = Pass {
+            conditioning,
+            sigmas: &self.sigmas,
+            first_step: first_steps,
         };
-        let x = run.sampling.sampler.run(
-            &mut denoiser,
-            x,
-            &self.sigmas,
-            &mut noise,
-            &mut tracked,
-            run.eta,
-        )?;
-        decode(sd, &x, self.sigmas.last().copied().unwrap_or(0.0))
+        let Some(x) = run.sample(sd, &pass, &mut noise, x)? else {
+            return Ok(None);
+        };
+        decode(sd, &x, self.sigmas.last().copied().unwrap_or(0.0)).map(Some)
     }
 }
 

@@ -20,10 +20,10 @@
 
 use image::RgbImage;
 
-use super::txt2img::{decode, generate, sample_and_decode};
-use super::vae_tiling;
-use super::{Event, GeneratedImage, GenerationRequest, StableDiffusion};
-use crate::image_io::{image_to_tensor, resize_for_mode};
+use super::generate::{generate, Event, Outcome, Pass, Source};
+use super::latent::{decode, encode, sample_posterior};
+use super::{Generation, StableDiffusion};
+use crate::image_io::resize_for_mode;
 use crate::sampling::{Flow, NoiseSource, Sampler};
 use crate::Result;
 
@@ -51,36 +51,38 @@ pub fn img2img_sigmas(
     Some(&full[start..])
 }
 
-/// Generates every image of the request from `init` (8-bit RGB, any size); image i uses
-/// seed + i. `req.denoising_strength` and `req.resize_mode` apply.
+/// Generates every image of `gen` from `init` (8-bit RGB, any size); image i uses seed + i.
+/// The request's `denoising_strength` and `resize_mode` apply.
 pub fn img2img(
     sd: &StableDiffusion,
-    req: &GenerationRequest,
+    gen: &Generation,
     init: &RgbImage,
     on_event: &mut dyn FnMut(Event) -> Flow,
-) -> Result<Vec<GeneratedImage>> {
-    let sampling = req.validate()?;
+) -> Result<Outcome> {
+    let req = &gen.request;
     let fitted = resize_for_mode(init, req.resize_mode, req.width as u32, req.height as u32);
-    let posterior = vae_tiling::encode(
-        &*sd.vae()?,
-        sd.vae_config.downscale_factor(),
-        &image_to_tensor(&fitted, &sd.device)?,
-        &sd.vae_tiling,
-    )?;
-    let full = sampling
-        .sampler
-        .sigmas(&sd.schedule, req.steps, sampling.schedule);
-    let sigmas = img2img_sigmas(sampling.sampler, &full, req.steps, req.denoising_strength);
-    let scaling_factor = sd.vae_config.scaling_factor;
-    generate(sd, req, sampling, true, on_event, &mut |run| {
-        let unit = run.noise.sample(posterior.mean.dims(), &sd.device)?;
-        let latent = ((&posterior.mean + (&posterior.std * unit)?)? * scaling_factor)?;
+    let posterior = encode(sd, &fitted)?;
+    let full = gen.sigmas(&sd.schedule, req.steps);
+    let sigmas = img2img_sigmas(gen.sampler, &full, req.steps, req.denoising_strength);
+    let conditioning = sd.conditioning_for(gen, req.steps)?;
+    let steps = sigmas.map_or(0, |s| s.len() - 1);
+    generate(sd, gen, Source::Picture, steps, on_event, &mut |run| {
+        let mut noise = run.generator();
+        let latent = sample_posterior(sd, &posterior, &mut noise)?;
         let Some(sigmas) = sigmas else {
-            return decode(sd, &latent, 0.0);
+            return decode(sd, &latent, 0.0).map(Some);
         };
-        let noise = run.noise.sample(latent.dims(), &sd.device)?;
-        let x = (latent + (noise * sigmas[0])?)?;
-        sample_and_decode(sd, run, x, sigmas)
+        let start = noise.sample(latent.dims(), &sd.device)?;
+        let x = (latent + (start * sigmas[0])?)?;
+        let pass = Pass {
+            conditioning: &conditioning,
+            sigmas,
+            first_step: 0,
+        };
+        let Some(x) = run.sample(sd, &pass, &mut noise, x)? else {
+            return Ok(None);
+        };
+        decode(sd, &x, sigmas.last().copied().unwrap_or(0.0)).map(Some)
     })
 }
 

@@ -2,16 +2,19 @@
 
 use crate::prompt::PromptSyntax;
 use crate::sampling::rng::NormalVariant;
-use crate::sampling::SigmaSchedule;
+use crate::sampling::{Sampler, SigmaSchedule};
 
-use super::GenerationRequest;
+use super::{Generation, GenerationRequest};
 
 /// What the infotext says beyond the request: the model, the image's own seed, and whether
 /// the image came from img2img.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ImageFacts {
+    /// The image's own seed.
     pub seed: u64,
+    /// The model's name (`Model`).
     pub model_name: String,
+    /// The checkpoint's short hash (`Model hash`).
     pub model_hash: Option<String>,
     /// True for img2img, whose infotext carries A1111's `Denoising strength`.
     pub img2img: bool,
@@ -37,16 +40,13 @@ fn number(v: f64) -> String {
     }
 }
 
-/// Renders the infotext of one image.
-pub fn render(
-    req: &GenerationRequest,
-    sampler: &str,
-    schedule: SigmaSchedule,
-    facts: &ImageFacts,
-) -> String {
+/// Renders the infotext of one image of `gen`.
+pub fn render(gen: &Generation, facts: &ImageFacts) -> String {
+    let req = &gen.request;
+    let schedule = gen.schedule;
     let mut params: Vec<(&str, String)> = vec![
         ("Steps", req.steps.to_string()),
-        ("Sampler", sampler.to_string()),
+        ("Sampler", gen.sampler.name().to_string()),
     ];
     if schedule != SigmaSchedule::Normal {
         params.push(("Schedule type", schedule.to_string()));
@@ -78,8 +78,18 @@ pub fn render(
         }
         params.push(("Hires upscaler", req.hr_upscaler.clone()));
     }
-    if req.eta != 0.0 {
-        params.push(("Eta DDIM", number(req.eta)));
+    // A1111 names DDIM's η and the ancestral samplers' apart, and writes either only when
+    // it is not the sampler's default.
+    let options = gen.options;
+    if gen.sampler.uses_eta() && options.eta != gen.sampler.default_eta() {
+        let key = match gen.sampler {
+            Sampler::Ddim => "Eta DDIM",
+            _ => "Eta",
+        };
+        params.push((key, number(options.eta)));
+    }
+    if gen.sampler == Sampler::EulerAncestral && options.s_noise != 1.0 {
+        params.push(("Sigma noise", number(options.s_noise)));
     }
     if req.clip_skip > 1 {
         params.push(("Clip skip", req.clip_skip.to_string()));
@@ -113,8 +123,11 @@ pub fn render(
 /// An infotext split into its parts: prompt, negative prompt and the `key: value` list in order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Infotext {
+    /// The prompt (every line before the negative prompt and the parameters).
     pub prompt: String,
+    /// The negative prompt, empty when the infotext has none.
     pub negative_prompt: String,
+    /// The `key: value` parameters, in order.
     pub params: Vec<(String, String)>,
 }
 
@@ -172,8 +185,11 @@ impl Infotext {
         if let Some(v) = self.get("Hires upscaler") {
             req.hr_upscaler = v.to_string();
         }
-        if let Some(v) = parsed("Eta DDIM") {
-            req.eta = v;
+        if let Some(v) = parsed("Eta DDIM").or_else(|| parsed("Eta")) {
+            req.eta = Some(v);
+        }
+        if let Some(v) = parsed("Sigma noise") {
+            req.s_noise = v;
         }
         if let Some(v) = parsed("Clip skip") {
             req.clip_skip = v as usize;
@@ -282,6 +298,8 @@ mod tests {
             cfg_scale: 7.0,
             width: 512,
             height: 512,
+            sampler_name: "Euler a".into(),
+            scheduler: SigmaSchedule::Karras,
             ..Default::default()
         };
         let facts = ImageFacts {
@@ -290,7 +308,7 @@ mod tests {
             model_hash: Some("0123456789".into()),
             ..Default::default()
         };
-        let text = render(&req, "Euler a", SigmaSchedule::Karras, &facts);
+        let text = render(&req.validate().unwrap(), &facts);
         let expected = format!(
             "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 0123456789, Model: \"v1-5, pruned\", RNG: CPU, Version: sdrs {}",
             env!("CARGO_PKG_VERSION")
@@ -314,7 +332,7 @@ mod tests {
             cfg_scale: 5.5,
             sampler_name: "DDIM".into(),
             seed: 1234,
-            eta: 0.25,
+            eta: Some(0.25),
             clip_skip: 2,
             prompt_syntax: PromptSyntax::Optimized,
             rng_math: NormalVariant::Scalar,
@@ -324,7 +342,7 @@ mod tests {
             seed: 1234,
             ..Default::default()
         };
-        let text = render(&req, "DDIM", SigmaSchedule::Normal, &facts);
+        let text = render(&req.validate().unwrap(), &facts);
         assert_eq!(parse(&text).to_request(), req);
     }
 
@@ -333,12 +351,15 @@ mod tests {
         let req = GenerationRequest {
             prompt: "a fox".into(),
             denoising_strength: 0.6,
+            sampler_name: "Euler".into(),
             ..Default::default()
-        };
+        }
+        .validate()
+        .unwrap();
         let mut facts = ImageFacts::default();
-        assert!(!render(&req, "Euler", SigmaSchedule::Normal, &facts).contains("Denoising"));
+        assert!(!render(&req, &facts).contains("Denoising"));
         facts.img2img = true;
-        let text = render(&req, "Euler", SigmaSchedule::Normal, &facts);
+        let text = render(&req, &facts);
         let info = parse(&text);
         assert_eq!(info.get("Denoising strength"), Some("0.6"));
         assert_eq!(info.to_request().denoising_strength, 0.6);

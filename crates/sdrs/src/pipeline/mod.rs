@@ -3,10 +3,12 @@
 mod conditioning;
 mod denoiser;
 pub mod flops;
+mod generate;
 pub mod hd;
 pub mod hires;
 mod img2img;
 pub mod infotext;
+mod latent;
 mod model;
 mod networks;
 mod request;
@@ -16,9 +18,11 @@ pub mod vae_tiling;
 
 pub use conditioning::{Conditioning, EncodedPart};
 pub use denoiser::CfgDenoiser;
+pub use generate::{Event, GeneratedImage, Outcome};
 pub use img2img::{img2img, img2img_sigmas};
-pub use model::StableDiffusion;
+pub use latent::decode;
+pub use model::{LoadOptions, StableDiffusion};
 pub use networks::{NetworkOptions, Residency};
-pub use request::{GenerationRequest, ResolvedSampling};
-pub use txt2img::{decode, resolve_seed, txt2img, Event, GeneratedImage};
+pub use request::{Generation, GenerationRequest};
+pub use txt2img::txt2img;
 pub use vae_tiling::{TilingMode, VaeTiling};

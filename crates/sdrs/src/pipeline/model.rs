@@ -14,51 +14,77 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 use crate::Result;
 
-/// Everything a generation needs: the networks (resident, or built in turn) and what the
-/// checkpoint says about them.
-pub struct StableDiffusion {
-    pub tokenizer: Tokenizer,
-    networks: Networks,
-    pub vae_config: VaeConfig,
-    pub schedule: NoiseSchedule,
-    pub device: Device,
-    pub model_name: String,
-    pub model_hash: Option<String>,
-    /// The id that pads prompts after their EOS (SD 2: 0).
-    pub pad_token: u32,
-    /// What the UNet predicts (detected from the checkpoint; `--prediction` overrides it).
-    pub prediction: Prediction,
+/// How a model is loaded and run, beyond its checkpoint: chosen once, at load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadOptions {
+    /// Which networks stay in memory and what arithmetic they run.
+    pub networks: NetworkOptions,
+    /// What the UNet predicts, overriding what the checkpoint says.
+    pub prediction: Option<Prediction>,
     /// When the VAE works in tiles.
     pub vae_tiling: VaeTiling,
     /// Whether a latent or decoded image holding NaN or infinity fails its image (A1111's
     /// `NansException`); off, such an image is saved as it comes out.
     pub nan_check: bool,
+    /// The name infotexts give the model, instead of the checkpoint's file or folder name.
+    pub name: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            networks: NetworkOptions::default(),
+            prediction: None,
+            vae_tiling: VaeTiling::default(),
+            nan_check: true,
+            name: None,
+        }
+    }
+}
+
+/// Everything a generation needs: the networks (resident, or built in turn) and what the
+/// checkpoint says about them.
+pub struct StableDiffusion {
+    pub(crate) tokenizer: Tokenizer,
+    networks: Networks,
+    pub(crate) vae_config: VaeConfig,
+    pub(crate) schedule: NoiseSchedule,
+    pub(crate) device: Device,
+    pub(crate) model_name: String,
+    pub(crate) model_hash: Option<String>,
+    /// The id that pads prompts after their EOS (SD 2: 0).
+    pub(crate) pad_token: u32,
+    pub(crate) prediction: Prediction,
+    pub(crate) vae_tiling: VaeTiling,
+    pub(crate) nan_check: bool,
 }
 
 impl StableDiffusion {
     /// Builds every network from a checkpoint, in float32 on `device`.
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        Self::load_with(checkpoint, device, NetworkOptions::default())
+        Self::load_with(checkpoint, device, LoadOptions::default())
     }
 
-    /// A model whose networks are kept and computed as `options` say.
+    /// A model loaded and run as `options` say.
     pub fn load_with(
         checkpoint: &Checkpoint,
         device: &Device,
-        options: NetworkOptions,
+        options: LoadOptions,
     ) -> Result<Self> {
         Ok(Self {
             tokenizer: Tokenizer::new()?,
-            networks: Networks::load(checkpoint, device, options)?,
+            networks: Networks::load(checkpoint, device, options.networks)?,
             vae_config: checkpoint.vae_config().clone(),
             schedule: NoiseSchedule::stable_diffusion(),
             device: device.clone(),
-            model_name: checkpoint.name(),
+            model_name: options.name.unwrap_or_else(|| checkpoint.name()),
             model_hash: checkpoint.hash().ok(),
             pad_token: checkpoint.pad_token(),
-            prediction: checkpoint.prediction(),
-            vae_tiling: VaeTiling::default(),
-            nan_check: true,
+            prediction: options
+                .prediction
+                .unwrap_or_else(|| checkpoint.prediction()),
+            vae_tiling: options.vae_tiling,
+            nan_check: options.nan_check,
         })
     }
 
@@ -80,5 +106,40 @@ impl StableDiffusion {
     /// Whether the UNet and the VAE multiply in bf16 (the fast mode, where this CPU has it).
     pub fn fast(&self) -> bool {
         self.networks.fast()
+    }
+
+    /// The VAE's configuration (latent channels, scaling factor, downscale factor).
+    pub fn vae_config(&self) -> &VaeConfig {
+        &self.vae_config
+    }
+
+    /// The training noise schedule the samplers' sigmas come from.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    /// The device the networks run on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The name infotexts give the model.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    /// The checkpoint's short hash (A1111's `Model hash`), when it could be computed.
+    pub fn model_hash(&self) -> Option<&str> {
+        self.model_hash.as_deref()
+    }
+
+    /// What the UNet predicts.
+    pub fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
+    /// The id that pads prompts after their EOS (SD 2: 0).
+    pub fn pad_token(&self) -> u32 {
+        self.pad_token
     }
 }

@@ -1,12 +1,14 @@
-//! The one request type every front end builds: CLI flags, HTTP bodies and PNG metadata.
+//! The one request type every front end builds (CLI flags, HTTP bodies and PNG metadata),
+//! and the [`Generation`] it is validated into, the only form the pipelines take.
 
 use serde::{Deserialize, Serialize};
 
+use super::hires;
 use crate::image_io::ResizeMode;
 use crate::limits::{exceeded, MAX_IMAGES, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
 use crate::prompt::PromptSyntax;
 use crate::sampling::rng::NormalVariant;
-use crate::sampling::{Sampler, SamplerChoice, SigmaSchedule};
+use crate::sampling::{Sampler, SamplerChoice, SamplerOptions, SigmaSchedule};
 use crate::{Error, Result};
 
 /// What to generate: the fields A1111's API and infotext use, under the same names.
@@ -23,14 +25,18 @@ pub struct GenerationRequest {
     pub sampler_name: String,
     /// Sigma spacing for k-diffusion samplers; an alias like "… Karras" overrides it.
     pub scheduler: SigmaSchedule,
-    /// −1 picks a seed; image i of a run uses seed + i.
+    /// −1 picks a seed; image i of a run uses seed + i. Another negative seed wraps to 64
+    /// bits, as torch's `manual_seed` (and so A1111) takes it.
     pub seed: i64,
     /// Images per batch (CompVis' `--n_samples`).
     pub batch_size: usize,
     /// Number of batches (CompVis' `--n_iter`).
     pub n_iter: usize,
-    /// DDIM's η (0 = deterministic).
-    pub eta: f64,
+    /// The share of fresh noise per step for the samplers that add noise (DDIM, Euler a);
+    /// unset, each sampler's default (DDIM 0, Euler a 1).
+    pub eta: Option<f64>,
+    /// The scale of the ancestral sampler's fresh noise (k-diffusion's `s_noise`).
+    pub s_noise: f64,
     /// How the prompt's syntax is read (A1111, optimizedSD, both, or none).
     pub prompt_syntax: PromptSyntax,
     /// 1 = the text encoder's last layer, 2 = the penultimate (A1111's convention).
@@ -70,7 +76,8 @@ impl Default for GenerationRequest {
             seed: -1,
             batch_size: 1,
             n_iter: 1,
-            eta: 0.0,
+            eta: None,
+            s_noise: 1.0,
             clip_skip: 1,
             prompt_syntax: PromptSyntax::default(),
             rng_math: NormalVariant::default(),
@@ -86,16 +93,106 @@ impl Default for GenerationRequest {
     }
 }
 
-/// A request checked and resolved: sampler parsed, schedule settled.
+/// A request checked once and resolved into what the pipelines run: the seed drawn, the
+/// sampler parsed with its options and schedule, the hires fix's sizes and steps worked out.
+///
+/// Only [`GenerationRequest::validate`] makes one; it travels (to a worker process, say) as
+/// its request, and is validated again when read back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "GenerationRequest", into = "GenerationRequest")]
+pub struct Generation {
+    /// The request as given, with the seed it resolved to.
+    pub(crate) request: GenerationRequest,
+    pub(crate) seed: u64,
+    pub(crate) sampler: Sampler,
+    pub(crate) schedule: SigmaSchedule,
+    pub(crate) options: SamplerOptions,
+    pub(crate) hires: Option<HiresPlan>,
+}
+
+/// The hires fix's second pass, as sizes and step counts.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ResolvedSampling {
-    pub sampler: Sampler,
-    pub schedule: SigmaSchedule,
+pub(crate) struct HiresPlan {
+    pub width: usize,
+    pub height: usize,
+    /// Steps the second pass takes.
+    pub steps: usize,
+    /// The length of the schedule those steps end (0: nothing is redrawn).
+    pub schedule_steps: usize,
+}
+
+impl Generation {
+    /// The request, with `seed` set to the seed it resolved to.
+    pub fn request(&self) -> &GenerationRequest {
+        &self.request
+    }
+
+    /// The seed of the first image (image i uses seed + i).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The sampler the request names.
+    pub fn sampler(&self) -> Sampler {
+        self.sampler
+    }
+
+    /// The sigma spacing: the request's, or the one its sampler alias implies.
+    pub fn schedule(&self) -> SigmaSchedule {
+        self.schedule
+    }
+
+    /// The sampler's options: the request's η and `s_noise`, else the sampler's defaults.
+    pub fn options(&self) -> SamplerOptions {
+        self.options
+    }
+
+    /// Number of images the run makes.
+    pub fn image_count(&self) -> usize {
+        self.request.image_count()
+    }
+
+    /// The sigmas a run of `steps` steps visits with this sampler and schedule.
+    pub(crate) fn sigmas(&self, noise: &crate::sampling::NoiseSchedule, steps: usize) -> Vec<f64> {
+        self.sampler.sigmas(noise, steps, self.schedule)
+    }
+
+    /// A request derived from this one by `change` (a pipeline's sub-run), validated anew.
+    pub(crate) fn derive(&self, change: impl FnOnce(&mut GenerationRequest)) -> Result<Self> {
+        let mut request = self.request.clone();
+        change(&mut request);
+        request.validate()
+    }
+}
+
+impl TryFrom<GenerationRequest> for Generation {
+    type Error = Error;
+    fn try_from(request: GenerationRequest) -> Result<Self> {
+        request.validate()
+    }
+}
+
+impl From<Generation> for GenerationRequest {
+    fn from(generation: Generation) -> Self {
+        generation.request
+    }
+}
+
+/// The seed a run uses: the request's, or a fresh one for −1. Another negative seed wraps to
+/// 64 bits, as torch's `manual_seed` (and so A1111) takes it.
+fn resolve_seed(seed: i64) -> u64 {
+    if seed != -1 {
+        return seed as u64;
+    }
+    // A1111 draws from [0, 2³² − 2]; any source of entropy will do.
+    let entropy = std::collections::hash_map::RandomState::new();
+    std::hash::BuildHasher::hash_one(&entropy, std::time::SystemTime::now()) % 4_294_967_295
 }
 
 impl GenerationRequest {
-    /// Checks every field a user can get wrong, before anything is allocated.
-    pub fn validate(&self) -> Result<ResolvedSampling> {
+    /// Checks every field a user can get wrong, before anything is allocated, and resolves
+    /// the request into the [`Generation`] the pipelines run (drawing a seed for −1).
+    pub fn validate(&self) -> Result<Generation> {
         let (w, h) = (self.width, self.height);
         let size_error = |reason: &str| Error::InvalidSize {
             width: w,
@@ -135,8 +232,13 @@ impl GenerationRequest {
         if !self.cfg_scale.is_finite() {
             return Err(Error::InvalidRequest("cfg_scale must be a number".into()));
         }
-        if !(self.eta.is_finite() && self.eta >= 0.0) {
-            return Err(Error::InvalidRequest("eta must be ≥ 0".into()));
+        if let Some(eta) = self.eta {
+            if !(eta.is_finite() && eta >= 0.0) {
+                return Err(Error::InvalidRequest("eta must be ≥ 0".into()));
+            }
+        }
+        if !(self.s_noise.is_finite() && self.s_noise >= 0.0) {
+            return Err(Error::InvalidRequest("s_noise must be ≥ 0".into()));
         }
         if self.batch_size == 0 || self.n_iter == 0 {
             return Err(Error::InvalidRequest(
@@ -160,8 +262,8 @@ impl GenerationRequest {
         if self.clip_skip == 0 {
             return Err(Error::InvalidRequest("clip_skip starts at 1".into()));
         }
-        if self.enable_hr {
-            let (tw, th) = super::hires::target_size(self)?;
+        let hires_size = if self.enable_hr {
+            let (tw, th) = hires::target_size(self)?;
             if tw > MAX_SIDE || th > MAX_SIDE || tw * th > MAX_PIXELS {
                 return Err(Error::InvalidSize {
                     width: tw,
@@ -172,7 +274,10 @@ impl GenerationRequest {
                     ),
                 });
             }
-        }
+            Some((tw, th))
+        } else {
+            None
+        };
         let choice: SamplerChoice = self.sampler_name.parse()?;
         let schedule = choice.schedule.unwrap_or(self.scheduler);
         if schedule != SigmaSchedule::Normal && !choice.sampler.uses_sigma_schedule() {
@@ -190,12 +295,33 @@ impl GenerationRequest {
                 most,
             ));
         }
-        if self.enable_hr {
-            super::hires::second_pass_steps(self, choice.sampler)?;
-        }
-        Ok(ResolvedSampling {
+        let hires = match hires_size {
+            Some((width, height)) => {
+                let (steps, schedule_steps) = hires::second_pass_steps(self, choice.sampler)?;
+                Some(HiresPlan {
+                    width,
+                    height,
+                    steps: if schedule_steps == 0 { 0 } else { steps },
+                    schedule_steps,
+                })
+            }
+            None => None,
+        };
+        let defaults = SamplerOptions::defaults(choice.sampler);
+        let seed = resolve_seed(self.seed);
+        Ok(Generation {
+            request: GenerationRequest {
+                seed: seed as i64,
+                ..self.clone()
+            },
+            seed,
             sampler: choice.sampler,
             schedule,
+            options: SamplerOptions {
+                eta: self.eta.unwrap_or(defaults.eta),
+                s_noise: self.s_noise,
+            },
+            hires,
         })
     }
 
@@ -307,7 +433,7 @@ mod tests {
             sampler_name: "DPM++ 2M Karras".into(),
             ..req()
         };
-        assert_eq!(r.validate().unwrap().schedule, SigmaSchedule::Karras);
+        assert_eq!(r.validate().unwrap().schedule(), SigmaSchedule::Karras);
     }
 
     #[test]

@@ -6,22 +6,16 @@
 
 use candle_core::Tensor;
 
-use super::{report, Denoiser, NoiseSource, OnStep};
+use super::{Sampled, SamplerContext};
 use crate::Result;
 
 /// DDIM over the given training sigmas; `eta` > 0 adds noise at every step, drawn from
-/// `noise` (diffusers draws it from the pipeline's generator, continuing its stream).
-pub fn ddim(
-    den: &mut dyn Denoiser,
-    mut x: Tensor,
-    sigmas: &[f64],
-    noise: &mut dyn NoiseSource,
-    on_step: &mut OnStep,
-    eta: f64,
-) -> Result<Tensor> {
+/// the context's noise (diffusers draws it from the pipeline's generator, continuing its
+/// stream).
+pub fn ddim(ctx: &mut SamplerContext, mut x: Tensor, sigmas: &[f64], eta: f64) -> Result<Sampled> {
     for i in 0..sigmas.len().saturating_sub(1) {
         let (sigma, sigma_next) = (sigmas[i], sigmas[i + 1]);
-        let denoised = den.denoise(&x, sigma)?;
+        let denoised = ctx.denoiser.denoise(&x, sigma, i)?;
         let eps = ((&x - &denoised)? / sigma)?;
         let alpha = 1.0 / (1.0 + sigma * sigma);
         let alpha_next = 1.0 / (1.0 + sigma_next * sigma_next);
@@ -30,10 +24,10 @@ pub fn ddim(
         let c_eps = ((1.0 - alpha_next - std * std).max(0.0) / alpha_next).sqrt();
         x = (&denoised + (eps * c_eps)?)?;
         if eta > 0.0 {
-            let z = noise.sample(x.dims(), x.device())?;
+            let z = ctx.noise.sample(x.dims(), x.device())?;
             x = (x + (z * (std / alpha_next.sqrt()))?)?;
         }
-        report(on_step, i, sigmas, &denoised)?;
+        report!(ctx, i, sigmas, &denoised);
     }
-    Ok(x)
+    Ok(Sampled::Done(x))
 }

@@ -2,22 +2,16 @@
 
 use candle_core::Tensor;
 
-use super::{report, Denoiser, NoiseSource, OnStep};
+use super::{Sampled, SamplerContext};
 use crate::Result;
 
 /// Second-order multistep solver in log-sigma time; one model call per step.
-pub fn dpmpp_2m(
-    den: &mut dyn Denoiser,
-    mut x: Tensor,
-    sigmas: &[f64],
-    _noise: &mut dyn NoiseSource,
-    on_step: &mut OnStep,
-) -> Result<Tensor> {
+pub fn dpmpp_2m(ctx: &mut SamplerContext, mut x: Tensor, sigmas: &[f64]) -> Result<Sampled> {
     let t_of = |sigma: f64| -sigma.ln();
     let mut old_denoised: Option<Tensor> = None;
     for i in 0..sigmas.len().saturating_sub(1) {
         let (sigma, sigma_next) = (sigmas[i], sigmas[i + 1]);
-        let denoised = den.denoise(&x, sigma)?;
+        let denoised = ctx.denoiser.denoise(&x, sigma, i)?;
         if sigma_next == 0.0 {
             // t_next = ∞: the update collapses to the denoised latent.
             x = denoised.clone();
@@ -34,8 +28,8 @@ pub fn dpmpp_2m(
             };
             x = ((&x * (sigma_next / sigma))? - (target * (-h).exp_m1())?)?;
         }
-        report(on_step, i, sigmas, &denoised)?;
+        report!(ctx, i, sigmas, &denoised);
         old_denoised = Some(denoised);
     }
-    Ok(x)
+    Ok(Sampled::Done(x))
 }

@@ -2,22 +2,16 @@
 
 use candle_core::Tensor;
 
-use super::{report, step_along, to_d, Denoiser, NoiseSource, OnStep};
+use super::{step_along, to_d, Sampled, SamplerContext};
 use crate::Result;
 
 /// Deterministic first-order sampler: one model call per step.
-pub fn euler(
-    den: &mut dyn Denoiser,
-    mut x: Tensor,
-    sigmas: &[f64],
-    _noise: &mut dyn NoiseSource,
-    on_step: &mut OnStep,
-) -> Result<Tensor> {
+pub fn euler(ctx: &mut SamplerContext, mut x: Tensor, sigmas: &[f64]) -> Result<Sampled> {
     for i in 0..sigmas.len().saturating_sub(1) {
-        let denoised = den.denoise(&x, sigmas[i])?;
+        let denoised = ctx.denoiser.denoise(&x, sigmas[i], i)?;
         let d = to_d(&x, sigmas[i], &denoised)?;
         x = step_along(&x, &d, sigmas[i + 1] - sigmas[i])?;
-        report(on_step, i, sigmas, &denoised)?;
+        report!(ctx, i, sigmas, &denoised);
     }
-    Ok(x)
+    Ok(Sampled::Done(x))
 }

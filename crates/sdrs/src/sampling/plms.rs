@@ -5,30 +5,24 @@
 
 use candle_core::Tensor;
 
-use super::{report, step_along, Denoiser, NoiseSource, OnStep};
+use super::{step_along, Denoiser, Sampled, SamplerContext};
 use crate::Result;
 
 /// ε and the denoised latent at one point.
-fn eps_at(den: &mut dyn Denoiser, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor)> {
-    let denoised = den.denoise(x, sigma)?;
+fn eps_at(den: &mut dyn Denoiser, x: &Tensor, sigma: f64, step: usize) -> Result<(Tensor, Tensor)> {
+    let denoised = den.denoise(x, sigma, step)?;
     let eps = ((x - &denoised)? / sigma)?;
     Ok((eps, denoised))
 }
 
 /// PLMS over the given training sigmas (S steps cost S + 1 model calls when S > 1).
-pub fn plms(
-    den: &mut dyn Denoiser,
-    mut x: Tensor,
-    sigmas: &[f64],
-    _noise: &mut dyn NoiseSource,
-    on_step: &mut OnStep,
-) -> Result<Tensor> {
+pub fn plms(ctx: &mut SamplerContext, mut x: Tensor, sigmas: &[f64]) -> Result<Sampled> {
     let steps = sigmas.len().saturating_sub(1);
     let mut history: Vec<Tensor> = Vec::with_capacity(4);
     for i in 0..steps {
         let (sigma, sigma_next) = (sigmas[i], sigmas[i + 1]);
         let dt = sigma_next - sigma;
-        let (eps, denoised) = eps_at(den, &x, sigma)?;
+        let (eps, denoised) = eps_at(ctx.denoiser, &x, sigma, i)?;
         if history.len() == 4 {
             history.remove(0);
         }
@@ -36,7 +30,8 @@ pub fn plms(
         let e: Vec<&Tensor> = history.iter().rev().collect();
         let slope = match e.len() {
             1 if steps > 1 => {
-                let (eps_next, _) = eps_at(den, &step_along(&x, e[0], dt)?, sigma_next)?;
+                let (eps_next, _) =
+                    eps_at(ctx.denoiser, &step_along(&x, e[0], dt)?, sigma_next, i)?;
                 ((eps_next + e[0])? / 2.0)?
             }
             1 => e[0].clone(),
@@ -48,7 +43,7 @@ pub fn plms(
             }
         };
         x = step_along(&x, &slope, dt)?;
-        report(on_step, i, sigmas, &denoised)?;
+        report!(ctx, i, sigmas, &denoised);
     }
-    Ok(x)
+    Ok(Sampled::Done(x))
 }

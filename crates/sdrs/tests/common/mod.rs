@@ -131,8 +131,17 @@ fn unravel(mut i: usize, dims: &[usize]) -> Vec<usize> {
 
 /// Loads a tiny fixture model (a folder or a single file under `tests/fixtures`).
 pub fn load_model(path: &str) -> sdrs::pipeline::StableDiffusion {
+    load_model_with(path, sdrs::pipeline::LoadOptions::default())
+}
+
+/// Loads a tiny fixture model with `options`.
+pub fn load_model_with(
+    path: &str,
+    options: sdrs::pipeline::LoadOptions,
+) -> sdrs::pipeline::StableDiffusion {
     let ckpt = sdrs::weights::Checkpoint::open(&fixtures().join(path)).expect("open tiny model");
-    sdrs::pipeline::StableDiffusion::load(&ckpt, &Device::Cpu).expect("load tiny model")
+    sdrs::pipeline::StableDiffusion::load_with(&ckpt, &Device::Cpu, options)
+        .expect("load tiny model")
 }
 
 /// A reference image under `tests/fixtures/reference`.
@@ -158,7 +167,7 @@ pub fn request(case: &serde_json::Value) -> sdrs::pipeline::GenerationRequest {
         sampler_name: sampler_name(s("sampler")).into(),
         scheduler: s("schedule").parse().expect("schedule"),
         seed: n("seed") as i64,
-        eta: case["eta"].as_f64().unwrap_or(0.0),
+        eta: case["eta"].as_f64(),
         denoising_strength: case["strength"]
             .as_f64()
             .unwrap_or(defaults.denoising_strength),
