@@ -8,7 +8,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use super::compvis::TensorName;
-use super::source::TensorFile;
+use super::tensor_file::TensorFile;
 use crate::{Error, Result};
 
 /// Where a diffusers tensor lives in the file: a stored tensor, or a band of its rows (the

@@ -11,7 +11,7 @@ mod numbered;
 mod openclip;
 mod pickle;
 mod safetensors_header;
-mod source;
+mod tensor_file;
 mod torch_pickle;
 mod torch_zip;
 mod upscaler;
@@ -32,7 +32,7 @@ use crate::{Error, Result};
 use backend::Component;
 use compvis::TensorName;
 use detect::VaeNaming;
-use source::TensorFile;
+use tensor_file::TensorFile;
 pub use upscaler::UpscalerFile;
 
 #[doc(hidden)]
@@ -112,7 +112,7 @@ impl Checkpoint {
         if meta.is_dir() {
             folder::open(path)
         } else {
-            open_single_file(path).map_err(source::with_path(path))
+            open_single_file(path).map_err(tensor_file::with_path(path))
         }
     }
 
@@ -188,8 +188,8 @@ impl Checkpoint {
             path: path.to_path_buf(),
             reason: "no VAE tensors (encoder.*, decoder.*) found".into(),
         })?;
-        let config =
-            detect::vae_config(&file, naming, &self.vae_config).map_err(source::with_path(path))?;
+        let config = detect::vae_config(&file, naming, &self.vae_config)
+            .map_err(tensor_file::with_path(path))?;
         self.vae = vae_component(file, &config, naming);
         self.vae_config = config;
         Ok(())

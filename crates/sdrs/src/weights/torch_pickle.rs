@@ -5,7 +5,7 @@
 use candle_core::DType;
 
 use super::pickle::{Id, Pickle, Value};
-use super::source::corrupt;
+use super::tensor_file::corrupt;
 use crate::Result;
 
 /// The state dict's entries: the first of `wrappers` (such as Lightning's `state_dict`) that
