@@ -1,7 +1,7 @@
 //! The prompt language: AUTOMATIC1111's syntax and optimizedSD's weighted sub-prompts, read by
 //! one parser, without a model. [`plan`] says which texts the model must encode at which
-//! sampling step and how to combine them; [`chunks`] / [`encode`] / [`encode_blend`] turn one
-//! text into conditioning with a caller-supplied text encoder; [`report`] describes it all.
+//! sampling step and how to combine them; [`chunks()`] / [`encode`] / [`encode_blend`] turn one
+//! text into conditioning with a caller-supplied text encoder; [`report()`] describes it all.
 //!
 //! # The two traditions
 //! - **A1111**: emphasis `(x)` ×1.1, `((x))` ×1.21, `(x:1.3)`, `[x]` ÷1.1, escapes `\(` `\)` `\[`

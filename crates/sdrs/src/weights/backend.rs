@@ -15,6 +15,7 @@ use crate::{Error, Result};
 /// q, k and v projections that OpenCLIP keeps fused in one `in_proj`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {
+    /// The tensor's name in the file.
     pub name: String,
     /// `(first row, rows)` along dimension 0, or the whole tensor.
     pub rows: Option<(usize, usize)>,

@@ -41,11 +41,17 @@ pub mod fuzzing;
 /// Which Stable Diffusion a checkpoint belongs to, as far as its weights tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFamily {
+    /// SD 1.x: OpenAI CLIP, a 768-wide context.
     Sd1,
+    /// SD 2.x: OpenCLIP, a 1024-wide context.
     Sd2,
+    /// SD 1.x's inpainting UNet (9 input channels), which sdrs cannot run yet.
     Sd1Inpainting,
+    /// SD 2.x's inpainting UNet (9 input channels), which sdrs cannot run yet.
     Sd2Inpainting,
+    /// SDXL (a 2048-wide context), which sdrs cannot run yet.
     Sdxl,
+    /// Weights that match none of the above.
     Unknown,
 }
 

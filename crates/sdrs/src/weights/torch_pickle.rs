@@ -54,7 +54,9 @@ pub(crate) struct RawRecord<'p> {
     pub numel: usize,
     /// The tensor's first element in the storage.
     pub offset: usize,
+    /// The tensor's size per dimension.
     pub shape: Vec<usize>,
+    /// Storage elements between neighbours along each dimension.
     pub stride: Vec<usize>,
 }
 
