@@ -38,11 +38,11 @@ impl PerBlock {
 /// `v = α·ε − σ·x₀` (SD 2.x 768-v, SD-Turbo's teacher), in diffusers' scheduler names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
 pub enum Prediction {
-    /// The noise ε (`eps`).
+    /// The noise ε (`eps`, diffusers' `epsilon`).
     #[default]
     #[serde(rename = "epsilon", alias = "eps")]
     Epsilon,
-    /// The velocity `v` (`v`).
+    /// The velocity (`v`, diffusers' `v_prediction`).
     #[serde(rename = "v_prediction", alias = "v")]
     V,
 }
