@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use sdrs::prompt::{chunks, parse_attention, plan, prompt_schedule, PromptSyntax};
+use sdrs::prompt::{chunks, parse_attention, plan, prompt_edits, PromptSyntax};
 use sdrs::tokenizer::Tokenizer;
 
 fn tokenizer() -> &'static Tokenizer {
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let steps = 1 + first as usize % 40;
     let _ = parse_attention(text);
-    let _ = prompt_schedule(text, steps);
+    let _ = prompt_edits(text, steps);
     for syntax in [
         PromptSyntax::Auto,
         PromptSyntax::A1111,
@@ -36,8 +36,8 @@ fuzz_target!(|data: &[u8]| {
             continue;
         };
         for part in &plan.parts {
-            for scheduled in &part.schedule {
-                for (sub, _) in &scheduled.blend {
+            for edit in &part.edits {
+                for (sub, _) in &edit.blend {
                     let _ = chunks(tokenizer(), sub, syntax, 0);
                 }
             }

@@ -13,7 +13,7 @@ use sdrs::output::OutputDir;
 use sdrs::pipeline::hd::{final_size, hd, HdEvent, HdOptions};
 use sdrs::pipeline::Event;
 use sdrs::sampling::Flow;
-use sdrs::upscale::Upscaler;
+use sdrs::upscale::{BuiltinUpscaler, Upscaler};
 
 use crate::txt2img::GenerationArgs;
 
@@ -40,9 +40,21 @@ pub struct HdArgs {
     /// CFG scale per tile [default: --scale].
     #[arg(long = "detail-scale")]
     detail_scale: Option<f64>,
-    /// The ×2 upscaler: lanczos, or an ESRGAN / Real-ESRGAN model file.
-    #[arg(long, default_value = "lanczos")]
+    #[arg(long, default_value = "lanczos", help = upscaler_help())]
     upscaler: String,
+}
+
+/// `--upscaler`'s help, naming the built-in image upscalers from the library's list.
+fn upscaler_help() -> String {
+    let names: Vec<&str> = BuiltinUpscaler::all()
+        .into_iter()
+        .filter(|u| !u.is_latent())
+        .map(|u| u.name())
+        .collect();
+    format!(
+        "The ×2 upscaler: {}, or an ESRGAN / Real-ESRGAN model file",
+        names.join(", ")
+    )
 }
 
 pub fn run(args: HdArgs) -> Result<()> {
@@ -68,12 +80,13 @@ pub fn run(args: HdArgs) -> Result<()> {
         detail_scale: args.detail_scale,
     };
     let device = args.common.device()?;
-    let upscaler = if args.upscaler.eq_ignore_ascii_case("lanczos") {
-        Upscaler::Lanczos
-    } else {
-        let path = PathBuf::from(&args.upscaler);
-        Upscaler::open(&path, &device)
-            .with_context(|| format!("loading upscaler {}", path.display()))?
+    let upscaler = match args.upscaler.parse::<BuiltinUpscaler>() {
+        Ok(builtin) => Upscaler::built_in(builtin)?,
+        Err(_) => {
+            let path = PathBuf::from(&args.upscaler);
+            Upscaler::open(&path, &device)
+                .with_context(|| format!("loading upscaler {}", path.display()))?
+        }
     };
     let outdir = args
         .common

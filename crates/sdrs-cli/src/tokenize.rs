@@ -13,7 +13,7 @@ pub struct TokenizeArgs {
     /// How to read the prompt: auto, a1111, optimized, plain.
     #[arg(long = "prompt-syntax", default_value = "auto")]
     prompt_syntax: PromptSyntax,
-    /// Sampling steps, for the per-step schedule of prompt editing.
+    /// Sampling steps, for the texts prompt editing gives each step.
     #[arg(long, default_value_t = 20)]
     steps: usize,
 }

@@ -16,6 +16,7 @@ use sdrs::pipeline::{
 use sdrs::prompt::PromptSyntax;
 use sdrs::sampling::rng::NormalVariant;
 use sdrs::sampling::{Flow, Sampler, SigmaSchedule};
+use sdrs::upscale::BuiltinUpscaler;
 use sdrs::weights::Checkpoint;
 
 use crate::download::resolve_model;
@@ -73,9 +74,26 @@ pub struct Txt2ImgArgs {
     /// Hires fix: how much the second pass redraws (A1111's denoising strength).
     #[arg(long = "hires-strength", default_value_t = 0.7)]
     hires_strength: f64,
-    /// Hires fix upscaler: latent, "latent (nearest)", lanczos, or an ESRGAN model file.
-    #[arg(long = "hires-upscaler", default_value = "Latent")]
+    #[arg(long = "hires-upscaler", default_value = "Latent", help = hires_upscaler_help())]
     hires_upscaler: String,
+}
+
+/// `--hires-upscaler`'s help, naming the built-in upscalers from the library's list.
+fn hires_upscaler_help() -> String {
+    format!(
+        "Hires fix upscaler: {}, or an ESRGAN model file",
+        BuiltinUpscaler::names().join(", ")
+    )
+}
+
+/// `--schedule`'s help, naming the schedules from the library's list.
+fn schedule_help() -> String {
+    let names: Vec<&str> = SigmaSchedule::all().iter().map(|s| s.name()).collect();
+    format!(
+        "Sigma schedule for the k-diffusion samplers: {} [default: the model's; normal, SD-Turbo \
+         sgm_uniform]",
+        names.join(", ")
+    )
 }
 
 /// The flags txt2img and img2img share; the CompVis/optimizedSD spellings are accepted as
@@ -121,9 +139,7 @@ pub struct GenerationArgs {
     scale: Option<f64>,
     #[arg(long, help = sampler_help())]
     sampler: Option<String>,
-    /// Sigma schedule for the k-diffusion samplers: normal, karras, sgm_uniform [default: the
-    /// model's; normal, SD-Turbo sgm_uniform].
-    #[arg(long)]
+    #[arg(long, help = schedule_help())]
     schedule: Option<SigmaSchedule>,
     /// η, the share of fresh noise per step, for DDIM and "Euler a" [default: the sampler's;
     /// DDIM 0 (deterministic), Euler a 1].

@@ -9,7 +9,8 @@ use axum::Json;
 use base64::Engine;
 use sdrs::image_io::{encode_png, read_png_parameters};
 use sdrs::pipeline::infotext;
-use sdrs::sampling::Sampler;
+use sdrs::sampling::{Sampler, SigmaSchedule};
+use sdrs::upscale::BuiltinUpscaler;
 use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
@@ -301,22 +302,54 @@ pub async fn samplers() -> Json<Value> {
 }
 
 pub async fn schedulers() -> Json<Value> {
-    Json(json!([
-        {"name": "automatic", "label": "Automatic", "aliases": ["normal"], "default_rho": -1, "need_inner_model": false},
-        {"name": "karras", "label": "Karras", "aliases": null, "default_rho": 7.0, "need_inner_model": false},
-        {"name": "sgm_uniform", "label": "SGM Uniform", "aliases": ["SGMUniform"], "default_rho": -1, "need_inner_model": true},
-    ]))
+    let list: Vec<Value> = SigmaSchedule::all()
+        .into_iter()
+        .map(|s| {
+            // A1111 lists the spellings besides its name and label, or null for none.
+            let aliases: Vec<&str> = [s.name()]
+                .into_iter()
+                .filter(|name| *name != s.a1111_name())
+                .chain(s.aliases().iter().copied())
+                .collect();
+            // A1111's ρ (-1: the schedule has none) and whether it needs the model's sigmas.
+            let (default_rho, need_inner_model) = match s {
+                SigmaSchedule::Karras => (json!(7.0), false),
+                SigmaSchedule::Normal => (json!(-1), false),
+                SigmaSchedule::SgmUniform => (json!(-1), true),
+            };
+            json!({
+                "name": s.a1111_name(),
+                "label": s.label(),
+                "aliases": (!aliases.is_empty()).then_some(aliases),
+                "default_rho": default_rho,
+                "need_inner_model": need_inner_model,
+            })
+        })
+        .collect();
+    Json(Value::Array(list))
 }
 
+/// A1111's image upscalers: the built-in ones that enlarge the decoded image.
 pub async fn upscalers() -> Json<Value> {
-    Json(json!([
-        {"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4},
-        {"name": "Lanczos", "model_name": null, "model_path": null, "model_url": null, "scale": 4},
-    ]))
+    let list: Vec<Value> = BuiltinUpscaler::all()
+        .into_iter()
+        .filter(|u| !u.is_latent())
+        .map(|u| {
+            json!({"name": u.name(), "model_name": null, "model_path": null, "model_url": null,
+                   "scale": 4})
+        })
+        .collect();
+    Json(Value::Array(list))
 }
 
+/// A1111's latent upscale modes: the built-in upscalers that enlarge the latent.
 pub async fn latent_upscale_modes() -> Json<Value> {
-    Json(json!([{"name": "Latent"}, {"name": "Latent (nearest)"}]))
+    let list: Vec<Value> = BuiltinUpscaler::all()
+        .into_iter()
+        .filter(|u| u.is_latent())
+        .map(|u| json!({ "name": u.name() }))
+        .collect();
+    Json(Value::Array(list))
 }
 
 pub async fn scripts() -> Json<Value> {
@@ -368,5 +401,35 @@ mod tests {
         // 2024-02-29 23:59:59 UTC (a leap day).
         assert_eq!(timestamp(at(1_709_251_199)), "20240229235959");
         assert_eq!(timestamp(at(1_709_251_200)), "20240301000000");
+    }
+
+    #[tokio::test]
+    async fn upscaler_and_scheduler_lists_answer_as_a1111() {
+        let Json(upscalers) = upscalers().await;
+        let none = json!(null);
+        assert_eq!(
+            upscalers,
+            json!([
+                {"name": "None", "model_name": none, "model_path": none, "model_url": none, "scale": 4},
+                {"name": "Lanczos", "model_name": none, "model_path": none, "model_url": none, "scale": 4},
+            ])
+        );
+        let Json(modes) = latent_upscale_modes().await;
+        assert_eq!(
+            modes,
+            json!([{"name": "Latent"}, {"name": "Latent (nearest)"}])
+        );
+        let Json(schedulers) = schedulers().await;
+        assert_eq!(
+            schedulers,
+            json!([
+                {"name": "automatic", "label": "Automatic", "aliases": ["normal", "uniform", "default"],
+                 "default_rho": -1, "need_inner_model": false},
+                {"name": "karras", "label": "Karras", "aliases": none, "default_rho": 7.0,
+                 "need_inner_model": false},
+                {"name": "sgm_uniform", "label": "SGM Uniform", "aliases": ["sgm-uniform", "SGMUniform"],
+                 "default_rho": -1, "need_inner_model": true},
+            ])
+        );
     }
 }

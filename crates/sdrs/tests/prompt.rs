@@ -164,7 +164,7 @@ fn blended_conditioning_matches_optimized_sd() {
         let syntax = syntax_of(&case);
         let plan = plan(case["text"].as_str().unwrap(), syntax, 20).unwrap();
         assert_eq!(plan.parts.len(), 1, "{name}");
-        let blend = &plan.parts[0].schedule[0].blend;
+        let blend = &plan.parts[0].edits[0].blend;
         let want: Vec<(String, f32)> = case["blend"]
             .as_array()
             .unwrap()
@@ -219,7 +219,7 @@ fn design_blend_vector() {
         20,
     )
     .unwrap();
-    let blend = &plan.parts[0].schedule[0].blend;
+    let blend = &plan.parts[0].edits[0].blend;
     assert_eq!(
         blend,
         &vec![
@@ -246,14 +246,10 @@ fn report_shows_chunks_and_schedule() {
     assert_eq!(r.parts[1].weight, 0.3);
     let first = &r.parts[0];
     assert_eq!(
-        first
-            .schedule
-            .iter()
-            .map(|s| s.until_step)
-            .collect::<Vec<_>>(),
+        first.edits.iter().map(|s| s.until_step).collect::<Vec<_>>(),
         [5, 10]
     );
-    let text = &first.schedule[0].texts[0];
+    let text = &first.edits[0].texts[0];
     assert_eq!(text.chunks.len(), 2);
     let tokens: Vec<(&str, f32)> = text.chunks[0]
         .tokens

@@ -53,7 +53,7 @@ fn reference_schedule(value: &serde_json::Value) -> Vec<(usize, Vec<(String, f32
 /// The plan's schedule in the reference's form (texts trimmed: the reference keeps the spaces
 /// around AND and sub-prompts, which do not reach the tokens).
 fn planned_schedule(plan: &sdrs::prompt::PlanPart) -> Vec<(usize, Vec<(String, f32)>)> {
-    plan.schedule
+    plan.edits
         .iter()
         .map(|s| {
             let blend = s.blend.iter().map(|(t, w)| (t.trim().to_string(), *w));

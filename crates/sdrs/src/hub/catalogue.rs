@@ -14,6 +14,7 @@ pub struct CatalogueEntry {
     pub name: &'static str,
     /// The Hub repository, `owner/name`.
     pub repo: &'static str,
+    /// One line on what the model is, for `sdrs models list`.
     pub description: &'static str,
     /// Files fetched into the repository's snapshot folder, which is then a diffusers folder.
     pub files: &'static [&'static str],
@@ -26,9 +27,13 @@ pub struct CatalogueEntry {
 /// The generation settings a model is made for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelDefaults {
+    /// Sampling steps.
     pub steps: usize,
+    /// Classifier-free guidance scale (at most 1: no unconditional pass).
     pub cfg_scale: f64,
+    /// The sampler, by A1111's name.
     pub sampler: &'static str,
+    /// The sigma schedule of the k-diffusion samplers.
     pub schedule: SigmaSchedule,
     /// Width and height in pixels.
     pub size: usize,

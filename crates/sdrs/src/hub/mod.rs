@@ -32,13 +32,16 @@ pub struct Hub {
 /// A model found on disk, and its catalogue entry when it came by a catalogue name.
 #[derive(Debug, Clone)]
 pub struct ResolvedModel {
+    /// The model file or folder.
     pub path: PathBuf,
+    /// Its catalogue entry, when it was named by one (its settings become the defaults).
     pub entry: Option<&'static CatalogueEntry>,
 }
 
 /// Where a model name leads without downloading anything.
 #[derive(Debug, Clone)]
 pub enum Located {
+    /// The model is there to open.
     OnDisk(ResolvedModel),
     /// A catalogue model not (completely) in the Hub cache.
     Missing(&'static CatalogueEntry),

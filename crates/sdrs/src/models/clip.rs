@@ -10,16 +10,25 @@ use crate::{Error, Result};
 /// Architecture of a CLIP text encoder, as in transformers' `config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ClipConfig {
+    /// Rows of the token embedding (49408, CLIP's BPE vocabulary).
     #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,
+    /// Width of the token embeddings and of every layer's output: the context the UNet
+    /// attends to (768 for SD 1.x, 1024 for SD 2.x).
     pub hidden_size: usize,
+    /// Width of each layer's MLP.
     pub intermediate_size: usize,
+    /// Encoder layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer.
     pub num_attention_heads: usize,
+    /// Rows of the position embedding: the longest token sequence (77).
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
+    /// The MLP activation.
     #[serde(default = "default_hidden_act")]
     pub hidden_act: Activation,
+    /// The ε of every LayerNorm.
     #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
 }
@@ -28,7 +37,9 @@ pub struct ClipConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
+    /// `x · sigmoid(1.702 x)`, OpenAI CLIP's (SD 1.x).
     QuickGelu,
+    /// The exact, erf GELU, OpenCLIP's (SD 2.x).
     Gelu,
 }
 
@@ -85,7 +96,7 @@ impl ClipAttention {
         })
     }
 
-    /// [B,T,C] → [B*heads, T, head_dim], the layout batched matmul wants.
+    /// `[B,T,C]` → `[B*heads, T, head_dim]`, the layout batched matmul wants.
     fn split_heads(&self, x: Tensor, batch: usize, tokens: usize) -> Result<Tensor> {
         Ok(x.reshape((batch, tokens, self.num_heads, self.head_dim))?
             .transpose(1, 2)?
@@ -211,7 +222,8 @@ impl ClipTextTransformer {
         })
     }
 
-    /// Hidden states [B,T,hidden] for token ids [B,T] (u32): `clip_skip` 1 = last layer, 2 = penultimate (A1111's convention), always followed by final_layer_norm.
+    /// Hidden states `[B,T,hidden]` for token ids `[B,T]` (u32): `clip_skip` 1 = last layer,
+    /// 2 = penultimate (A1111's convention), always followed by final_layer_norm.
     pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
         let n_layers = self.layers.len();
         if clip_skip == 0 || clip_skip > n_layers {
@@ -239,7 +251,7 @@ impl ClipTextTransformer {
     }
 }
 
-/// [T,T] additive mask: 0 on and below the diagonal, −∞ above, so a token sees only earlier ones.
+/// `[T,T]` additive mask: 0 on and below the diagonal, −∞ above, so a token sees only earlier ones.
 fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..tokens)
         .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))

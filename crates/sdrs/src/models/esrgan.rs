@@ -59,7 +59,9 @@ impl EsrganConfig {
 
 /// An upscaling network, ready to run.
 pub enum Esrgan {
+    /// RRDBNet (boxed: its 23 blocks of weights make it the large one).
     Rrdb(Box<Rrdb>),
+    /// SRVGGNetCompact.
     Compact(Compact),
 }
 

@@ -73,12 +73,16 @@ fn widen(t: &Tensor, dtype: DType) -> Result<Tensor> {
 /// A 2-D convolution with bias.
 #[derive(Debug, Clone)]
 pub enum Conv2d {
+    /// Weights as loaded (any float dtype), widened to the input's dtype per call.
     Exact {
         /// Stored [Cout, kh, kw, Cin] so each tap's matrix has unit column stride for the
         /// direct kernel.
         taps: Tensor,
+        /// One value per output channel.
         bias: Option<Tensor>,
+        /// Zeros added on every side of the input.
         padding: usize,
+        /// Step between kernel positions, in both directions.
         stride: usize,
     },
     /// The fast mode's packed weights and bias.
@@ -117,7 +121,7 @@ pub fn conv2d(
 }
 
 impl Conv2d {
-    /// The convolution of `x` [B,Cin,H,W].
+    /// The convolution of `x` `[B,Cin,H,W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Conv2d::Bf16(conv) if x.device().is_cpu() && x.dtype() == DType::F32 => conv.forward(x),
@@ -142,8 +146,11 @@ impl Conv2d {
 /// A linear layer y = x·Wᵀ + b over the last dimension.
 #[derive(Debug, Clone)]
 pub enum Linear {
+    /// Weights as loaded (any float dtype), widened to the input's dtype per call.
     Exact {
+        /// W, `[out, in]`.
         weight: Tensor,
+        /// b, `[out]`.
         bias: Option<Tensor>,
     },
     /// The fast mode's packed weights and bias.
@@ -220,7 +227,7 @@ impl AttentionKernel {
         }
     }
 
-    /// softmax(q·kᵀ·scale)·v per head (see [`ops::attention`]).
+    /// softmax(q·kᵀ·scale)·v per head (see [`ops::attention()`]).
     pub fn forward(
         &self,
         q: &Tensor,

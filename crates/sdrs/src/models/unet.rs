@@ -18,7 +18,9 @@ use blocks::{has_cross_attention, DownBlock, LevelShape, MidBlock, UpBlock};
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum PerBlock {
+    /// One value for every block.
     All(usize),
+    /// A value per block, in down-block order.
     Each(Vec<usize>),
 }
 
@@ -36,9 +38,11 @@ impl PerBlock {
 /// `v = α·ε − σ·x₀` (SD 2.x 768-v, SD-Turbo's teacher), in diffusers' scheduler names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
 pub enum Prediction {
+    /// The noise ε (`eps`, diffusers' `epsilon`).
     #[default]
     #[serde(rename = "epsilon", alias = "eps")]
     Epsilon,
+    /// The velocity (`v`, diffusers' `v_prediction`).
     #[serde(rename = "v_prediction", alias = "v")]
     V,
 }
@@ -60,33 +64,49 @@ impl std::str::FromStr for Prediction {
 /// Architecture of the UNet, as in diffusers' `unet/config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct UNetConfig {
+    /// Channels of the latent in (4; 9 for inpainting, which adds the mask and masked image).
     #[serde(default = "four")]
     pub in_channels: usize,
+    /// Channels of the prediction out (4).
     #[serde(default = "four")]
     pub out_channels: usize,
+    /// diffusers' block class per level, top down (`CrossAttnDownBlock2D`, `DownBlock2D`).
     pub down_block_types: Vec<String>,
+    /// diffusers' block class per level, bottom up (`UpBlock2D`, `CrossAttnUpBlock2D`).
     pub up_block_types: Vec<String>,
+    /// Channels of each level, top down (`[320, 640, 1280, 1280]` in SD).
     pub block_out_channels: Vec<usize>,
+    /// Resnets per down block (an up block has one more).
     #[serde(default = "two")]
     pub layers_per_block: usize,
     /// In SD 1.x configs this is (misnamed) the number of heads; see diffusers.
     #[serde(default = "eight")]
     pub attention_head_dim: PerBlock,
+    /// Attention heads per block, when the config names them correctly (see [`Self::heads`]).
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
+    /// Width of the text context the cross-attention reads (768 for SD 1.x, 1024 for SD 2.x).
     pub cross_attention_dim: usize,
+    /// Groups of every GroupNorm.
     #[serde(default = "thirty_two")]
     pub norm_num_groups: usize,
+    /// The ε of every GroupNorm.
     #[serde(default = "norm_eps")]
     pub norm_eps: f64,
+    /// Whether the timestep embedding puts the cosines first (true in SD).
     #[serde(default = "yes")]
     pub flip_sin_to_cos: bool,
+    /// Shift of the timestep embedding's frequencies (0 in SD).
     #[serde(default)]
     pub freq_shift: usize,
+    /// Whether the spatial transformers project in and out with linear layers (SD 2.x) rather
+    /// than 1×1 convolutions (SD 1.x).
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// Transformer blocks in each spatial transformer (1 in SD).
     #[serde(default = "one_per_block")]
     pub transformer_layers_per_block: PerBlock,
+    /// Padding of the stride-2 downsampling convolutions (1 in SD).
     #[serde(default = "one")]
     pub downsample_padding: usize,
 }

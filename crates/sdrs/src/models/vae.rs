@@ -17,17 +17,26 @@ use coder::{Decoder, Encoder};
 /// Architecture of the VAE, as in diffusers' `vae/config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VaeConfig {
+    /// Image channels the encoder takes (3 for RGB).
     #[serde(default = "three")]
     pub in_channels: usize,
+    /// Image channels the decoder gives (3 for RGB).
     #[serde(default = "three")]
     pub out_channels: usize,
+    /// Channels of each level, image side first (`[128, 256, 512, 512]` in SD); each level
+    /// after the first halves the image's sides.
     pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder block (a decoder block has one more).
     #[serde(default = "two")]
     pub layers_per_block: usize,
+    /// Channels of the latent (4).
     #[serde(default = "four")]
     pub latent_channels: usize,
+    /// Groups of every GroupNorm.
     #[serde(default = "thirty_two")]
     pub norm_num_groups: usize,
+    /// What the latent is multiplied by after encoding and divided by before decoding, so that
+    /// the UNet sees unit variance (0.18215 in SD).
     #[serde(default = "sd_scaling_factor")]
     pub scaling_factor: f64,
 }
@@ -114,7 +123,8 @@ impl AutoencoderKL {
         })
     }
 
-    /// The latent distribution of `image` [B,3,H,W] in [-1,1]; H and W must be multiples of the downscale factor (8 for SD).
+    /// The latent distribution of `image` `[B,3,H,W]` in [-1, 1]; H and W must be multiples of
+    /// the downscale factor (8 for SD).
     /// No scaling factor is applied.
     pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
         let (_, _, height, width) = image.dims4()?;
@@ -142,7 +152,8 @@ impl AutoencoderKL {
         })
     }
 
-    /// The image [B,3,8h,8w] (roughly in [-1,1]) for a raw latent [B,latent,h,w]; divide by `scaling_factor` before calling.
+    /// The image `[B,3,8h,8w]` (roughly in [-1, 1]) for a raw latent `[B,latent,h,w]`; divide by
+    /// `scaling_factor` before calling.
     pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
         let h = self.post_quant_conv.forward(latent)?;
         self.decoder.forward(&h)

@@ -48,19 +48,15 @@ fn encode_plan(
         .iter()
         .map(|part| {
             let plain = part
-                .schedule
+                .edits
                 .iter()
                 .all(|s| matches!(s.blend.as_slice(), [(_, w)] if *w == 1.0));
             let contexts = if plain {
                 // A1111 encodes one part's scheduled texts as a batch (shared emphasis means).
-                let texts: Vec<&str> = part
-                    .schedule
-                    .iter()
-                    .map(|s| s.blend[0].0.as_str())
-                    .collect();
+                let texts: Vec<&str> = part.edits.iter().map(|s| s.blend[0].0.as_str()).collect();
                 encode_batch(&sd.tokenizer, &texts, syntax, sd.pad_token, &mut encoder)?
             } else {
-                part.schedule
+                part.edits
                     .iter()
                     .map(|s| {
                         encode_blend(&sd.tokenizer, &s.blend, syntax, sd.pad_token, &mut encoder)
@@ -70,7 +66,7 @@ fn encode_plan(
             Ok(EncodedPart {
                 weight: part.weight,
                 schedule: part
-                    .schedule
+                    .edits
                     .iter()
                     .map(|s| s.until_step)
                     .zip(contexts)

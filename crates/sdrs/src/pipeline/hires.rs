@@ -97,23 +97,30 @@ enum HiresUpscaler {
 }
 
 impl HiresUpscaler {
-    /// A1111's names ("Latent", "Latent (nearest)", "Lanczos", "None"), or a model file.
+    /// A [`BuiltinUpscaler`](crate::upscale::BuiltinUpscaler) by A1111's name (empty:
+    /// "Latent"), or a model file.
     fn from_name(name: &str, sd: &StableDiffusion) -> Result<Self> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "latent" | "" => return Ok(Self::Latent { nearest: false }),
-            "latent (nearest)" | "latent (nearest-exact)" => {
-                return Ok(Self::Latent { nearest: true })
-            }
-            "lanczos" | "none" => return Ok(Self::Image(Upscaler::Lanczos)),
-            _ => {}
+        use crate::upscale::BuiltinUpscaler;
+        if name.trim().is_empty() {
+            return Ok(Self::Latent { nearest: false });
+        }
+        if let Ok(builtin) = name.parse::<BuiltinUpscaler>() {
+            return Ok(match builtin {
+                BuiltinUpscaler::Latent => Self::Latent { nearest: false },
+                BuiltinUpscaler::LatentNearest => Self::Latent { nearest: true },
+                BuiltinUpscaler::None | BuiltinUpscaler::Lanczos => {
+                    Self::Image(Upscaler::built_in(builtin)?)
+                }
+            });
         }
         let path = Path::new(name);
         if path.is_file() {
             return Ok(Self::Image(Upscaler::open(path, &sd.device)?));
         }
         Err(Error::InvalidRequest(format!(
-            "unknown hires upscaler {name:?}: use Latent, Latent (nearest), Lanczos, or the \
-             path of an ESRGAN/Real-ESRGAN model file"
+            "unknown hires upscaler {name:?}: use {}, or the path of an ESRGAN/Real-ESRGAN model \
+             file",
+            BuiltinUpscaler::names().join(", ")
         )))
     }
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{parse_attention, Segment, BREAK_WEIGHT};
+use super::emphasis::{parse_attention, Segment, BREAK_WEIGHT};
 use super::PromptSyntax;
 use crate::limits::{exceeded, MAX_PROMPT_CHUNKS};
 use crate::tokenizer::{Tokenizer, BOS, EOS};

@@ -1,7 +1,7 @@
 //! The prompt language: AUTOMATIC1111's syntax and optimizedSD's weighted sub-prompts, read by
 //! one parser, without a model. [`plan`] says which texts the model must encode at which
-//! sampling step and how to combine them; [`chunks`] / [`encode`] / [`encode_blend`] turn one
-//! text into conditioning with a caller-supplied text encoder; [`report`] describes it all.
+//! sampling step and how to combine them; [`chunks()`] / [`encode`] / [`encode_blend`] turn one
+//! text into conditioning with a caller-supplied text encoder; [`report()`] describes it all.
 //!
 //! # The two traditions
 //! - **A1111**: emphasis `(x)` ×1.1, `((x))` ×1.21, `(x:1.3)`, `[x]` ÷1.1, escapes `\(` `\)` `\[`
@@ -33,11 +33,11 @@
 //! prompts cut at 77 tokens, no emphasis) and [`PromptSyntax::Plain`] (the text as written, in
 //! 75-token chunks) force one reading.
 
-mod attention;
 mod blend;
 mod chunks;
+mod editing;
+mod emphasis;
 mod report;
-mod schedule;
 
 use std::fmt;
 use std::str::FromStr;
@@ -49,13 +49,13 @@ use serde::{Deserialize, Serialize};
 use crate::limits::{exceeded, MAX_PROMPT_BYTES, MAX_PROMPT_NESTING, MAX_PROMPT_PARTS, MAX_STEPS};
 use crate::{Error, Result};
 
-pub use attention::{parse_attention, Segment};
 pub use blend::split_weighted_subprompts;
 pub use chunks::{chunks, encode, encode_batch, encode_blend, WeightedChunk, CHUNK_TOKENS};
+pub use editing::prompt_edits;
+pub use emphasis::{parse_attention, Segment};
 pub use report::{
     report, ChunkReport, PartReport, PromptReport, StepReport, TextReport, TokenReport,
 };
-pub use schedule::prompt_schedule;
 
 /// Which prompt language a prompt is read in (`--prompt-syntax`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -118,13 +118,13 @@ pub struct PromptPlan {
 pub struct PlanPart {
     /// Multiplies this part's `cond − uncond` in CFG (A1111's composable diffusion).
     pub weight: f32,
-    /// Ordered by `until_step`; the last ends at `steps`.
-    pub schedule: Vec<Scheduled>,
+    /// The texts the part is edited into, ordered by `until_step`; the last ends at `steps`.
+    pub edits: Vec<Edit>,
 }
 
-/// The conditioning of a part up to a step.
+/// The texts of a part, as prompt editing leaves them, up to a step.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Scheduled {
+pub struct Edit {
     /// A1111's `end_at_step`: the entry serves every 0-based sampling step `s` with
     /// `s <= until_step` not served by an earlier entry (see [`PlanPart::at_step`]).
     pub until_step: usize,
@@ -136,11 +136,11 @@ pub struct Scheduled {
 impl PlanPart {
     /// The entry to use at 0-based sampling step `step`, as A1111's `reconstruct_cond_batch`
     /// picks it: the first whose `until_step >= step`, else the first.
-    pub fn at_step(&self, step: usize) -> &Scheduled {
-        self.schedule
+    pub fn at_step(&self, step: usize) -> &Edit {
+        self.edits
             .iter()
-            .find(|s| step <= s.until_step)
-            .unwrap_or(&self.schedule[0])
+            .find(|e| step <= e.until_step)
+            .unwrap_or(&self.edits[0])
     }
 }
 
@@ -158,7 +158,7 @@ pub fn plan(text: &str, syntax: PromptSyntax, steps: usize) -> Result<PromptPlan
     let single = |text: &str| PromptPlan {
         parts: vec![PlanPart {
             weight: 1.0,
-            schedule: vec![Scheduled {
+            edits: vec![Edit {
                 until_step: steps,
                 blend: vec![(text.to_string(), 1.0)],
             }],
@@ -177,7 +177,7 @@ pub fn plan(text: &str, syntax: PromptSyntax, steps: usize) -> Result<PromptPlan
             Ok(PromptPlan {
                 parts: vec![PlanPart {
                     weight: 1.0,
-                    schedule: vec![Scheduled {
+                    edits: vec![Edit {
                         until_step: steps,
                         blend,
                     }],
@@ -208,7 +208,7 @@ fn reading(text: &str) -> Reading {
     }
 }
 
-/// `a:0.3 AND b` → parts with A1111's schedules.
+/// `a:0.3 AND b` → parts with A1111's prompt editing.
 fn a1111_plan(text: &str, steps: usize) -> Result<PromptPlan> {
     let texts: Vec<&str> = and_regex().split(text).collect();
     check_parts(texts.len())?;
@@ -218,9 +218,9 @@ fn a1111_plan(text: &str, steps: usize) -> Result<PromptPlan> {
             let (text, weight) = and_part_weight(part);
             Ok(PlanPart {
                 weight: weight as f32,
-                schedule: prompt_schedule(text, steps)?
+                edits: prompt_edits(text, steps)?
                     .into_iter()
-                    .map(|(until_step, text)| Scheduled {
+                    .map(|(until_step, text)| Edit {
                         until_step,
                         blend: vec![(text, 1.0)],
                     })
@@ -231,27 +231,27 @@ fn a1111_plan(text: &str, steps: usize) -> Result<PromptPlan> {
     Ok(PromptPlan { parts })
 }
 
-/// An optimizedSD blend whose sub-prompts may use A1111 editing: one schedule whose steps are
-/// the union of the sub-prompts' steps.
+/// An optimizedSD blend whose sub-prompts may use A1111 editing: one list of edits whose steps
+/// are the union of the sub-prompts' steps.
 fn blended_plan(subs: &[(String, f64)], steps: usize) -> Result<PromptPlan> {
     check_parts(subs.len())?;
     let weights = normalise(subs)?;
-    let schedules = subs
+    let sub_edits = subs
         .iter()
-        .map(|(t, _)| prompt_schedule(t, steps))
+        .map(|(t, _)| prompt_edits(t, steps))
         .collect::<Result<Vec<_>>>()?;
-    let mut ends: Vec<usize> = schedules.iter().flatten().map(|(s, _)| *s).collect();
+    let mut ends: Vec<usize> = sub_edits.iter().flatten().map(|(s, _)| *s).collect();
     ends.sort_unstable();
     ends.dedup();
-    let schedule = ends
+    let edits = ends
         .into_iter()
-        .map(|end| Scheduled {
+        .map(|end| Edit {
             until_step: end,
-            blend: schedules
+            blend: sub_edits
                 .iter()
                 .zip(&weights)
-                .map(|(schedule, (_, w))| {
-                    let text = schedule
+                .map(|(edits, (_, w))| {
+                    let text = edits
                         .iter()
                         .find(|(s, _)| *s >= end)
                         .map_or("", |(_, t)| t.as_str());
@@ -261,10 +261,7 @@ fn blended_plan(subs: &[(String, f64)], steps: usize) -> Result<PromptPlan> {
         })
         .collect();
     Ok(PromptPlan {
-        parts: vec![PlanPart {
-            weight: 1.0,
-            schedule,
-        }],
+        parts: vec![PlanPart { weight: 1.0, edits }],
     })
 }
 

@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use super::attention::parse_attention;
 use super::chunks::chunks;
+use super::emphasis::parse_attention;
 use super::{plan, reading, PromptSyntax, Reading};
 use crate::tokenizer::{Tokenizer, EOS};
 use crate::Result;
@@ -16,7 +16,7 @@ pub struct PromptReport {
     /// The reading taken, in words (`"a1111"`, `"optimizedSD blend (A1111 inside each
     /// sub-prompt)"`, …).
     pub reading: String,
-    /// Sampling steps the schedule covers.
+    /// Sampling steps the edits cover.
     pub steps: usize,
     /// AND parts (one when the prompt has no AND).
     pub parts: Vec<PartReport>,
@@ -27,14 +27,16 @@ pub struct PromptReport {
 pub struct PartReport {
     /// Its composable-diffusion weight.
     pub weight: f32,
-    /// Its texts over the run, in order.
-    pub schedule: Vec<StepReport>,
+    /// Its texts over the run, in order. Serialized as `schedule`, the key `sdrs tokenize`
+    /// has always printed.
+    #[serde(rename = "schedule")]
+    pub edits: Vec<StepReport>,
 }
 
 /// The texts of a part up to a step.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
-    /// A1111's `end_at_step` (see `Scheduled::until_step`).
+    /// A1111's `end_at_step` (see [`Edit::until_step`](super::Edit::until_step)).
     pub until_step: usize,
     /// The blended texts (one unless optimizedSD blend).
     pub texts: Vec<TextReport>,
@@ -88,27 +90,27 @@ pub fn report(
             Reading::A1111 => "a1111",
         },
         PromptSyntax::A1111 => "a1111",
-        PromptSyntax::Optimized if plan.parts[0].schedule[0].blend.len() > 1 => "optimizedSD blend",
+        PromptSyntax::Optimized if plan.parts[0].edits[0].blend.len() > 1 => "optimizedSD blend",
         PromptSyntax::Optimized => "optimizedSD (a single sub-prompt is encoded as typed)",
         PromptSyntax::Plain => "plain",
     };
     let mut parts = Vec::with_capacity(plan.parts.len());
     for part in &plan.parts {
-        let mut schedule = Vec::with_capacity(part.schedule.len());
-        for entry in &part.schedule {
-            let texts = entry
+        let mut edits = Vec::with_capacity(part.edits.len());
+        for edit in &part.edits {
+            let texts = edit
                 .blend
                 .iter()
                 .map(|(text, weight)| text_report(tokenizer, text, *weight, syntax, pad))
                 .collect::<Result<Vec<_>>>()?;
-            schedule.push(StepReport {
-                until_step: entry.until_step,
+            edits.push(StepReport {
+                until_step: edit.until_step,
                 texts,
             });
         }
         parts.push(PartReport {
             weight: part.weight,
-            schedule,
+            edits,
         });
     }
     Ok(PromptReport {

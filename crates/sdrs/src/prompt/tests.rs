@@ -4,8 +4,8 @@ use super::*;
 
 fn blend_of(plan: &PromptPlan) -> Vec<(String, f32)> {
     assert_eq!(plan.parts.len(), 1);
-    assert_eq!(plan.parts[0].schedule.len(), 1);
-    plan.parts[0].schedule[0].blend.clone()
+    assert_eq!(plan.parts[0].edits.len(), 1);
+    plan.parts[0].edits[0].blend.clone()
 }
 
 fn b(pairs: &[(&str, f32)]) -> Vec<(String, f32)> {
@@ -115,7 +115,7 @@ fn auto_keeps_a1111_colons_and_treats_other_colons_as_text() {
         let plan = plan(text, PromptSyntax::Auto, 20).unwrap();
         assert_eq!(plan.parts.len(), 1, "{text}");
         assert_eq!(plan.parts[0].weight, 1.0, "{text}");
-        for entry in &plan.parts[0].schedule {
+        for entry in &plan.parts[0].edits {
             assert_eq!(entry.blend.len(), 1, "{text}");
             assert_eq!(entry.blend[0].1, 1.0, "{text}");
         }
@@ -130,16 +130,12 @@ fn auto_single_trailing_weight_is_a1111_part_weight() {
     // As in A1111, a trailing `:number` is the part's weight even after other colons.
     let time = plan("time: 5:30", PromptSyntax::Auto, 20).unwrap();
     assert_eq!(time.parts[0].weight, 30.0);
-    assert_eq!(time.parts[0].schedule[0].blend, b(&[("time: 5", 1.0)]));
+    assert_eq!(time.parts[0].edits[0].blend, b(&[("time: 5", 1.0)]));
     for text in ["a cat:1.5", "a cat :1.5 ", "a cat: 1.5"] {
         let plan = plan(text, PromptSyntax::Auto, 20).unwrap();
         assert_eq!(plan.parts.len(), 1);
         assert_eq!(plan.parts[0].weight, 1.5, "{text}");
-        assert_eq!(
-            plan.parts[0].schedule[0].blend,
-            b(&[("a cat", 1.0)]),
-            "{text}"
-        );
+        assert_eq!(plan.parts[0].edits[0].blend, b(&[("a cat", 1.0)]), "{text}");
     }
 }
 
@@ -150,7 +146,7 @@ fn and_parts_take_their_trailing_weights() {
         let parts: Vec<(f32, String)> = plan
             .parts
             .iter()
-            .map(|p| (p.weight, p.schedule[0].blend[0].0.clone()))
+            .map(|p| (p.weight, p.edits[0].blend[0].0.clone()))
             .collect();
         assert_eq!(
             parts,
@@ -176,7 +172,7 @@ fn forced_a1111_never_blends_and_plain_reads_nothing() {
     .unwrap();
     assert_eq!(plan.parts[0].weight, 1.0);
     assert_eq!(
-        plan.parts[0].schedule[0].blend,
+        plan.parts[0].edits[0].blend,
         b(&[("tabby cat:0.25 white duck:0.75 hybrid", 1.0)])
     );
     let text = "a [cat:dog:5] AND b:0.5";
@@ -185,7 +181,7 @@ fn forced_a1111_never_blends_and_plain_reads_nothing() {
 }
 
 #[test]
-fn blends_schedule_the_union_of_their_sub_prompts_steps() {
+fn blends_edit_at_the_union_of_their_sub_prompts_steps() {
     let plan = plan(
         "a [cat:dog:5]:1 b [x|y]:3 c [p:q:0.5]:0",
         PromptSyntax::Auto,
@@ -193,14 +189,14 @@ fn blends_schedule_the_union_of_their_sub_prompts_steps() {
     )
     .unwrap();
     let part = &plan.parts[0];
-    let steps: Vec<usize> = part.schedule.iter().map(|s| s.until_step).collect();
+    let steps: Vec<usize> = part.edits.iter().map(|s| s.until_step).collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
     assert_eq!(
-        part.schedule[1].blend,
+        part.edits[1].blend,
         b(&[("a cat", 0.25), ("b y", 0.75), ("c p", 0.0)])
     );
     assert_eq!(
-        part.schedule[2].blend,
+        part.edits[2].blend,
         b(&[("a cat", 0.25), ("b x", 0.75), ("c q", 0.0)])
     );
 }
@@ -246,7 +242,7 @@ fn deep_nesting_is_refused_by_name_and_the_limit_itself_parses() {
         }
         let err = parse_attention(&deep).unwrap_err().to_string();
         assert!(err.contains("MAX_PROMPT_NESTING"), "{err}");
-        let err = prompt_schedule(&deep, 20).unwrap_err().to_string();
+        let err = prompt_edits(&deep, 20).unwrap_err().to_string();
         assert!(err.contains("MAX_PROMPT_NESTING"), "{err}");
     }
     // At the limit both parsers run: emphasis multiplies, editing nests.
@@ -256,7 +252,7 @@ fn deep_nesting_is_refused_by_name_and_the_limit_itself_parses() {
     assert_eq!(segments.len(), 1);
     assert!((segments[0].1 - 1.1f64.powi(n as i32)).abs() < 1e-6 * segments[0].1);
     let edits = format!("{}x{}", "[a:".repeat(n), ":5]".repeat(n));
-    assert_eq!(prompt_schedule(&edits, 10).unwrap().len(), 2);
+    assert_eq!(prompt_edits(&edits, 10).unwrap().len(), 2);
     // Escaped and closed brackets do not count.
     let flat = format!("{}{}", r"\(".repeat(1000), "(x)".repeat(1000));
     assert!(plan(&flat, PromptSyntax::Auto, 20).is_ok());
@@ -303,9 +299,9 @@ fn long_prompts_are_capped_in_bytes_and_chunks() {
 }
 
 #[test]
-fn alternation_schedules_every_step_once() {
+fn alternation_edits_every_step_once() {
     let prompt = "[a|b] ".repeat(5_000);
-    let schedule = prompt_schedule(&prompt, 1000).unwrap();
-    assert_eq!(schedule.len(), 1000);
-    assert!(schedule[0].1.starts_with("a a") && schedule[1].1.starts_with("b b"));
+    let edits = prompt_edits(&prompt, 1000).unwrap();
+    assert_eq!(edits.len(), 1000);
+    assert!(edits[0].1.starts_with("a a") && edits[1].1.starts_with("b b"));
 }

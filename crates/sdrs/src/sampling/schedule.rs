@@ -31,27 +31,73 @@ pub enum SigmaSchedule {
     SgmUniform,
 }
 
+impl SigmaSchedule {
+    /// Every schedule, in the order the CLI and A1111's `/sdapi/v1/schedulers` list them.
+    pub fn all() -> [SigmaSchedule; 3] {
+        [Self::Normal, Self::Karras, Self::SgmUniform]
+    }
+
+    /// The name sdrs takes and writes (`--schedule`, the request JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Karras => "karras",
+            Self::SgmUniform => "sgm_uniform",
+        }
+    }
+
+    /// A1111's name for it, which `/sdapi/v1/schedulers` lists.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Normal => "automatic",
+            Self::Karras | Self::SgmUniform => self.name(),
+        }
+    }
+
+    /// The label A1111 shows and writes into the infotext's "Schedule type".
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Normal => "Automatic",
+            Self::Karras => "Karras",
+            Self::SgmUniform => "SGM Uniform",
+        }
+    }
+
+    /// The other spellings accepted for it, besides its names and label (any case).
+    pub fn aliases(self) -> &'static [&'static str] {
+        match self {
+            Self::Normal => &["uniform", "default"],
+            Self::Karras => &[],
+            Self::SgmUniform => &["sgm-uniform", "SGMUniform"],
+        }
+    }
+}
+
 impl std::str::FromStr for SigmaSchedule {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "normal" | "automatic" | "uniform" | "default" => Ok(Self::Normal),
-            "karras" => Ok(Self::Karras),
-            "sgm_uniform" | "sgm uniform" | "sgm-uniform" => Ok(Self::SgmUniform),
-            _ => Err(Error::InvalidRequest(format!(
-                "unknown schedule {s:?}; valid: normal, karras, sgm_uniform"
-            ))),
-        }
+        let s = s.trim();
+        Self::all()
+            .into_iter()
+            .find(|schedule| {
+                [schedule.name(), schedule.a1111_name(), schedule.label()]
+                    .iter()
+                    .chain(schedule.aliases())
+                    .any(|spelling| spelling.eq_ignore_ascii_case(s))
+            })
+            .ok_or_else(|| {
+                let valid: Vec<&str> = Self::all().iter().map(|each| each.name()).collect();
+                Error::InvalidRequest(format!(
+                    "unknown schedule {s:?}; valid: {}",
+                    valid.join(", ")
+                ))
+            })
     }
 }
 
 impl std::fmt::Display for SigmaSchedule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Normal => "Automatic",
-            Self::Karras => "Karras",
-            Self::SgmUniform => "SGM Uniform",
-        })
+        f.write_str(self.label())
     }
 }
 
@@ -239,6 +285,31 @@ mod tests {
             .chain([0.0])
             .collect();
         assert_eq!(four, want);
+    }
+
+    #[test]
+    fn every_spelling_of_a_schedule_reads_back_as_it() {
+        for schedule in SigmaSchedule::all() {
+            let spellings = [schedule.name(), schedule.a1111_name(), schedule.label()];
+            for spelling in spellings.iter().chain(schedule.aliases()) {
+                assert_eq!(
+                    spelling.parse::<SigmaSchedule>().unwrap(),
+                    schedule,
+                    "{spelling}"
+                );
+                let shouted = spelling.to_ascii_uppercase();
+                assert_eq!(
+                    shouted.parse::<SigmaSchedule>().unwrap(),
+                    schedule,
+                    "{shouted}"
+                );
+            }
+            // The request JSON is written with serde, so its names must be these.
+            let json = serde_json::to_value(schedule).unwrap();
+            assert_eq!(json, schedule.name());
+        }
+        let err = "linear".parse::<SigmaSchedule>().unwrap_err().to_string();
+        assert!(err.contains("valid: normal, karras, sgm_uniform"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Image upscalers: the built-in Lanczos filter and trained ESRGAN-family networks.
 
+mod builtin;
 mod model;
 
 use std::path::Path;
@@ -10,6 +11,7 @@ use image::RgbImage;
 use crate::image_io::resize_lanczos;
 use crate::limits::{exceeded, MAX_UPSCALED_PIXELS, MAX_UPSCALED_SIDE};
 use crate::{Error, Result};
+pub use builtin::BuiltinUpscaler;
 pub use model::{ModelUpscaler, Tiling};
 
 /// Something that enlarges an RGB image by an integer factor.
@@ -28,14 +30,28 @@ impl Upscaler {
         )?)))
     }
 
-    /// A built-in upscaler by name: only "Lanczos" (any case) so far.
+    /// A built-in image upscaler by name (see [`BuiltinUpscaler`]).
     pub fn by_name(name: &str) -> Result<Self> {
-        if name.eq_ignore_ascii_case("lanczos") {
-            Ok(Upscaler::Lanczos)
-        } else {
-            Err(Error::InvalidRequest(format!(
-                "unknown built-in upscaler {name:?}; built-in: Lanczos (networks are opened from their file)"
-            )))
+        Self::built_in(name.parse()?)
+    }
+
+    /// A built-in image upscaler; a latent mode is refused, having no image to enlarge.
+    pub fn built_in(which: BuiltinUpscaler) -> Result<Self> {
+        match which {
+            BuiltinUpscaler::Lanczos | BuiltinUpscaler::None => Ok(Upscaler::Lanczos),
+            BuiltinUpscaler::Latent | BuiltinUpscaler::LatentNearest => {
+                let images: Vec<&str> = BuiltinUpscaler::all()
+                    .into_iter()
+                    .filter(|u| !u.is_latent())
+                    .map(|u| u.name())
+                    .collect();
+                Err(Error::InvalidRequest(format!(
+                    "{} enlarges the latent of a hires fix, not an image; image upscalers: {} \
+                     (networks are opened from their file)",
+                    which.name(),
+                    images.join(", ")
+                )))
+            }
         }
     }
 

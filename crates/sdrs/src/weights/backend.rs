@@ -8,13 +8,14 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use super::compvis::TensorName;
-use super::source::TensorFile;
+use super::tensor_file::TensorFile;
 use crate::{Error, Result};
 
 /// Where a diffusers tensor lives in the file: a stored tensor, or a band of its rows (the
 /// q, k and v projections that OpenCLIP keeps fused in one `in_proj`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {
+    /// The tensor's name in the file.
     pub name: String,
     /// `(first row, rows)` along dimension 0, or the whole tensor.
     pub rows: Option<(usize, usize)>,

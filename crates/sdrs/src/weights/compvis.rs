@@ -11,7 +11,9 @@ use crate::models::unet::UNetConfig;
 /// One tensor a model asks for: its diffusers name and the name the CompVis layout uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TensorName {
+    /// The name the model asks its `VarBuilder` for.
     pub diffusers: String,
+    /// The name in a CompVis single file.
     pub compvis: String,
 }
 

@@ -1,7 +1,7 @@
 //! What a single-file checkpoint is, and its architecture, read from tensor names and shapes.
 
 use super::numbered::{self, Limit};
-use super::source::TensorFile;
+use super::tensor_file::TensorFile;
 use super::ModelFamily;
 use crate::limits::{
     MAX_CLIP_LAYERS, MAX_LAYERS_PER_BLOCK, MAX_TRANSFORMER_DEPTH, MAX_UNET_INPUT_BLOCKS,

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use super::backend::Component;
 use super::compvis::{clip_names, unet_names};
 use super::detect::VaeNaming;
-use super::source::{with_path, TensorFile};
+use super::tensor_file::{with_path, TensorFile};
 use super::{vae_component, Checkpoint, ModelFamily};
 use crate::models::clip::ClipConfig;
 use crate::models::unet::{Prediction, UNetConfig};

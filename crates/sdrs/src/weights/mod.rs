@@ -11,7 +11,7 @@ mod numbered;
 mod openclip;
 mod pickle;
 mod safetensors_header;
-mod source;
+mod tensor_file;
 mod torch_pickle;
 mod torch_zip;
 mod upscaler;
@@ -32,7 +32,7 @@ use crate::{Error, Result};
 use backend::Component;
 use compvis::TensorName;
 use detect::VaeNaming;
-use source::TensorFile;
+use tensor_file::TensorFile;
 pub use upscaler::UpscalerFile;
 
 #[doc(hidden)]
@@ -41,11 +41,17 @@ pub mod fuzzing;
 /// Which Stable Diffusion a checkpoint belongs to, as far as its weights tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFamily {
+    /// SD 1.x: OpenAI CLIP, a 768-wide context.
     Sd1,
+    /// SD 2.x: OpenCLIP, a 1024-wide context.
     Sd2,
+    /// SD 1.x's inpainting UNet (9 input channels), which sdrs cannot run yet.
     Sd1Inpainting,
+    /// SD 2.x's inpainting UNet (9 input channels), which sdrs cannot run yet.
     Sd2Inpainting,
+    /// SDXL (a 2048-wide context), which sdrs cannot run yet.
     Sdxl,
+    /// Weights that match none of the above.
     Unknown,
 }
 
@@ -112,7 +118,7 @@ impl Checkpoint {
         if meta.is_dir() {
             folder::open(path)
         } else {
-            open_single_file(path).map_err(source::with_path(path))
+            open_single_file(path).map_err(tensor_file::with_path(path))
         }
     }
 
@@ -188,8 +194,8 @@ impl Checkpoint {
             path: path.to_path_buf(),
             reason: "no VAE tensors (encoder.*, decoder.*) found".into(),
         })?;
-        let config =
-            detect::vae_config(&file, naming, &self.vae_config).map_err(source::with_path(path))?;
+        let config = detect::vae_config(&file, naming, &self.vae_config)
+            .map_err(tensor_file::with_path(path))?;
         self.vae = vae_component(file, &config, naming);
         self.vae_config = config;
         Ok(())

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use super::source::{corrupt, with_path};
+use super::tensor_file::{corrupt, with_path};
 use crate::limits::{exceeded, MAX_SAFETENSORS_HEADER, MAX_TENSORS};
 use crate::{Error, Result};
 

@@ -5,7 +5,7 @@
 use candle_core::DType;
 
 use super::pickle::{Id, Pickle, Value};
-use super::source::corrupt;
+use super::tensor_file::corrupt;
 use crate::Result;
 
 /// The state dict's entries: the first of `wrappers` (such as Lightning's `state_dict`) that
@@ -54,7 +54,9 @@ pub(crate) struct RawRecord<'p> {
     pub numel: usize,
     /// The tensor's first element in the storage.
     pub offset: usize,
+    /// The tensor's size per dimension.
     pub shape: Vec<usize>,
+    /// Storage elements between neighbours along each dimension.
     pub stride: Vec<usize>,
 }
 

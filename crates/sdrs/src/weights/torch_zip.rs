@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
 use super::pickle::Pickle;
-use super::source::{corrupt, release_pages, with_path};
+use super::tensor_file::{corrupt, release_pages, with_path};
 use super::torch_pickle::{state_dict, tensor_record};
 use super::zip::Archive;
 use crate::limits::{exceeded, MAX_PICKLE_BYTES, MAX_TENSORS};

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 
 use super::numbered::{consecutive, Limit};
 use super::safetensors_header;
-use super::source::with_path;
+use super::tensor_file::with_path;
 use super::torch_zip::TorchZip;
 use crate::limits::{exceeded, MAX_CHANNELS, MAX_NETWORK_SCALE, MAX_UPSCALER_LAYERS};
 use crate::models::esrgan::{CompactConfig, EsrganConfig, RrdbConfig};

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::source::corrupt;
+use super::tensor_file::corrupt;
 use crate::limits::{exceeded, MAX_ZIP_MEMBERS};
 use crate::Result;
 

@@ -8,11 +8,15 @@ use super::pixel_shuffle;
 /// SRVGGNetCompact sizes, read from the weights (only the PReLU variant has weights that say so).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompactConfig {
+    /// Image channels in (3 for RGB).
     pub in_channels: usize,
+    /// Image channels out (3 for RGB).
     pub out_channels: usize,
+    /// Feature channels between the first and the last convolution.
     pub num_feat: usize,
     /// Convolutions between the first and the last one.
     pub num_conv: usize,
+    /// The output/input size ratio, done by the final pixel shuffle.
     pub upscale: usize,
 }
 

@@ -8,11 +8,15 @@ use super::{leaky_relu, pixel_unshuffle};
 /// RRDBNet sizes, read from the weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RrdbConfig {
-    /// Image channels in and out (3 for RGB).
+    /// Image channels in, before the pixel unshuffle (3 for RGB).
     pub in_channels: usize,
+    /// Image channels out (3 for RGB).
     pub out_channels: usize,
+    /// Feature channels of the trunk (64 in ESRGAN).
     pub num_feat: usize,
+    /// Residual-in-residual dense blocks in the trunk (23 in ESRGAN, 6 in anime_6B).
     pub num_block: usize,
+    /// Channels each convolution of a dense block adds (32 in ESRGAN).
     pub num_grow_ch: usize,
     /// Pixel-unshuffle factor of the input: 1 for 4× models, 2 for 2×, 4 for 1×.
     pub unshuffle: usize,

@@ -12,11 +12,17 @@ use crate::{Error, Result};
 
 /// What the blocks of one level share.
 pub struct LevelShape {
+    /// Channels coming into the level's first resnet.
     pub in_channels: usize,
+    /// Channels of the level's resnets and transformers.
     pub out_channels: usize,
+    /// Width of the timestep embedding the resnets add.
     pub temb_channels: usize,
+    /// Whether a spatial transformer follows each resnet.
     pub cross_attention: bool,
+    /// Attention heads of those transformers.
     pub heads: usize,
+    /// Transformer blocks in each of them.
     pub depth: usize,
 }
 
@@ -125,6 +131,7 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    /// The level of shape `s`, ending in a stride-2 convolution when `downsample`.
     pub fn new(vb: VarBuilder, cfg: &UNetConfig, s: &LevelShape, downsample: bool) -> Result<Self> {
         let inputs: Vec<usize> = (0..cfg.layers_per_block)
             .map(|j| {
@@ -176,6 +183,7 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    /// The bottom level: `channels` wide, its transformer `heads` × `depth`.
     pub fn new(
         vb: VarBuilder,
         cfg: &UNetConfig,
@@ -201,6 +209,7 @@ impl MidBlock {
         })
     }
 
+    /// `x` through resnet, transformer (attending to `context`), resnet.
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         let h = self.first.forward(x, temb)?;
         let h = self.attention.forward(&h, context)?;

@@ -130,11 +130,17 @@ pub struct SpatialTransformer {
 
 /// The shape of a spatial transformer.
 pub struct TransformerShape {
+    /// Channels of the feature map, and width of its tokens.
     pub channels: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Transformer blocks.
     pub depth: usize,
+    /// Width of the text context the cross-attention reads.
     pub context_dim: usize,
+    /// Groups of the GroupNorm in front.
     pub groups: usize,
+    /// Linear projections in and out (SD 2.x) rather than 1×1 convolutions (SD 1.x).
     pub linear_projection: bool,
 }
 
@@ -168,6 +174,7 @@ impl SpatialTransformer {
         })
     }
 
+    /// `x` `[B,C,H,W]` as H·W tokens through the blocks, attending to `context`, plus `x`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.forward(x)?;

@@ -16,7 +16,7 @@ const QUERY_BLOCK: usize = 128;
 /// saves: 24 ms against the exact kernel's 17 ms for 4096 queries × 77 keys, 320 channels.
 const MIN_KEYS: usize = 256;
 
-/// softmax(q·kᵀ·scale)·v per head, as [`crate::ops::attention`], with bf16 products; other
+/// softmax(q·kᵀ·scale)·v per head, as [`crate::ops::attention()`], with bf16 products; other
 /// dtypes and devices, and short key ranges, go to the exact kernel.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
@@ -33,7 +33,7 @@ struct Bf16Attention {
     scale: f64,
 }
 
-/// One head's keys as the right operand of q·kᵀ: [d/2][m] pairs along the head's channels.
+/// One head's keys as the right operand of q·kᵀ: `[d/2][m]` pairs along the head's channels.
 fn keys(k: &[f32], m: usize, c: usize, at: usize, d: usize) -> Vec<u32> {
     let dp = d.div_ceil(2);
     let mut out = vec![0u32; dp * m + NR];
@@ -46,7 +46,7 @@ fn keys(k: &[f32], m: usize, c: usize, at: usize, d: usize) -> Vec<u32> {
     out
 }
 
-/// One head's values as the right operand of p·v: [m/2][d] pairs along the keys.
+/// One head's values as the right operand of p·v: `[m/2][d]` pairs along the keys.
 fn values(v: &[f32], m: usize, c: usize, at: usize, d: usize) -> Vec<u32> {
     let mp = m.div_ceil(2);
     let mut out = vec![0u32; mp * d + NR];

@@ -64,7 +64,7 @@ pub unsafe fn tile(
     }
 }
 
-/// `dst[j]` = the pair (bf16(lo[j]), bf16(hi[j])), rounded to nearest even; a missing `hi`
+/// `dst[j]` = the pair `(bf16(lo[j]), bf16(hi[j]))`, rounded to nearest even; a missing `hi`
 /// pairs with zero.
 ///
 /// # Safety
@@ -100,7 +100,7 @@ unsafe fn as_bh(x: __m512i) -> __m512bh {
     std::mem::transmute(x)
 }
 
-/// `dst[j]` = the pair (bf16(src[2j]), bf16(src[2j+1])): a row already paired along itself.
+/// `dst[j]` = the pair `(bf16(src[2j]), bf16(src[2j+1]))`: a row already paired along itself.
 ///
 /// # Safety
 /// The CPU must have AVX512F and AVX512-BF16; `src` holds `2·dst.len()` or `2·dst.len() − 1`

@@ -50,7 +50,7 @@ impl Bf16Conv {
         }))
     }
 
-    /// The convolution of `x` [B,Cin,H,W] (f32 on the CPU).
+    /// The convolution of `x` `[B,Cin,H,W]` (f32 on the CPU).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.contiguous()?.apply_op1_no_bwd(self)?)
     }
@@ -124,7 +124,7 @@ impl CustomOp1 for Bf16Conv {
 /// A linear layer y = x·Wᵀ + b, weights packed once.
 #[derive(Debug)]
 pub struct Bf16Linear {
-    /// [in/2][out] pairs along the input dimension, then one tile of slack.
+    /// `[in/2][out]` pairs along the input dimension, then one tile of slack.
     packed: Vec<u32>,
     in_dim: usize,
     out_dim: usize,

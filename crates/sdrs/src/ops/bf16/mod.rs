@@ -4,7 +4,7 @@
 //!
 //! Operands are pairs: a `u32` holds two bf16 values adjacent along the summed dimension, and
 //! `vdpbf16ps` multiplies 16 pairs of one operand with a broadcast pair of the other. 3×3
-//! convolutions go through Winograd's F(2×2, 3×3) (see [`winograd`]), 4/9 of the products.
+//! convolutions go through Winograd's F(2×2, 3×3) (see `winograd`), 4/9 of the products.
 
 mod attention;
 #[cfg(target_arch = "x86_64")]
@@ -227,7 +227,7 @@ unsafe fn product_into(a: &Left, b: &Right, out: Out, bias: Bias, parallel: bool
     }
 }
 
-/// `dst[j]` = pair(lo[j], hi[j]) (hi zero when missing), vectorised where available.
+/// `dst[j]` = `pair(lo[j], hi[j])` (hi zero when missing), vectorised where available.
 fn pairs(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
     assert!(lo.len() >= dst.len() && hi.is_none_or(|h| h.len() >= dst.len()));
     #[cfg(target_arch = "x86_64")]

@@ -23,7 +23,7 @@ pub(super) struct Weights {
 }
 
 impl Weights {
-    /// From `taps` [Cout][3][3][Cin] in f32.
+    /// From `taps` `[Cout][3][3][Cin]` in f32.
     pub(super) fn new(taps: &[f32], out_channels: usize, in_channels: usize) -> Self {
         let (cout, cin) = (out_channels, in_channels);
         // u[co][ξ][ci]: G = [[1,0,0],[½,½,½],[½,−½,½],[0,0,1]] on both sides of each 3×3 g.
@@ -62,7 +62,7 @@ impl Weights {
         }
     }
 
-    /// The convolution of `x` [batch][Cin][h][w] (+ `bias` per output channel).
+    /// The convolution of `x` `[batch][Cin][h][w]` (+ `bias` per output channel).
     pub(super) fn conv(
         &self,
         x: &[f32],
@@ -122,7 +122,7 @@ struct Geometry {
 /// Bᵀ·d·B for the 4×4 input blocks of block rows `ty0..ty0+rows` of one image, into
 /// `dst[channel pair][ξ][block]` as bf16 pairs (so each pair's rows are one chunk).
 ///
-/// Bᵀ = [[1,0,−1,0],[0,1,1,0],[0,−1,1,0],[0,1,0,−1]]. The loops run along a block row with
+/// `Bᵀ = [[1,0,−1,0],[0,1,1,0],[0,−1,1,0],[0,1,0,−1]]`. The loops run along a block row with
 /// the even and odd input columns split apart, so every step is a contiguous vector operation.
 fn transform_input(x: &[f32], geo: &Geometry, rows: Range<usize>, dst: &mut [u32]) {
     let Geometry { cin, h, w, .. } = *geo;
@@ -167,9 +167,9 @@ struct Scratch {
     /// A padded input row's even and odd columns (padded column x is input column x − 1).
     even: Vec<f32>,
     odd: Vec<f32>,
-    /// (Bᵀ-transformed along the row) [row r][component k][block].
+    /// (Bᵀ-transformed along the row) `[row r][component k][block]`.
     rows: Vec<f32>,
-    /// The transformed values [channel of the pair][ξ][block].
+    /// The transformed values `[channel of the pair][ξ][block]`.
     values: Vec<f32>,
 }
 
@@ -251,7 +251,7 @@ impl Scratch {
 }
 
 /// Aᵀ·m·A of the 16 products for each block of block rows `rows`, plus the bias, into
-/// the output [batch][Cout][h][w] (Aᵀ = [[1,1,1,0],[0,1,−1,−1]]).
+/// the output `[batch][Cout][h][w]` (`Aᵀ = [[1,1,1,0],[0,1,−1,−1]]`).
 fn transform_output(
     products: &[f32],
     geo: &Geometry,

@@ -8,7 +8,7 @@ use super::{Id, Value};
 use crate::limits::{
     exceeded, MAX_PICKLE_CONTAINER, MAX_PICKLE_OBJECTS, MAX_PICKLE_OPS, MAX_PICKLE_STACK,
 };
-use crate::weights::source::corrupt;
+use crate::weights::tensor_file::corrupt;
 use crate::Result;
 
 /// Runs `input` to its STOP: the values it made, and the one STOP returned.

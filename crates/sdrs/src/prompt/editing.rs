@@ -17,8 +17,9 @@
 enum Node {
     /// Text kept as written (including emphasis brackets).
     Text(String),
-    /// `[before:after:when]`; `when` is the number as written.
-    Edit {
+    /// `[before:after:when]`: `before` up to step `when`, `after` from then on; `when` is the
+    /// number as written.
+    Switch {
         before: Vec<Node>,
         after: Vec<Node>,
         when: String,
@@ -27,10 +28,10 @@ enum Node {
     Alternate(Vec<Vec<Node>>),
 }
 
-/// The texts a prompt takes over a run of `steps` steps: `(end_at_step, text)`, ordered, the
-/// last ending at `steps` (A1111's `[[10, 'a b']]` lists). A prompt nested deeper than
-/// [`crate::limits::MAX_PROMPT_NESTING`] is refused, which bounds the parser's recursion.
-pub fn prompt_schedule(prompt: &str, steps: usize) -> crate::Result<Vec<(usize, String)>> {
+/// The texts a prompt is edited into over a run of `steps` steps: `(end_at_step, text)`,
+/// ordered, the last ending at `steps` (A1111's `[[10, 'a b']]` lists). A prompt nested deeper
+/// than [`crate::limits::MAX_PROMPT_NESTING`] is refused, which bounds the parser's recursion.
+pub fn prompt_edits(prompt: &str, steps: usize) -> crate::Result<Vec<(usize, String)>> {
     super::check_nesting(prompt)?;
     if steps > crate::limits::MAX_STEPS {
         return Err(crate::limits::exceeded(
@@ -180,7 +181,7 @@ fn parse_construct(chars: &[char], pos: usize) -> Option<(Vec<Node>, usize)> {
     let after = parts.pop()?;
     let before = parts.pop().unwrap_or_default();
     Some((
-        vec![Node::Edit {
+        vec![Node::Switch {
             before,
             after,
             when,
@@ -212,7 +213,7 @@ fn signed_number(text: &str) -> Option<String> {
 
 /// The step at which an edit switches (A1111's old scheduling: below 1 is a fraction of
 /// `steps`; truncated; at most `steps`).
-fn edit_step(when: &str, steps: usize) -> i64 {
+fn switch_step(when: &str, steps: usize) -> i64 {
     let v: f64 = when.parse().unwrap_or(0.0);
     let v = if v < 1.0 { v * steps as f64 } else { v };
     // Python's int() truncates toward zero; an infinite value is clamped instead of raising.
@@ -225,12 +226,12 @@ fn collect_steps(nodes: &[Node], steps: usize, ends: &mut Vec<usize>) -> bool {
     for node in nodes {
         match node {
             Node::Text(_) => {}
-            Node::Edit {
+            Node::Switch {
                 before,
                 after,
                 when,
             } => {
-                let step = edit_step(when, steps);
+                let step = switch_step(when, steps);
                 if step >= 1 {
                     ends.push(step as usize);
                 }
@@ -252,12 +253,12 @@ fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
     for node in nodes {
         match node {
             Node::Text(t) => out.push_str(t),
-            Node::Edit {
+            Node::Switch {
                 before,
                 after,
                 when,
             } => {
-                let chosen = if step as i64 <= edit_step(when, steps) {
+                let chosen = if step as i64 <= switch_step(when, steps) {
                     before
                 } else {
                     after
@@ -277,7 +278,7 @@ mod tests {
     use super::*;
 
     fn g(prompt: &str) -> Vec<(usize, String)> {
-        prompt_schedule(prompt, 10).unwrap()
+        prompt_edits(prompt, 10).unwrap()
     }
 
     fn v(pairs: &[(usize, &str)]) -> Vec<(usize, String)> {
@@ -327,7 +328,7 @@ mod tests {
     fn a1111_header_example() {
         let prompt = "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6][ in background:0.25] [shoddy:masterful:0.5]";
         assert_eq!(
-            prompt_schedule(prompt, 100).unwrap(),
+            prompt_edits(prompt, 100).unwrap(),
             v(&[
                 (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
                 (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
