@@ -1,5 +1,5 @@
-//! The text conditioning of a run: the prompt's AND parts with their per-step schedules, and
-//! the negative prompt's schedule, encoded once before sampling.
+//! The text conditioning of a run: the prompt's AND parts with their prompt edits, and the
+//! negative prompt's edits, encoded once before sampling.
 
 use candle_core::Tensor;
 
@@ -11,14 +11,14 @@ use crate::{Error, Result};
 pub struct EncodedPart {
     pub weight: f32,
     /// `(until_step, context)`: serves 0-based steps up to `until_step` (A1111's `end_at_step`).
-    schedule: Vec<(usize, Tensor)>,
+    edits: Vec<(usize, Tensor)>,
 }
 
 impl EncodedPart {
     /// The context for 0-based sampling step `step` (A1111's `reconstruct_cond_batch`).
     pub fn at(&self, step: usize) -> &Tensor {
-        let found = self.schedule.iter().find(|(until, _)| step <= *until);
-        &found.unwrap_or(&self.schedule[0]).1
+        let found = self.edits.iter().find(|(until, _)| step <= *until);
+        &found.unwrap_or(&self.edits[0]).1
     }
 }
 
@@ -52,7 +52,7 @@ fn encode_plan(
                 .iter()
                 .all(|s| matches!(s.blend.as_slice(), [(_, w)] if *w == 1.0));
             let contexts = if plain {
-                // A1111 encodes one part's scheduled texts as a batch (shared emphasis means).
+                // A1111 encodes one part's edited texts as a batch (shared emphasis means).
                 let texts: Vec<&str> = part.edits.iter().map(|s| s.blend[0].0.as_str()).collect();
                 encode_batch(&sd.tokenizer, &texts, syntax, sd.pad_token, &mut encoder)?
             } else {
@@ -65,7 +65,7 @@ fn encode_plan(
             };
             Ok(EncodedPart {
                 weight: part.weight,
-                schedule: part
+                edits: part
                     .edits
                     .iter()
                     .map(|s| s.until_step)

@@ -1,4 +1,4 @@
-//! The three networks of a model, and when each is in memory.
+//! A model's networks, one per role its family has, and when each is in memory.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -8,13 +8,13 @@ use crate::models::clip::ClipTextTransformer;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::models::ModelOptions;
-use crate::weights::Checkpoint;
-use crate::Result;
+use crate::weights::{Checkpoint, Role};
+use crate::{Error, Result};
 
 /// How a model's networks are kept in memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Residency {
-    /// All three resident in float32 from load on: nothing is built twice.
+    /// Every network resident in float32 from load on: nothing is built twice.
     #[default]
     All,
     /// Only the network in use is resident (optimizedSD's scheme, `--lowmem`): each is built
@@ -26,33 +26,42 @@ pub enum Residency {
 /// How a model's networks are kept and what arithmetic they run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NetworkOptions {
+    /// Which networks stay in memory.
     pub residency: Residency,
     /// The UNet's and the VAE's products in bf16 (`--fast`, see [`ModelOptions::fast`]).
     pub fast: bool,
 }
 
-type Slot<T> = Mutex<Option<Arc<T>>>;
+/// A built network of one [`Role`].
+#[derive(Clone)]
+enum Network {
+    TextEncoder(Arc<ClipTextTransformer>),
+    Unet(Arc<UNet2DConditionModel>),
+    Vae(Arc<AutoencoderKL>),
+}
 
-/// The text encoder, UNet and VAE, resident or built on demand as a [`Residency`] says.
+type Slot = Mutex<Option<Network>>;
+
+/// A model's networks, one slot per role its family has, resident or built on demand as a
+/// [`Residency`] says.
 pub struct Networks {
     /// Present exactly when one network at a time is resident: kept open to build from (its
     /// mapped pages are not resident once a build has copied them).
     checkpoint: Option<Checkpoint>,
     device: Device,
     fast: bool,
-    text_encoder: Slot<ClipTextTransformer>,
-    unet: Slot<UNet2DConditionModel>,
-    vae: Slot<AutoencoderKL>,
+    slots: Vec<(Role, Slot)>,
 }
 
-fn lock<T>(slot: &Slot<T>) -> MutexGuard<'_, Option<Arc<T>>> {
+fn lock(slot: &Slot) -> MutexGuard<'_, Option<Network>> {
     // A panic while a slot was held leaves it either empty or filled, both valid states.
     slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Networks {
-    /// Builds what the residency keeps from the start: everything for [`Residency::All`],
-    /// nothing for [`Residency::OneAtATime`], which keeps `checkpoint` open to build from.
+    /// Builds what the residency keeps from the start: every network of the checkpoint's
+    /// family for [`Residency::All`], nothing for [`Residency::OneAtATime`], which keeps
+    /// `checkpoint` open to build from.
     pub fn load(checkpoint: &Checkpoint, device: &Device, options: NetworkOptions) -> Result<Self> {
         let residency = options.residency;
         let networks = Self {
@@ -62,43 +71,43 @@ impl Networks {
             },
             device: device.clone(),
             fast: options.fast,
-            text_encoder: Mutex::new(None),
-            unet: Mutex::new(None),
-            vae: Mutex::new(None),
+            slots: checkpoint
+                .family()
+                .roles()
+                .into_iter()
+                .map(|role| (role, Mutex::new(None)))
+                .collect(),
         };
         if residency == Residency::All {
-            *lock(&networks.text_encoder) = Some(Arc::new(build_text_encoder(checkpoint, device)?));
-            *lock(&networks.unet) = Some(Arc::new(build_unet(
-                checkpoint,
-                device,
-                networks.options(false),
-            )?));
-            *lock(&networks.vae) = Some(Arc::new(build_vae(
-                checkpoint,
-                device,
-                networks.options(false),
-            )?));
+            for (role, slot) in &networks.slots {
+                *lock(slot) = Some(networks.build(checkpoint, *role, false)?);
+            }
         }
         Ok(networks)
     }
 
-    /// The text encoder, built first if it is not resident.
+    /// The (first) text encoder, built first if it is not resident.
     pub fn text_encoder(&self) -> Result<Arc<ClipTextTransformer>> {
-        self.turn(Net::TextEncoder, &self.text_encoder, build_text_encoder)
+        match self.turn(Role::TextEncoder(0))? {
+            Network::TextEncoder(net) => Ok(net),
+            _ => Err(misfiled(Role::TextEncoder(0))),
+        }
     }
 
     /// The UNet, built first if it is not resident.
     pub fn unet(&self) -> Result<Arc<UNet2DConditionModel>> {
-        self.turn(Net::Unet, &self.unet, |c, d| {
-            build_unet(c, d, self.options(true))
-        })
+        match self.turn(Role::Unet)? {
+            Network::Unet(net) => Ok(net),
+            _ => Err(misfiled(Role::Unet)),
+        }
     }
 
     /// The VAE, built first if it is not resident.
     pub fn vae(&self) -> Result<Arc<AutoencoderKL>> {
-        self.turn(Net::Vae, &self.vae, |c, d| {
-            build_vae(c, d, self.options(true))
-        })
+        match self.turn(Role::Vae)? {
+            Network::Vae(net) => Ok(net),
+            _ => Err(misfiled(Role::Vae)),
+        }
     }
 
     /// Whether the fast mode's bf16 products are in use (asked for, and this CPU has them).
@@ -114,72 +123,61 @@ impl Networks {
         }
     }
 
-    /// `slot`'s network; with one network at a time, the others are dropped first (their
+    /// Builds the network of `role` from `checkpoint`; `half` as in [`Networks::options`].
+    fn build(&self, checkpoint: &Checkpoint, role: Role, half: bool) -> Result<Network> {
+        let device = &self.device;
+        Ok(match role {
+            Role::TextEncoder(0) => Network::TextEncoder(Arc::new(ClipTextTransformer::new(
+                checkpoint.text_encoder(DType::F32, device)?,
+                checkpoint.clip_config(),
+            )?)),
+            Role::Unet => Network::Unet(Arc::new(UNet2DConditionModel::new_with(
+                checkpoint.unet(DType::F32, device)?,
+                checkpoint.unet_config(),
+                self.options(half),
+            )?)),
+            Role::Vae => Network::Vae(Arc::new(AutoencoderKL::new_with(
+                checkpoint.vae(DType::F32, device)?,
+                checkpoint.vae_config(),
+                self.options(half),
+            )?)),
+            other => {
+                return Err(Error::UnsupportedCheckpoint {
+                    detected: format!("a model with a {other:?} network"),
+                })
+            }
+        })
+    }
+
+    /// The network of `role`; with one network at a time, the others are dropped first (their
     /// memory is freed once no caller holds them) and this one is built if absent.
-    fn turn<T>(
-        &self,
-        which: Net,
-        slot: &Slot<T>,
-        build: impl FnOnce(&Checkpoint, &Device) -> Result<T>,
-    ) -> Result<Arc<T>> {
+    fn turn(&self, role: Role) -> Result<Network> {
+        let Some((_, slot)) = self.slots.iter().find(|(r, _)| *r == role) else {
+            return Err(Error::UnsupportedCheckpoint {
+                detected: format!("a model without a {role:?} network"),
+            });
+        };
         if let Some(net) = lock(slot).as_ref() {
             return Ok(net.clone());
         }
         let Some(checkpoint) = &self.checkpoint else {
             // `All` never empties a slot; said plainly rather than panicking regardless.
-            return Err(crate::Error::InvalidConfig(
+            return Err(Error::InvalidConfig(
                 "a network of a fully resident model is missing".into(),
             ));
         };
-        if which != Net::TextEncoder {
-            lock(&self.text_encoder).take();
+        for (other, other_slot) in &self.slots {
+            if *other != role {
+                lock(other_slot).take();
+            }
         }
-        if which != Net::Unet {
-            lock(&self.unet).take();
-        }
-        if which != Net::Vae {
-            lock(&self.vae).take();
-        }
-        let net = Arc::new(build(checkpoint, &self.device)?);
+        let net = self.build(checkpoint, role, true)?;
         *lock(slot) = Some(net.clone());
         Ok(net)
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Net {
-    TextEncoder,
-    Unet,
-    Vae,
-}
-
-fn build_text_encoder(checkpoint: &Checkpoint, device: &Device) -> Result<ClipTextTransformer> {
-    ClipTextTransformer::new(
-        checkpoint.text_encoder(DType::F32, device)?,
-        checkpoint.clip_config(),
-    )
-}
-
-fn build_unet(
-    checkpoint: &Checkpoint,
-    device: &Device,
-    options: ModelOptions,
-) -> Result<UNet2DConditionModel> {
-    UNet2DConditionModel::new_with(
-        checkpoint.unet(DType::F32, device)?,
-        checkpoint.unet_config(),
-        options,
-    )
-}
-
-fn build_vae(
-    checkpoint: &Checkpoint,
-    device: &Device,
-    options: ModelOptions,
-) -> Result<AutoencoderKL> {
-    AutoencoderKL::new_with(
-        checkpoint.vae(DType::F32, device)?,
-        checkpoint.vae_config(),
-        options,
-    )
+/// A slot holding another role's network: a bug, said plainly rather than panicking.
+fn misfiled(role: Role) -> Error {
+    Error::InvalidConfig(format!("the {role:?} slot holds another network"))
 }

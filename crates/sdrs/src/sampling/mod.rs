@@ -3,7 +3,7 @@
 //! Samplers follow k-diffusion's shape: a denoiser `D(x, σ)` that returns the denoised
 //! latent, a list of sigmas ending at the final noise level, the starting latent (already
 //! scaled to the first sigma), a source of noise, and options as keywords. CFG, prompt
-//! scheduling and the prediction type live in the denoiser, never in a sampler.
+//! editing and the prediction type live in the denoiser, never in a sampler.
 
 /// Reports step `$i` to the context's callback, and ends the sampler with
 /// [`Sampled::Stopped`] unless the callback says go on.

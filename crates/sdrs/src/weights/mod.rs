@@ -5,6 +5,7 @@ mod backend;
 mod compvis;
 mod compvis_vae;
 mod detect;
+mod family;
 pub mod file_hash;
 mod folder;
 mod numbered;
@@ -18,7 +19,6 @@ mod upscaler;
 mod validate;
 mod zip;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,64 +32,12 @@ use crate::{Error, Result};
 use backend::Component;
 use compvis::TensorName;
 use detect::VaeNaming;
+pub use family::{ModelFamily, Role, UnetInputs};
 use tensor_file::TensorFile;
 pub use upscaler::UpscalerFile;
 
 #[doc(hidden)]
 pub mod fuzzing;
-
-/// Which Stable Diffusion a checkpoint belongs to, as far as its weights tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelFamily {
-    /// SD 1.x: OpenAI CLIP, a 768-wide context.
-    Sd1,
-    /// SD 2.x: OpenCLIP, a 1024-wide context.
-    Sd2,
-    /// SD 1.x's inpainting UNet (9 input channels), which sdrs cannot run yet.
-    Sd1Inpainting,
-    /// SD 2.x's inpainting UNet (9 input channels), which sdrs cannot run yet.
-    Sd2Inpainting,
-    /// SDXL (a 2048-wide context), which sdrs cannot run yet.
-    Sdxl,
-    /// Weights that match none of the above.
-    Unknown,
-}
-
-impl fmt::Display for ModelFamily {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ModelFamily::Sd1 => "SD 1.x",
-            ModelFamily::Sd2 => "SD 2.x",
-            ModelFamily::Sd1Inpainting => "SD 1.x inpainting",
-            ModelFamily::Sd2Inpainting => "SD 2.x inpainting",
-            ModelFamily::Sdxl => "SDXL",
-            ModelFamily::Unknown => "an unknown model",
-        })
-    }
-}
-
-impl ModelFamily {
-    /// The family of an SD UNet from its input channels and text-conditioning width.
-    fn of_unet(in_channels: usize, context_dim: usize) -> Self {
-        match (in_channels == 9, context_dim) {
-            (_, 2048) => ModelFamily::Sdxl,
-            (false, 1024) => ModelFamily::Sd2,
-            (true, 1024) => ModelFamily::Sd2Inpainting,
-            (false, _) => ModelFamily::Sd1,
-            (true, _) => ModelFamily::Sd1Inpainting,
-        }
-    }
-
-    /// Refuses the families the pipeline cannot run yet.
-    fn ensure_supported(self) -> Result<Self> {
-        match self {
-            ModelFamily::Sd1 | ModelFamily::Sd2 => Ok(self),
-            other => Err(Error::UnsupportedCheckpoint {
-                detected: other.to_string(),
-            }),
-        }
-    }
-}
 
 /// An opened checkpoint: its family, the three model configs, and lazy access to the weights.
 /// Clones share the open files.
