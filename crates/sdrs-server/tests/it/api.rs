@@ -645,5 +645,4 @@ async fn options_list_and_switch_models() {
     std::fs::remove_dir_all(&models).unwrap();
 }
 
-#[path = "api/hostile.rs"]
 mod hostile;
