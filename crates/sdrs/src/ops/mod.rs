@@ -62,17 +62,11 @@ pub fn keep_freed_memory() {
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            const M_TRIM_THRESHOLD: i32 = -1;
-            const M_TOP_PAD: i32 = -2;
-            const M_MMAP_MAX: i32 = -4;
-            extern "C" {
-                fn mallopt(param: i32, value: i32) -> i32;
-            }
             // SAFETY: mallopt only changes allocator tuning parameters; any value is valid.
             unsafe {
-                mallopt(M_MMAP_MAX, 0);
-                mallopt(M_TRIM_THRESHOLD, i32::MAX);
-                mallopt(M_TOP_PAD, 256 << 20);
+                libc::mallopt(libc::M_MMAP_MAX, 0);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+                libc::mallopt(libc::M_TOP_PAD, 256 << 20);
             }
         });
     }
