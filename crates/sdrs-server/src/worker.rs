@@ -53,6 +53,9 @@ impl Control {
 /// Runs the worker until the server closes its stdin. Called by `sdrs serve-worker` and the
 /// crate's `sdrs-server-worker` binary.
 pub fn run_worker() -> Result<()> {
+    // The worker is the process that runs the models (the server only relays), so it is the
+    // one that makes the allocator keep freed activations between steps.
+    sdrs::ops::keep_freed_memory();
     let out = protocol_output()?;
     die_with_parent();
     let control = Arc::new(Control::default());

@@ -56,7 +56,9 @@ impl SharedMut {
 /// without this each one comes back as fresh zeroed pages (a fifth of a UNet step at 256²,
 /// a tenth of a VAE decode at 512² in page faults when measured). Large blocks are taken
 /// from the heap rather than mapped one by one, and the heap is not trimmed. Process-wide
-/// and idempotent; no effect off glibc.
+/// and idempotent; no effect off glibc. For binaries that run models, first thing in `main`:
+/// holding on to freed memory is a choice for the whole process, so the program makes it, not
+/// a model constructor inside a program that may have other plans for its memory.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
