@@ -24,7 +24,7 @@ use crate::preview::cheap_preview;
 use crate::protocol::{read_frame, write_frame, DeviceSpec, FromWorker, ToWorker};
 use crate::queue::JobError;
 
-/// The environment variable that arms [`test_crash`]; only the crate's own tests set it.
+/// The environment variable that arms `test_crash`; only the crate's own tests set it.
 pub const TEST_CRASH_VAR: &str = "SDRS_WORKER_TEST_CRASH";
 
 /// What the reader thread tells the job loop: which job is current and what was asked of it.

@@ -2,7 +2,7 @@
 //! `tokenizers`-backed one) for OpenAI CLIP's vocabulary, which is embedded in the binary.
 //!
 //! The steps: special tokens typed in the raw text are taken out first; each stretch between
-//! them is normalised and split into words ([`text`]); each word's UTF-8 bytes become GPT-2's
+//! them is normalised and split into words (`text`); each word's UTF-8 bytes become GPT-2's
 //! byte characters, the last one carrying the `</w>` end-of-word suffix, and BPE merges them.
 
 mod text;

@@ -211,7 +211,7 @@ impl ClipTextTransformer {
         })
     }
 
-    /// Hidden states [B,T,hidden] for token ids [B,T] (u32): `clip_skip` 1 = last layer, 2 = penultimate (A1111's convention), always followed by final_layer_norm.
+    /// Hidden states `[B,T,hidden]` for token ids `[B,T]` (u32): `clip_skip` 1 = last layer, 2 = penultimate (A1111's convention), always followed by final_layer_norm.
     pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
         let n_layers = self.layers.len();
         if clip_skip == 0 || clip_skip > n_layers {

@@ -117,7 +117,7 @@ pub fn conv2d(
 }
 
 impl Conv2d {
-    /// The convolution of `x` [B,Cin,H,W].
+    /// The convolution of `x` `[B,Cin,H,W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Conv2d::Bf16(conv) if x.device().is_cpu() && x.dtype() == DType::F32 => conv.forward(x),
@@ -220,7 +220,7 @@ impl AttentionKernel {
         }
     }
 
-    /// softmax(q·kᵀ·scale)·v per head (see [`ops::attention`]).
+    /// softmax(q·kᵀ·scale)·v per head (see [`ops::attention()`]).
     pub fn forward(
         &self,
         q: &Tensor,

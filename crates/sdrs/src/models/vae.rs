@@ -112,7 +112,7 @@ impl AutoencoderKL {
         })
     }
 
-    /// The latent distribution of `image` [B,3,H,W] in [-1,1]; H and W must be multiples of the downscale factor (8 for SD).
+    /// The latent distribution of `image` `[B,3,H,W]` in [-1,1]; H and W must be multiples of the downscale factor (8 for SD).
     /// No scaling factor is applied.
     pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
         let (_, _, height, width) = image.dims4()?;
@@ -140,7 +140,7 @@ impl AutoencoderKL {
         })
     }
 
-    /// The image [B,3,8h,8w] (roughly in [-1,1]) for a raw latent [B,latent,h,w]; divide by `scaling_factor` before calling.
+    /// The image `[B,3,8h,8w]` (roughly in [-1,1]) for a raw latent `[B,latent,h,w]`; divide by `scaling_factor` before calling.
     pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
         let h = self.post_quant_conv.forward(latent)?;
         self.decoder.forward(&h)

@@ -13,8 +13,8 @@ use crate::Result;
 /// Queries per task: a 128 × 4096 score block is 2 MiB, about an L2 cache.
 const QUERY_BLOCK: usize = 128;
 
-/// softmax(q·kᵀ·scale)·v per head for `q` [B,N,C], `k` and `v` [B,M,C], heads of C/heads
-/// channels; returns [B,N,C] with the heads side by side, as diffusers' attention does.
+/// softmax(q·kᵀ·scale)·v per head for `q` `[B,N,C]`, `k` and `v` `[B,M,C]`, heads of C/heads
+/// channels; returns `[B,N,C]` with the heads side by side, as diffusers' attention does.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) {

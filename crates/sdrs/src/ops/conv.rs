@@ -6,7 +6,7 @@
 //! dy·(W+2)+dx as a [Cin × H·(W+2)] matrix, so the gemm crate reads it through strides
 //! with no copy. The output is computed (W+2) wide and its two extra columns are dropped.
 //! The batch is laid out inside each channel's row, so one product per tap covers it, and
-//! the weights are read through their strides: stored [Cout,3,3,Cin] (as
+//! the weights are read through their strides: stored `[Cout,3,3,Cin]` (as
 //! `models::layers::Conv2d` keeps them) each tap's [Cout × Cin] matrix has unit column stride.
 //! At the smallest resolutions the products are too thin for that to pay, and one im2col
 //! product with K = 9·Cin over the whole batch is faster.
@@ -18,8 +18,8 @@ use rayon::prelude::*;
 use super::{f32_slice, unsupported};
 use crate::Result;
 
-/// conv2d(x, weight) + bias with candle's semantics (`x` [B,Cin,H,W], `weight`
-/// [Cout,Cin,k,k]), using the direct kernel where it applies and candle's conv otherwise.
+/// conv2d(x, weight) + bias with candle's semantics (`x` `[B,Cin,H,W]`, `weight`
+/// `[Cout,Cin,k,k]`), using the direct kernel where it applies and candle's conv otherwise.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,

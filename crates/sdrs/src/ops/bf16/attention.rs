@@ -16,7 +16,7 @@ const QUERY_BLOCK: usize = 128;
 /// saves: 24 ms against the exact kernel's 17 ms for 4096 queries × 77 keys, 320 channels.
 const MIN_KEYS: usize = 256;
 
-/// softmax(q·kᵀ·scale)·v per head, as [`crate::ops::attention`], with bf16 products; other
+/// softmax(q·kᵀ·scale)·v per head, as [`crate::ops::attention()`], with bf16 products; other
 /// dtypes and devices, and short key ranges, go to the exact kernel.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;

@@ -50,7 +50,7 @@ impl Bf16Conv {
         }))
     }
 
-    /// The convolution of `x` [B,Cin,H,W] (f32 on the CPU).
+    /// The convolution of `x` `[B,Cin,H,W]` (f32 on the CPU).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.contiguous()?.apply_op1_no_bwd(self)?)
     }

@@ -4,7 +4,7 @@
 //!
 //! Operands are pairs: a `u32` holds two bf16 values adjacent along the summed dimension, and
 //! `vdpbf16ps` multiplies 16 pairs of one operand with a broadcast pair of the other. 3×3
-//! convolutions go through Winograd's F(2×2, 3×3) (see [`winograd`]), 4/9 of the products.
+//! convolutions go through Winograd's F(2×2, 3×3) (see `winograd`), 4/9 of the products.
 
 mod attention;
 #[cfg(target_arch = "x86_64")]
