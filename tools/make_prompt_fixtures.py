@@ -1,4 +1,4 @@
-"""Conditioning references for the prompt language (crates/sdrs/tests/prompt.rs).
+"""Conditioning references for the prompt language (crates/sdrs/tests/it/prompt.rs).
 
     /opt/venv/bin/python tools/make_prompt_fixtures.py
 

@@ -1,4 +1,4 @@
-"""Whole txt2img images for the prompt language (crates/sdrs/tests/prompt_pipeline.rs): prompt
+"""Whole txt2img images for the prompt language (crates/sdrs/tests/it/prompt_pipeline.rs): prompt
 editing, alternation, AND, optimizedSD blends, BREAK / long prompts and a scheduled negative,
 on the tiny model, with the txt2img conventions of tools/txt2img_ref.py.
 

@@ -2,7 +2,7 @@
 
     python webuiapi_client.py PORT MODEL_TITLE OTHER_MODEL_TITLE [USER:PASS]
 
-Exits non-zero with the failed check. Run by crates/sdrs-cli/tests/serve.rs.
+Exits non-zero with the failed check. Run by crates/sdrs-cli/tests/it/serve.rs.
 """
 import base64
 import io

@@ -23,7 +23,7 @@ use crate::preview::cheap_preview;
 use crate::protocol::{read_frame, write_frame, DeviceSpec, FromWorker, ToWorker};
 use crate::queue::JobError;
 
-/// The environment variable that arms [`test_crash`]; only the crate's own tests set it.
+/// The environment variable that arms `test_crash`; only the crate's own tests set it.
 pub const TEST_CRASH_VAR: &str = "SDRS_WORKER_TEST_CRASH";
 
 /// What the reader thread tells the job loop: which job is current and what was asked of it.
@@ -52,6 +52,9 @@ impl Control {
 /// Runs the worker until the server closes its stdin. Called by `sdrs serve-worker` and the
 /// crate's `sdrs-server-worker` binary.
 pub fn run_worker() -> Result<()> {
+    // The worker is the process that runs the models (the server only relays), so it is the
+    // one that makes the allocator keep freed activations between steps.
+    sdrs::ops::keep_freed_memory();
     let out = protocol_output()?;
     die_with_parent();
     let control = Arc::new(Control::default());

@@ -166,7 +166,7 @@ fn main() -> Res<()> {
     let model =
         std::env::var("SDRS_MODEL").unwrap_or_else(|_| "/work/full/sd15-random.safetensors".into());
     let dev = Device::Cpu;
-    // As the model constructors do, so the kernel cases see the same allocator behaviour.
+    // As the binaries that run models do, so the kernel cases see the same allocator behaviour.
     sdrs::ops::keep_freed_memory();
     for case in cases.split(',') {
         match case {

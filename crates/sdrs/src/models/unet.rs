@@ -10,7 +10,6 @@ use serde::Deserialize;
 
 use crate::models::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
 use crate::models::ModelOptions;
-use crate::ops;
 use crate::{Error, Result};
 use blocks::{has_cross_attention, DownBlock, LevelShape, MidBlock, UpBlock};
 
@@ -231,7 +230,6 @@ impl UNet2DConditionModel {
 
     /// Builds the UNet with explicit kernel and weight-residency options.
     pub fn new_with(vb: VarBuilder, cfg: &UNetConfig, opts: ModelOptions) -> Result<Self> {
-        ops::keep_freed_memory();
         let vb = opts.weights(vb);
         let levels = cfg.block_out_channels.len();
         if levels == 0 || cfg.down_block_types.len() != levels || cfg.up_block_types.len() != levels

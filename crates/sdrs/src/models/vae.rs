@@ -9,7 +9,6 @@ use serde::Deserialize;
 
 use crate::models::layers::Conv2d;
 use crate::models::ModelOptions;
-use crate::ops;
 use crate::{Error, Result};
 use blocks::conv1x1;
 use coder::{Decoder, Encoder};
@@ -105,7 +104,6 @@ impl AutoencoderKL {
 
     /// Builds the VAE with explicit kernel and weight-residency options.
     pub fn new_with(vb: VarBuilder, cfg: &VaeConfig, opts: ModelOptions) -> Result<Self> {
-        ops::keep_freed_memory();
         let vb = opts.weights(vb);
         if cfg.block_out_channels.is_empty() {
             return Err(Error::InvalidConfig(

@@ -56,23 +56,19 @@ impl SharedMut {
 /// without this each one comes back as fresh zeroed pages (a fifth of a UNet step at 256²,
 /// a tenth of a VAE decode at 512² in page faults when measured). Large blocks are taken
 /// from the heap rather than mapped one by one, and the heap is not trimmed. Process-wide
-/// and idempotent; no effect off glibc.
+/// and idempotent; no effect off glibc. For binaries that run models, first thing in `main`:
+/// holding on to freed memory is a choice for the whole process, so the program makes it, not
+/// a model constructor inside a program that may have other plans for its memory.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            const M_TRIM_THRESHOLD: i32 = -1;
-            const M_TOP_PAD: i32 = -2;
-            const M_MMAP_MAX: i32 = -4;
-            extern "C" {
-                fn mallopt(param: i32, value: i32) -> i32;
-            }
             // SAFETY: mallopt only changes allocator tuning parameters; any value is valid.
             unsafe {
-                mallopt(M_MMAP_MAX, 0);
-                mallopt(M_TRIM_THRESHOLD, i32::MAX);
-                mallopt(M_TOP_PAD, 256 << 20);
+                libc::mallopt(libc::M_MMAP_MAX, 0);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+                libc::mallopt(libc::M_TOP_PAD, 256 << 20);
             }
         });
     }

@@ -82,8 +82,8 @@ fn scaled(tile: Tile, scale: usize) -> Tile {
     }
 }
 
-/// Decodes a raw latent [B,C,h,w] (already divided by the scaling factor) to images
-/// [B,3,h·f,w·f], in tiles when `tiling` says so.
+/// Decodes a raw latent `[B,C,h,w]` (already divided by the scaling factor) to images
+/// `[B,3,h·f,w·f]`, in tiles when `tiling` says so.
 pub fn decode(
     vae: &AutoencoderKL,
     factor: usize,
@@ -114,7 +114,7 @@ pub fn decode(
     Ok(Tensor::cat(&images, 0)?)
 }
 
-/// Encodes images [B,3,H,W] (sides multiples of `factor`) to the latent distribution, in tiles
+/// Encodes images `[B,3,H,W]` (sides multiples of `factor`) to the latent distribution, in tiles
 /// when `tiling` says so; the tiles' means and standard deviations are blended.
 pub fn encode(
     vae: &AutoencoderKL,

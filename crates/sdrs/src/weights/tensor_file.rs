@@ -98,10 +98,6 @@ pub(super) fn release_pages(data: &[u8]) {
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;
-        const MADV_DONTNEED: i32 = 4;
-        extern "C" {
-            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-        }
         let start = data.as_ptr() as usize;
         // Only whole pages inside the slice: a neighbouring tensor's pages stay.
         let first = start.div_ceil(PAGE) * PAGE;
@@ -111,7 +107,7 @@ pub(super) fn release_pages(data: &[u8]) {
             // such a mapping only discards resident copies of file pages, which fault back in
             // with the same contents. The result is ignored: failing leaves the pages resident.
             unsafe {
-                madvise(first as *mut std::ffi::c_void, end - first, MADV_DONTNEED);
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! padding) against transformers' CLIPTextModel, and whole txt2img images from the single file
 //! (ε) and from the diffusers-layout folder (v-prediction, padding from its tokenizer config).
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use sdrs::models::clip::ClipTextTransformer;

@@ -2,7 +2,6 @@
 //! `/{owner}/{name}/resolve/main/{file}` with the headers the Hub sends (`x-repo-commit`, an
 //! `etag` that for weight files is their SHA-256, ranges), and can be told to break a transfer
 //! after some bytes or to send a corrupted file. It logs every request it answers.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

@@ -1,7 +1,7 @@
 //! Whole txt2img images from the tiny model against diffusers / k-diffusion
 //! (fixtures/reference/txt2img.json): within 1/255 per channel, 2/255 on at most 0.1%.
 
-mod common;
+use crate::common;
 
 use sdrs::pipeline::{txt2img, StableDiffusion};
 use sdrs::sampling::Flow;

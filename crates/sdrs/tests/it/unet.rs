@@ -1,6 +1,6 @@
 //! The UNet against diffusers on the tiny model (fixtures/reference/unet.safetensors).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -93,7 +93,7 @@ fn an_empty_var_builder_is_an_error_for_the_full_sd1_config() {
 
 /// Speed of one full-size SD 1.x forward at a 64×64 latent (512×512 image), batch 2 as with
 /// CFG, on random weights. Slow (a minute or more, 3.5 GB); run with
-/// `cargo test --release -p sdrs --test unet -- --ignored --nocapture`.
+/// `cargo test --release -p sdrs --test it unet:: -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn full_size_sd1_unet_forward_at_64x64_latent() {

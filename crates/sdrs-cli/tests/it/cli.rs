@@ -664,7 +664,7 @@ fn fast_mode_is_recorded_in_the_infotext_and_stays_close_to_the_exact_image() {
     assert_eq!(precision("00000-7.png"), None);
     let want = sdrs::ops::bf16::available().then(|| "bf16".to_string());
     assert_eq!(precision("00001-7.png"), want);
-    // The fast mode's tiny-model bound (tests/fast.rs in the library): mean under 2.5/255.
+    // The fast mode's tiny-model bound (tests/it/fast.rs in the library): mean under 2.5/255.
     let a = image::open(out.join("00000-7.png")).unwrap().to_rgb8();
     let b = image::open(out.join("00001-7.png")).unwrap().to_rgb8();
     let diffs: Vec<f64> = a

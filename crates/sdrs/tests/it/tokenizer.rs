@@ -106,7 +106,7 @@ fn cached_words_encode_the_same_as_fresh_ones() {
 /// Every Unicode scalar value, through a probe string that shows its class, NFC and lowercase.
 /// Slow and needs a 110 MB file; run:
 /// `/opt/venv/bin/python tools/tokenizer_reference.py --codepoints /tmp/codepoints.txt &&
-///  SDRS_CODEPOINTS=/tmp/codepoints.txt cargo test -p sdrs --release --test tokenizer -- --ignored`
+///  SDRS_CODEPOINTS=/tmp/codepoints.txt cargo test -p sdrs --release --test it tokenizer:: -- --ignored`
 #[test]
 #[ignore]
 fn every_codepoint_matches_reference() {

@@ -12,7 +12,6 @@ use sdrs::weights::fuzzing;
 use sdrs::weights::{Checkpoint, UpscalerFile};
 use sdrs::Error;
 
-#[path = "hostile_files/writers.rs"]
 mod writers;
 use writers::{f32_bytes, good_checkpoint, safetensors, small_tensor, state_dict, torch_zip};
 use writers::{Pickle, TensorSpec, Zip};
@@ -673,7 +672,7 @@ fn torch_written_files_load_to_the_same_numbers_as_candles_reader() {
 /// CRC-32 check. Make the file with torch (fp32, like v1-5-pruned-emaonly.ckpt, ~4.3 GB), e.g.
 /// `torch.save({"state_dict": sd}, "/tmp/sd15-random.ckpt")` over `tools/full_size.py`'s
 /// random SD 1.5 weights in CompVis names; the path is overridable with `SDRS_FULL_SIZE_CKPT`.
-/// Run with `cargo test --release -p sdrs --test hostile_files -- --ignored --nocapture`.
+/// Run with `cargo test --release -p sdrs --test it hostile_files:: -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn full_size_ckpt_crc_cost() {

@@ -1,7 +1,7 @@
 //! High resolution on the tiny model: tiled VAE against the whole-image VAE, the hires fix
 //! against the txt2img + img2img it is made of, and `hd` end to end.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;

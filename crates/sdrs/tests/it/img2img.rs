@@ -3,7 +3,7 @@
 //! 1/255 per channel, 2/255 on at most 0.1%. The init-image preparation (alpha flattening,
 //! the three resize modes) is compared with Pillow/A1111 exactly.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use sdrs::image_io::{flatten_alpha, load_image, resize_for_mode, ResizeMode};

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: fixture paths, reference tensors, comparisons
 //! that say where they failed.
-#![allow(dead_code)]
+
+pub mod fake_hub;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

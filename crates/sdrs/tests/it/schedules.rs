@@ -1,6 +1,6 @@
 //! Sigma and timestep tables against diffusers and k-diffusion (fixtures/reference/schedules.json).
 
-mod common;
+use crate::common;
 
 use sdrs::sampling::{NoiseSchedule, Sampler, SigmaSchedule};
 

@@ -1,6 +1,6 @@
 //! The CLIP text encoder against transformers' `CLIPTextModel` on the tiny fixtures.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

@@ -1,6 +1,6 @@
 //! The VAE against diffusers' `AutoencoderKL` on the tiny fixture.
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 
@@ -68,7 +68,7 @@ fn encode_rejects_size_not_multiple_of_8() {
 }
 
 /// Full-size SD VAE with zero weights: checks shapes and prints the decode time at 512²
-/// (run with `cargo test -p sdrs --test vae -- --ignored --nocapture`).
+/// (run with `cargo test -p sdrs --test it vae:: -- --ignored --nocapture`).
 #[test]
 #[ignore = "full-size VAE decode, about a minute on 2 cores"]
 fn full_size_decode_of_64x64_latent_gives_512x512_image() {

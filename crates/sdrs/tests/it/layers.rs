@@ -2,7 +2,7 @@
 //! the tiny model. The fixture stores f16 weights, so widening per call must give the same
 //! numbers as widening at load: same tolerance as the f32 parity tests.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;

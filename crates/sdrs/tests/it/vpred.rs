@@ -2,7 +2,7 @@
 //! and diffusers' v-prediction DDIM (fixtures/reference/vpred.json, made by
 //! tools/make_vpred_fixtures.py); and how a checkpoint's prediction type is detected.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Prompt conditioning against `tools/make_prompt_fixtures.py` (A1111's chunking and emphasis,
 //! optimizedSD's blend, over the tiny CLIP), plus the documented parse vectors.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

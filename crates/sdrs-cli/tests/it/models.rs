@@ -1,7 +1,9 @@
 //! The first run without `--model`, and `sdrs models`, against a Hub stand-in in the test
 //! process that serves the tiny SD 2 (v-prediction) folder as `stabilityai/sd-turbo`.
 
-#[path = "../../sdrs/tests/common/fake_hub.rs"]
+// The library tests' Hub stand-in, of which these tests use a part.
+#[allow(dead_code)]
+#[path = "../../../sdrs/tests/it/common/fake_hub.rs"]
 mod fake_hub;
 
 use std::path::{Path, PathBuf};

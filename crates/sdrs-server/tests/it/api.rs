@@ -648,5 +648,4 @@ async fn options_list_and_switch_models() {
     std::fs::remove_dir_all(&models).unwrap();
 }
 
-#[path = "api/hostile.rs"]
 mod hostile;

@@ -542,7 +542,7 @@ fn resident_mib() -> usize {
 
 /// A full-size random SD 1.5 single file, made by
 /// `tools/make_fixtures.py --full-size /tmp/sd15-random.safetensors` (2.1 GB; path overridable
-/// with `SDRS_FULL_SIZE`). Run with `cargo test -p sdrs --test weights -- --ignored`.
+/// with `SDRS_FULL_SIZE`). Run with `cargo test -p sdrs --test it weights:: -- --ignored`.
 #[test]
 #[ignore]
 fn full_size_sd15_opens_lazily_with_sd1_configs() {

@@ -3,7 +3,7 @@
 //! and widened per layer (the tiny model's files are f16, as most real checkpoints are, so no
 //! weight is rounded; the bound is the foundation's).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

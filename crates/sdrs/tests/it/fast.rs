@@ -4,7 +4,7 @@
 //! a looser tolerance than the exact mode's.
 //! Skipped, with a message, on CPUs without AVX512-BF16.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;

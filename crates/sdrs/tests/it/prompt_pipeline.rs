@@ -7,7 +7,7 @@
 //! step 2 moves few pixels by a whole level; the final latents, compared tightly, see it (one
 //! step off moves them by 1e-4–7e-3 of their scale).
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use sdrs::pipeline::{txt2img, CfgDenoiser, GenerationRequest, StableDiffusion};

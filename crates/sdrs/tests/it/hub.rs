@@ -1,13 +1,11 @@
 //! Getting a model by name: the whole download path against a Hub stand-in serving the tiny
 //! SD 2 (v-prediction) folder as `stabilityai/sd-turbo`.
 
-mod common;
-#[path = "common/fake_hub.rs"]
-mod fake_hub;
+use crate::common;
+use crate::common::fake_hub::{self, FakeHub};
 
 use std::path::{Path, PathBuf};
 
-use fake_hub::FakeHub;
 use sdrs::hub::{catalogue, Hub};
 use sdrs::models::unet::Prediction;
 use sdrs::weights::Checkpoint;
