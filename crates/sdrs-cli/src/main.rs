@@ -50,7 +50,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     threads::use_physical_cores();
-    sdrs::ops::keep_freed_memory();
+    sdrs::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Txt2img(args) => txt2img::run(*args),

@@ -54,7 +54,7 @@ impl Control {
 pub fn run_worker() -> Result<()> {
     // The worker is the process that runs the models (the server only relays), so it is the
     // one that makes the allocator keep freed activations between steps.
-    sdrs::ops::keep_freed_memory();
+    sdrs::keep_freed_memory();
     let out = protocol_output()?;
     die_with_parent();
     let control = Arc::new(Control::default());

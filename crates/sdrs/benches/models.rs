@@ -77,7 +77,7 @@ fn kernels(repeats: usize) -> Res<()> {
 /// The fast mode's bf16 kernels on the UNet's shapes at a 64² latent (512² image), batch 2,
 /// beside the exact kernels on the same shapes.
 fn bf16(repeats: usize) -> Res<()> {
-    if !sdrs::ops::bf16::available() {
+    if !sdrs::fast_available() {
         println!("bf16: this CPU lacks AVX512-BF16");
         return Ok(());
     }
@@ -167,7 +167,7 @@ fn main() -> Res<()> {
         std::env::var("SDRS_MODEL").unwrap_or_else(|_| "/work/full/sd15-random.safetensors".into());
     let dev = Device::Cpu;
     // As the binaries that run models do, so the kernel cases see the same allocator behaviour.
-    sdrs::ops::keep_freed_memory();
+    sdrs::keep_freed_memory();
     for case in cases.split(',') {
         match case {
             "matmul" => matmul(repeats)?,

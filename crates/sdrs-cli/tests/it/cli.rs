@@ -644,7 +644,7 @@ fn fast_mode_is_recorded_in_the_infotext_and_stays_close_to_the_exact_image() {
         args.extend(fast);
         let r = sdrs(&args);
         assert!(r.status.success(), "{}", stderr(&r));
-        let available = sdrs::ops::bf16::available();
+        let available = sdrs::fast_available();
         assert_eq!(
             stderr(&r).contains("running the exact f32 kernels"),
             fast.is_some() && !available,
@@ -662,7 +662,7 @@ fn fast_mode_is_recorded_in_the_infotext_and_stays_close_to_the_exact_image() {
             .map(String::from)
     };
     assert_eq!(precision("00000-7.png"), None);
-    let want = sdrs::ops::bf16::available().then(|| "bf16".to_string());
+    let want = sdrs::fast_available().then(|| "bf16".to_string());
     assert_eq!(precision("00001-7.png"), want);
     // The fast mode's tiny-model bound (tests/it/fast.rs in the library): mean under 2.5/255.
     let a = image::open(out.join("00000-7.png")).unwrap().to_rgb8();
@@ -691,6 +691,6 @@ fn fast_mode_is_recorded_in_the_infotext_and_stays_close_to_the_exact_image() {
     ]);
     assert!(report.status.success(), "{}", stderr(&report));
     let report: serde_json::Value = serde_json::from_slice(&report.stdout).expect("JSON");
-    assert_eq!(report["fast"].as_bool(), Some(sdrs::ops::bf16::available()));
+    assert_eq!(report["fast"].as_bool(), Some(sdrs::fast_available()));
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -9,6 +9,7 @@ use crate::{Error, Result};
 
 /// One encoded prompt part: its AND weight and the conditioning for each stretch of steps.
 pub struct EncodedPart {
+    /// The part's AND weight (composable diffusion).
     pub weight: f32,
     /// `(until_step, context)`: serves 0-based steps up to `until_step` (A1111's `end_at_step`).
     edits: Vec<(usize, Tensor)>,
@@ -24,7 +25,9 @@ impl EncodedPart {
 
 /// Everything the denoiser needs from the text.
 pub struct Conditioning {
+    /// The prompt's AND parts.
     pub parts: Vec<EncodedPart>,
+    /// The negative prompt (the unconditional side of guidance).
     pub uncond: EncodedPart,
 }
 

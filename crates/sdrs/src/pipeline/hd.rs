@@ -51,13 +51,22 @@ pub enum HdEvent<'a> {
     Base(Event<'a>),
     /// Tile `tile` of `tiles` in pass `pass` of `passes` is starting.
     Tile {
+        /// Zero-based pass.
         pass: usize,
+        /// Passes in all.
         passes: usize,
+        /// Zero-based tile, row by row.
         tile: usize,
+        /// Tiles in this pass.
         tiles: usize,
     },
     /// The tile in progress finished sampling step `step` of `steps`.
-    Step { step: usize, steps: usize },
+    Step {
+        /// One-based step just taken.
+        step: usize,
+        /// Steps the tile takes.
+        steps: usize,
+    },
 }
 
 /// The finished image and what made it.

@@ -2,6 +2,8 @@
 
 mod conditioning;
 mod denoiser;
+/// FLOP counts of each phase, for `sdrs bench`'s throughput figures; not an API.
+#[doc(hidden)]
 pub mod flops;
 mod generate;
 pub mod hd;
@@ -12,7 +14,7 @@ mod latent;
 mod model;
 mod networks;
 mod request;
-pub mod tiles;
+mod tiles;
 mod txt2img;
 pub mod vae_tiling;
 

@@ -15,11 +15,17 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GenerationRequest {
+    /// What to draw, in the prompt language `prompt_syntax` says.
     pub prompt: String,
+    /// What to steer away from.
     pub negative_prompt: String,
+    /// Image width in pixels, a multiple of 8.
     pub width: usize,
+    /// Image height in pixels, a multiple of 8.
     pub height: usize,
+    /// Sampling steps.
     pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off.
     pub cfg_scale: f64,
     /// A1111 sampler name or alias ("Euler a", "DPM++ 2M Karras", "ddim", …).
     pub sampler_name: String,

@@ -10,9 +10,13 @@ use crate::{Error, Result};
 /// One tile: its top-left corner and size, in the units of the grid (pixels or latent cells).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tile {
+    /// Left edge.
     pub x: usize,
+    /// Top edge.
     pub y: usize,
+    /// Width.
     pub width: usize,
+    /// Height.
     pub height: usize,
 }
 

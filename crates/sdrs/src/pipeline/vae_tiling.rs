@@ -1,7 +1,7 @@
 //! VAE encode and decode in overlapping tiles, so memory stays bounded for large images.
 //!
 //! Tiles are laid out on the latent grid (so every pixel tile starts on a multiple of the
-//! VAE's downscale factor) with [`tiles::grid`], run through the VAE one at a time, and
+//! VAE's downscale factor) with `tiles::grid`, run through the VAE one at a time, and
 //! joined with linear ramps over the overlap: decoded tiles in pixel space, encoded tiles in
 //! latent space. The VAE's group norms see one tile at a time, so a tiled result differs a
 //! little from the whole-image one; the overlap hides the seams.
@@ -32,6 +32,7 @@ pub enum TilingMode {
 /// Tile size and overlap in latent cells, and when to use them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VaeTiling {
+    /// When tiles are used.
     pub mode: TilingMode,
     /// Tile side in latent cells (64 = 512 pixels for SD's VAE).
     pub tile: usize,

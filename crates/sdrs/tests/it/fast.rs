@@ -26,7 +26,7 @@ const FAST: ModelOptions = ModelOptions {
 };
 
 fn fast_available() -> bool {
-    let ok = sdrs::ops::bf16::available();
+    let ok = sdrs::fast_available();
     if !ok {
         eprintln!("skipped: this CPU lacks AVX512-BF16, so --fast runs the exact kernels");
     }
