@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sdrs::hub::Hub;
 use sdrs::image_io::{encode_png, load_image};
 use sdrs::output::OutputDir;
-use sdrs::pipeline::hd::{final_size, hd, HdEvent, HdOptions};
 use sdrs::pipeline::Event;
+use sdrs::pipeline::{final_size, hd, HdEvent, HdOptions};
 use sdrs::sampling::Flow;
 use sdrs::upscale::{BuiltinUpscaler, Upscaler};
 

@@ -35,8 +35,7 @@ pub fn view(state: &AppState, job: &Job) -> Value {
         .enumerate()
         .map(|(i, r)| {
             json!({
-                // Requests carry signed seeds; a wrapped negative one reads as given.
-                "seed": r.seed as i64,
+                "seed": sdrs::pipeline::signed_seed(r.seed),
                 "infotext": r.infotext,
                 "path": r.path.display().to_string(),
                 "url": format!("/sdrs/v1/jobs/{}/images/{i}", job.id),

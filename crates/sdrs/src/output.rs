@@ -96,7 +96,7 @@ impl OutputDir {
     /// Writes `<NNNNN>-<seed>.<ext>` and returns its path (a wrapped negative seed is named
     /// as it was given).
     pub fn write_sample(&mut self, seed: u64, ext: &str, bytes: &[u8]) -> Result<PathBuf> {
-        let seed = seed as i64;
+        let seed = crate::pipeline::signed_seed(seed);
         loop {
             let path = self.dir.join(format!("{:05}-{seed}.{ext}", self.next));
             self.next += 1;

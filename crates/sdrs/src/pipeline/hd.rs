@@ -240,10 +240,9 @@ fn redraw(
             tile.height as u32,
         )
         .to_image();
-        let tile_gen = tile_gen.derive(|r| {
-            (r.width, r.height) = (tile.width, tile.height);
-            r.seed = tile_seed(base_seed, pass, index) as i64;
-        })?;
+        let tile_gen = tile_gen
+            .derive(|r| (r.width, r.height) = (tile.width, tile.height))?
+            .with_seed(tile_seed(base_seed, pass, index));
         let outcome = img2img(sd, &tile_gen, &crop, &mut |e| match e {
             Event::Step { step, steps, .. } => on_event(HdEvent::Step { step, steps }),
             Event::Image { .. } => Flow::Continue,

@@ -52,8 +52,7 @@ pub fn render(gen: &Generation, facts: &ImageFacts) -> String {
         params.push(("Schedule type", schedule.to_string()));
     }
     params.push(("CFG scale", number(req.cfg_scale)));
-    // Seeds come from signed requests: a wrapped negative one is written as it was given.
-    params.push(("Seed", (facts.seed as i64).to_string()));
+    params.push(("Seed", super::signed_seed(facts.seed).to_string()));
     params.push(("Size", format!("{}x{}", req.width, req.height)));
     if let Some(hash) = &facts.model_hash {
         params.push(("Model hash", hash.clone()));

@@ -1,4 +1,6 @@
-//! Turning a request into images: the request type, the loaded model, txt2img and img2img.
+//! Turning a request into images: the request and the `Generation` it validates into, the
+//! loaded model and its networks, the loop every run shares, txt2img, img2img, the hires fix
+//! and hd.
 
 mod conditioning;
 mod denoiser;
@@ -6,8 +8,8 @@ mod denoiser;
 #[doc(hidden)]
 pub mod flops;
 mod generate;
-pub mod hd;
-pub mod hires;
+mod hd;
+mod hires;
 mod img2img;
 pub mod infotext;
 mod latent;
@@ -21,10 +23,11 @@ pub mod vae_tiling;
 pub use conditioning::{Conditioning, EncodedPart};
 pub use denoiser::CfgDenoiser;
 pub use generate::{Event, GeneratedImage, Outcome};
+pub use hd::{final_size, hd, tile_seed, HdEvent, HdImage, HdOptions};
 pub use img2img::{img2img, img2img_sigmas};
 pub use latent::decode;
 pub use model::{LoadOptions, StableDiffusion};
 pub use networks::{NetworkOptions, Residency};
-pub use request::{Generation, GenerationRequest};
+pub use request::{signed_seed, Generation, GenerationRequest};
 pub use txt2img::txt2img;
 pub use vae_tiling::{TilingMode, VaeTiling};

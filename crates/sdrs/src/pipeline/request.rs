@@ -163,11 +163,20 @@ impl Generation {
         self.sampler.sigmas(noise, steps, self.schedule)
     }
 
-    /// A request derived from this one by `change` (a pipeline's sub-run), validated anew.
+    /// This run with its first image's seed set to `seed` (a sub-run's own seed: set here,
+    /// not through the request, where the −1 that `u64::MAX` reads as would draw a new one).
+    pub(crate) fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self.request.seed = signed_seed(seed);
+        self
+    }
+
+    /// A request derived from this one by `change` (a pipeline's sub-run), validated anew,
+    /// with this run's seed.
     pub(crate) fn derive(&self, change: impl FnOnce(&mut GenerationRequest)) -> Result<Self> {
         let mut request = self.request.clone();
         change(&mut request);
-        request.validate()
+        Ok(request.validate()?.with_seed(self.seed))
     }
 }
 
@@ -182,6 +191,12 @@ impl From<Generation> for GenerationRequest {
     fn from(generation: Generation) -> Self {
         generation.request
     }
+}
+
+/// A seed as users give and read it: requests, infotexts, file names and A1111's API carry
+/// signed seeds, so a seed that a negative one wrapped to reads as that negative one again.
+pub fn signed_seed(seed: u64) -> i64 {
+    seed as i64
 }
 
 /// The seed a run uses: the request's, or a fresh one for −1. Another negative seed wraps to
@@ -317,7 +332,7 @@ impl GenerationRequest {
         let seed = resolve_seed(self.seed);
         Ok(Generation {
             request: GenerationRequest {
-                seed: seed as i64,
+                seed: signed_seed(seed),
                 ..self.clone()
             },
             seed,
