@@ -346,6 +346,29 @@ mod tests {
     }
 
     #[test]
+    fn eta_is_written_under_a1111s_key_only_when_not_the_samplers_default() {
+        let text = |sampler: &str, eta: Option<f64>, s_noise: f64| {
+            let req = GenerationRequest {
+                sampler_name: sampler.into(),
+                eta,
+                s_noise,
+                ..Default::default()
+            };
+            render(&req.validate().unwrap(), &ImageFacts::default())
+        };
+        assert!(!text("Euler a", None, 1.0).contains("Eta"));
+        assert!(!text("Euler a", Some(1.0), 1.0).contains("Eta"));
+        assert!(!text("DDIM", Some(0.0), 1.0).contains("Eta"));
+        assert!(!text("Euler", Some(0.5), 0.5).contains("Eta"));
+        let ancestral = text("Euler a", Some(0.5), 0.9);
+        assert!(ancestral.contains("Eta: 0.5,"), "{ancestral}");
+        assert!(ancestral.contains("Sigma noise: 0.9,"), "{ancestral}");
+        let back = parse(&ancestral).to_request();
+        assert_eq!((back.eta, back.s_noise), (Some(0.5), 0.9));
+        assert!(text("DDIM", Some(0.3), 1.0).contains("Eta DDIM: 0.3,"));
+    }
+
+    #[test]
     fn denoising_strength_is_written_for_img2img_only_and_read_back() {
         let req = GenerationRequest {
             prompt: "a fox".into(),

@@ -477,6 +477,31 @@ mod tests {
     }
 
     #[test]
+    fn a_generation_is_read_back_only_through_validation() {
+        let gen = GenerationRequest {
+            seed: -1,
+            sampler_name: "DPM++ 2M Karras".into(),
+            ..req()
+        }
+        .validate()
+        .unwrap();
+        // The drawn seed travels as the request's seed and comes back as drawn.
+        let wire = serde_json::to_string(&gen).unwrap();
+        let back: Generation = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back, gen);
+        assert_eq!(back.seed(), gen.seed());
+        // A frame that was not validated (or was tampered with) is refused, not run.
+        let err = serde_json::from_str::<Generation>(r#"{"steps": 0}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("steps must be at least 1"),
+            "{err}"
+        );
+        let err = serde_json::from_str::<Generation>(r#"{"sampler_name": "DDIM", "steps": 1000}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("MAX_TIMESTEP_STEPS"), "{err}");
+    }
+
+    #[test]
     fn request_deserialises_with_defaults() {
         let r: GenerationRequest =
             serde_json::from_str(r#"{"prompt": "a cat", "steps": 20}"#).unwrap();
