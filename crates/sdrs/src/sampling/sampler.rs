@@ -1,4 +1,5 @@
-//! The sampler name table: A1111's names, older aliases, and how each sampler starts.
+//! The sampler table: each sampler's A1111 name, older aliases, how it walks the noise
+//! levels, the options it reads, and its function.
 
 use candle_core::Tensor;
 
@@ -26,28 +27,90 @@ pub enum Sampler {
     DpmPp2m,
 }
 
-/// Each sampler's A1111 name and the other spellings users type.
-const NAMES: &[(Sampler, &str, &[&str])] = &[
-    (Sampler::Ddim, "DDIM", &["ddim"]),
-    (Sampler::Plms, "PLMS", &["plms", "pndm"]),
-    (Sampler::Euler, "Euler", &["euler", "k_euler"]),
-    (
-        Sampler::EulerAncestral,
-        "Euler a",
-        &[
+/// How a sampler walks the noise levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// A k-diffusion sigma schedule (normal, Karras, SGM uniform).
+    Sigmas,
+    /// The training timesteps, one per step (DDIM, PLMS), from a unit-variance start.
+    Timesteps,
+}
+
+/// A sampler's function with the options it reads taken from [`SamplerOptions`], as
+/// k-diffusion's samplers take their keyword arguments.
+type Run = fn(&mut SamplerContext, Tensor, &[f64], &SamplerOptions) -> Result<Sampled>;
+
+/// One sampler: everything the rest of sdrs knows about it.
+struct Row {
+    sampler: Sampler,
+    /// The name A1111 shows and writes into infotexts.
+    name: &'static str,
+    /// Other spellings users type (lower case).
+    aliases: &'static [&'static str],
+    walk: Walk,
+    /// The η a run uses unless the request gives one; `None` for samplers that add no noise.
+    eta: Option<f64>,
+    run: Run,
+}
+
+/// The sampler table, in the order the CLI and the API list them. A new sampler is its file
+/// under `sampling/`, a [`Sampler`] variant and a row here.
+const TABLE: &[Row] = &[
+    Row {
+        sampler: Sampler::Ddim,
+        name: "DDIM",
+        aliases: &["ddim"],
+        walk: Walk::Timesteps,
+        eta: Some(0.0),
+        run: |ctx, x, sigmas, o| ddim(ctx, x, sigmas, o.eta),
+    },
+    Row {
+        sampler: Sampler::Plms,
+        name: "PLMS",
+        aliases: &["plms", "pndm"],
+        walk: Walk::Timesteps,
+        eta: None,
+        run: |ctx, x, sigmas, _| plms(ctx, x, sigmas),
+    },
+    Row {
+        sampler: Sampler::Euler,
+        name: "Euler",
+        aliases: &["euler", "k_euler"],
+        walk: Walk::Sigmas,
+        eta: None,
+        run: |ctx, x, sigmas, _| euler(ctx, x, sigmas),
+    },
+    Row {
+        sampler: Sampler::EulerAncestral,
+        name: "Euler a",
+        aliases: &[
             "euler a",
             "euler_a",
             "euler_ancestral",
             "k_euler_a",
             "k_euler_ancestral",
         ],
-    ),
-    (Sampler::Heun, "Heun", &["heun", "k_heun"]),
-    (
-        Sampler::DpmPp2m,
-        "DPM++ 2M",
-        &["dpm++ 2m", "dpmpp_2m", "k_dpmpp_2m", "dpm++2m"],
-    ),
+        walk: Walk::Sigmas,
+        // k-diffusion's `eta=1.`: a full step of fresh noise.
+        eta: Some(1.0),
+        run: |ctx, x, sigmas, o| euler_ancestral(ctx, x, sigmas, o.eta, o.s_noise),
+    },
+    Row {
+        sampler: Sampler::Heun,
+        name: "Heun",
+        aliases: &["heun", "k_heun"],
+        walk: Walk::Sigmas,
+        eta: None,
+        run: |ctx, x, sigmas, _| heun(ctx, x, sigmas),
+    },
+    Row {
+        sampler: Sampler::DpmPp2m,
+        name: "DPM++ 2M",
+        aliases: &["dpm++ 2m", "dpmpp_2m", "k_dpmpp_2m", "dpm++2m"],
+        walk: Walk::Sigmas,
+        eta: None,
+        run: |ctx, x, sigmas, _| dpmpp_2m(ctx, x, sigmas),
+    },
 ];
 
 /// A sampler name as parsed: the sampler, and the schedule an alias like "DPM++ 2M Karras"
@@ -71,12 +134,10 @@ impl std::str::FromStr for SamplerChoice {
             Some(base) => (base.trim(), Some(SigmaSchedule::Karras)),
             None => (lower.as_str(), None),
         };
-        let sampler = NAMES
+        let sampler = TABLE
             .iter()
-            .find(|(_, display, aliases)| {
-                display.to_ascii_lowercase() == base || aliases.contains(&base)
-            })
-            .map(|(s, _, _)| *s)
+            .find(|row| row.name.to_ascii_lowercase() == base || row.aliases.contains(&base))
+            .map(|row| row.sampler)
             .ok_or_else(|| Error::UnknownSampler {
                 name: name.to_string(),
                 valid: Sampler::all()
@@ -97,22 +158,25 @@ impl std::str::FromStr for SamplerChoice {
 impl Sampler {
     /// Every sampler, in the order the CLI and API list them.
     pub fn all() -> Vec<Sampler> {
-        NAMES.iter().map(|(s, _, _)| *s).collect()
+        TABLE.iter().map(|row| row.sampler).collect()
     }
 
-    /// This sampler's row of the name table.
-    fn names(self) -> Option<&'static (Sampler, &'static str, &'static [&'static str])> {
-        NAMES.iter().find(|(s, _, _)| *s == self)
+    /// This sampler's row of the table (every variant has one; a unit test checks).
+    fn row(self) -> &'static Row {
+        TABLE
+            .iter()
+            .find(|row| row.sampler == self)
+            .unwrap_or(&TABLE[0])
     }
 
     /// The name A1111 shows and writes into the infotext.
     pub fn name(self) -> &'static str {
-        self.names().map_or("", |(_, name, _)| name)
+        self.row().name
     }
 
     /// The other spellings this sampler is known by.
     pub fn aliases(self) -> &'static [&'static str] {
-        self.names().map_or(&[], |(_, _, aliases)| aliases)
+        self.row().aliases
     }
 
     /// The CLI's help line: every sampler's A1111 name, quoted where it has a space.
@@ -131,22 +195,20 @@ impl Sampler {
     }
 
     /// The η a run uses unless the request gives one: DDIM is deterministic by default,
-    /// ancestral samplers add a full step of fresh noise (k-diffusion's `eta=1.`).
+    /// ancestral samplers add a full step of fresh noise (k-diffusion's `eta=1.`); 0 for
+    /// samplers that add no noise.
     pub fn default_eta(self) -> f64 {
-        match self {
-            Sampler::EulerAncestral => 1.0,
-            _ => 0.0,
-        }
+        self.row().eta.unwrap_or(0.0)
     }
 
-    /// Whether this sampler reads η: DDIM and the ancestral sampler.
+    /// Whether this sampler reads η (it adds fresh noise): DDIM and the ancestral sampler.
     pub fn uses_eta(self) -> bool {
-        matches!(self, Sampler::Ddim | Sampler::EulerAncestral)
+        self.row().eta.is_some()
     }
 
     /// k-diffusion samplers walk a sigma schedule; DDIM and PLMS walk training timesteps.
     pub fn uses_sigma_schedule(self) -> bool {
-        !matches!(self, Sampler::Ddim | Sampler::Plms)
+        self.row().walk == Walk::Sigmas
     }
 
     /// The longest schedule this sampler can walk, and the name of that limit: DDIM and PLMS
@@ -193,16 +255,7 @@ impl Sampler {
         sigmas: &[f64],
         options: &SamplerOptions,
     ) -> Result<Sampled> {
-        match self {
-            Sampler::Ddim => ddim(ctx, x, sigmas, options.eta),
-            Sampler::Plms => plms(ctx, x, sigmas),
-            Sampler::Euler => euler(ctx, x, sigmas),
-            Sampler::EulerAncestral => {
-                euler_ancestral(ctx, x, sigmas, options.eta, options.s_noise)
-            }
-            Sampler::Heun => heun(ctx, x, sigmas),
-            Sampler::DpmPp2m => dpmpp_2m(ctx, x, sigmas),
-        }
+        (self.row().run)(ctx, x, sigmas, options)
     }
 }
 
@@ -232,6 +285,32 @@ mod tests {
     fn unknown_sampler_lists_the_valid_ones() {
         let err = parse("Euler b").unwrap_err().to_string();
         assert!(err.contains("Euler a") && err.contains("DPM++ 2M"), "{err}");
+    }
+
+    #[test]
+    fn every_sampler_has_exactly_one_row() {
+        let variants = [
+            Sampler::Ddim,
+            Sampler::Plms,
+            Sampler::Euler,
+            Sampler::EulerAncestral,
+            Sampler::Heun,
+            Sampler::DpmPp2m,
+        ];
+        for sampler in variants {
+            // Exhaustive, so that a new variant does not compile until it is listed above.
+            match sampler {
+                Sampler::Ddim
+                | Sampler::Plms
+                | Sampler::Euler
+                | Sampler::EulerAncestral
+                | Sampler::Heun
+                | Sampler::DpmPp2m => {}
+            }
+            let rows = TABLE.iter().filter(|row| row.sampler == sampler).count();
+            assert_eq!(rows, 1, "{sampler:?}");
+        }
+        assert_eq!(TABLE.len(), variants.len());
     }
 
     #[test]
