@@ -1,23 +1,65 @@
-//! The text conditioning of a run: the prompt's AND parts with their prompt edits, and the
-//! negative prompt's edits, encoded once before sampling.
+//! The conditioner in front of the UNet: a run's prompts turned, once before sampling, into
+//! what the UNet is conditioned on — for the prompt's AND parts with their prompt edits, and
+//! for the negative prompt's edits.
 
 use candle_core::Tensor;
 
 use super::{Generation, StableDiffusion};
+use crate::models::unet::UNet2DConditionModel;
 use crate::prompt::{encode_batch, encode_blend, plan, PromptPlan, PromptSyntax};
 use crate::{Error, Result};
 
-/// One encoded prompt part: its AND weight and the conditioning for each stretch of steps.
+/// What the UNet is conditioned on for one prompt at one step, besides the noisy latent and
+/// the timestep. SD 1.x and 2.x take the text encoder's context; a family whose
+/// [`UnetInputs`](crate::weights::UnetInputs) ask for more (SDXL's pooled text and size ids,
+/// inpainting's mask channels) adds its fields here, and the denoiser passes them on as they
+/// are.
+#[derive(Debug, Clone)]
+pub struct UnetCondition {
+    /// The cross-attention context, `[batch, tokens, width]`.
+    pub context: Tensor,
+}
+
+impl UnetCondition {
+    /// Whether `conditions` can go through the UNet as one batch (prompts of different chunk
+    /// counts cannot).
+    pub(super) fn batchable(conditions: &[&Self]) -> bool {
+        conditions
+            .windows(2)
+            .all(|w| w[0].context.dims() == w[1].context.dims())
+    }
+
+    /// `conditions` stacked along the batch, in order.
+    pub(super) fn cat(conditions: &[&Self]) -> Result<Self> {
+        let contexts: Vec<&Tensor> = conditions.iter().map(|c| &c.context).collect();
+        Ok(Self {
+            context: Tensor::cat(&contexts, 0)?,
+        })
+    }
+
+    /// The UNet's output for `x` at timestep `t` under this condition.
+    pub(super) fn forward(
+        &self,
+        unet: &UNet2DConditionModel,
+        x: &Tensor,
+        t: f64,
+    ) -> Result<Tensor> {
+        unet.forward(x, t, &self.context)
+    }
+}
+
+/// One encoded prompt part: its AND weight and its condition for each stretch of steps.
 pub struct EncodedPart {
     /// The part's AND weight (composable diffusion).
     pub weight: f32,
-    /// `(until_step, context)`: serves 0-based steps up to `until_step` (A1111's `end_at_step`).
-    edits: Vec<(usize, Tensor)>,
+    /// `(until_step, condition)`: serves 0-based steps up to `until_step` (A1111's
+    /// `end_at_step`).
+    edits: Vec<(usize, UnetCondition)>,
 }
 
 impl EncodedPart {
-    /// The context for 0-based sampling step `step` (A1111's `reconstruct_cond_batch`).
-    pub fn at(&self, step: usize) -> &Tensor {
+    /// The condition for 0-based sampling step `step` (A1111's `reconstruct_cond_batch`).
+    pub fn at(&self, step: usize) -> &UnetCondition {
         let found = self.edits.iter().find(|(until, _)| step <= *until);
         &found.unwrap_or(&self.edits[0]).1
     }
@@ -72,7 +114,11 @@ fn encode_plan(
                     .edits
                     .iter()
                     .map(|s| s.until_step)
-                    .zip(contexts)
+                    .zip(
+                        contexts
+                            .into_iter()
+                            .map(|context| UnetCondition { context }),
+                    )
                     .collect(),
             })
         })

@@ -1,10 +1,10 @@
 //! The denoiser the samplers see: UNet ε-prediction, classifier-free guidance over the
-//! prompt's AND parts (composable diffusion), the prompt schedule, and the k-diffusion
+//! prompt's AND parts (composable diffusion), its prompt edits, and the k-diffusion
 //! scalings between sigma space and the UNet's input.
 
 use candle_core::Tensor;
 
-use super::conditioning::Conditioning;
+use super::conditioning::{Conditioning, UnetCondition};
 use super::StableDiffusion;
 use crate::models::unet::Prediction;
 use crate::sampling::Denoiser;
@@ -30,19 +30,26 @@ impl<'a> CfgDenoiser<'a> {
         }
     }
 
-    /// ε for each context: one batched UNet call when the contexts have the same length (the
-    /// usual case), else one call per context (prompts of different chunk counts).
-    fn eps_per_context(&self, x_in: &Tensor, t: f64, contexts: &[&Tensor]) -> Result<Vec<Tensor>> {
+    /// The UNet's output under each condition: one batched call when they batch (the usual
+    /// case), else one call per condition (prompts of different chunk counts).
+    fn output_per_condition(
+        &self,
+        x_in: &Tensor,
+        t: f64,
+        conditions: &[&UnetCondition],
+    ) -> Result<Vec<Tensor>> {
         let unet = self.sd.unet()?;
-        let same_shape = contexts.windows(2).all(|w| w[0].dims() == w[1].dims());
-        if !same_shape {
-            return contexts.iter().map(|c| unet.forward(x_in, t, c)).collect();
+        if !UnetCondition::batchable(conditions) {
+            return conditions
+                .iter()
+                .map(|c| c.forward(&unet, x_in, t))
+                .collect();
         }
         let batch = x_in.dim(0)?;
-        let xs = vec![x_in; contexts.len()];
-        let eps = unet.forward(&Tensor::cat(&xs, 0)?, t, &Tensor::cat(contexts, 0)?)?;
-        (0..contexts.len())
-            .map(|i| Ok(eps.narrow(0, i * batch, batch)?))
+        let xs = vec![x_in; conditions.len()];
+        let out = UnetCondition::cat(conditions)?.forward(&unet, &Tensor::cat(&xs, 0)?, t)?;
+        (0..conditions.len())
+            .map(|i| Ok(out.narrow(0, i * batch, batch)?))
             .collect()
     }
 
@@ -52,11 +59,11 @@ impl<'a> CfgDenoiser<'a> {
     fn guided_output(&self, x_in: &Tensor, t: f64, step: usize) -> Result<Tensor> {
         let parts = &self.conditioning.parts;
         if self.conditioning.unguided(self.cfg_scale) {
-            return self.sd.unet()?.forward(x_in, t, parts[0].at(step));
+            return parts[0].at(step).forward(&*self.sd.unet()?, x_in, t);
         }
-        let mut contexts = vec![self.conditioning.uncond.at(step)];
-        contexts.extend(parts.iter().map(|p| p.at(step)));
-        let eps = self.eps_per_context(x_in, t, &contexts)?;
+        let mut conditions = vec![self.conditioning.uncond.at(step)];
+        conditions.extend(parts.iter().map(|p| p.at(step)));
+        let eps = self.output_per_condition(x_in, t, &conditions)?;
         let uncond = &eps[0];
         let mut guided = uncond.clone();
         for (part, cond) in parts.iter().zip(&eps[1..]) {
