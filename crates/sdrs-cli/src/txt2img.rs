@@ -13,7 +13,7 @@ use sdrs::pipeline::{
     txt2img, Event, Generation, GenerationRequest, LoadOptions, NetworkOptions, Outcome, Residency,
     StableDiffusion, TilingMode, VaeTiling,
 };
-use sdrs::prompt::PromptSyntax;
+use sdrs::prompt::{EditTimeline, PromptSyntax};
 use sdrs::sampling::rng::NormalVariant;
 use sdrs::sampling::{Flow, Sampler, SigmaSchedule};
 use sdrs::upscale::BuiltinUpscaler;
@@ -154,6 +154,10 @@ pub struct GenerationArgs {
     /// How to read the prompt: auto (A1111 and optimizedSD's `text:weight`), a1111, optimized, plain.
     #[arg(long = "prompt-syntax", default_value = "auto")]
     prompt_syntax: PromptSyntax,
+    /// How `when` in [from:to:when] is read: current (A1111 ≥ 1.6: 1.0 is a fraction of the
+    /// steps, 1 a step) or old (below 1 a fraction, else a step).
+    #[arg(long = "edit-timeline", default_value = "current")]
+    edit_timeline: EditTimeline,
     /// Float math for the torch-compatible noise: avx2 (torch on x86-64) or scalar.
     #[arg(long = "rng-math", default_value = "avx2")]
     rng_math: NormalVariant,
@@ -314,6 +318,7 @@ impl GenerationArgs {
             s_noise: self.s_noise,
             clip_skip: self.clip_skip,
             prompt_syntax: self.prompt_syntax,
+            edit_timeline: self.edit_timeline,
             rng_math: self.rng_math,
             ..Default::default()
         }

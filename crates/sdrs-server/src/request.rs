@@ -94,8 +94,25 @@ pub fn fuzz_parse(body: &[u8]) {
 }
 
 /// A1111's other spellings: `sampler_index` (deprecated) for `sampler_name`, scheduler
-/// labels ("Automatic", "Karras", "SGM Uniform") for sdrs' names.
+/// labels ("Automatic", "Karras", "SGM Uniform") for sdrs' names, and the one per-request
+/// setting sdrs reads from `override_settings`: `use_old_scheduling` (the editing timeline).
 fn normalise(fields: &mut Map<String, Value>) -> Result<(), ApiError> {
+    if let Some(Value::Object(settings)) = fields.get("override_settings") {
+        match settings.get("use_old_scheduling") {
+            None | Some(Value::Null) => {}
+            Some(Value::Bool(old)) => {
+                let timeline = if *old { "old" } else { "current" };
+                fields
+                    .entry("edit_timeline")
+                    .or_insert_with(|| timeline.into());
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "override_settings.use_old_scheduling must be true or false",
+                ))
+            }
+        }
+    }
     if let Some(index) = fields.remove("sampler_index") {
         fields.entry("sampler_name").or_insert(index);
     }
@@ -239,6 +256,11 @@ mod tests {
             p.request.request().seed >= 0,
             "a random seed is drawn at once"
         );
+        let old = parse_json(r#"{"override_settings": {"use_old_scheduling": true}}"#).unwrap();
+        assert_eq!(
+            old.request.request().edit_timeline,
+            sdrs::prompt::EditTimeline::Old
+        );
         let k = parse_json(r#"{"scheduler": "SGM Uniform"}"#).unwrap();
         assert_eq!(k.request.request().scheduler, SigmaSchedule::SgmUniform);
     }
@@ -265,6 +287,10 @@ mod tests {
             (r#"{"init_images": ["%%%"]}"#, "not base64"),
             (r#"{"init_images": ["aGVsbG8="]}"#, "not an image"),
             (r#"{"mask": "x"}"#, "inpainting"),
+            (
+                r#"{"override_settings": {"use_old_scheduling": "yes"}}"#,
+                "use_old_scheduling",
+            ),
         ];
         for (body, expected) in cases {
             let e = parse_json(body)

@@ -6,7 +6,9 @@ use candle_core::Tensor;
 
 use super::{Generation, StableDiffusion};
 use crate::models::unet::UNet2DConditionModel;
-use crate::prompt::{encode_batch, encode_blend, plan, PromptPlan, PromptSyntax};
+use crate::prompt::{
+    encode_batch, encode_blend, plan_with, EditClock, EditTimeline, PromptPlan, PromptSyntax,
+};
 use crate::{Error, Result};
 
 /// What the UNet is conditioned on for one prompt at one step, besides the noisy latent and
@@ -126,14 +128,18 @@ fn encode_plan(
 }
 
 impl StableDiffusion {
-    /// The conditioning of `gen`'s prompts for a pass of `steps` steps.
-    pub(super) fn conditioning_for(&self, gen: &Generation, steps: usize) -> Result<Conditioning> {
+    /// The conditioning of `gen`'s prompts for the pass `clock` describes.
+    pub(super) fn conditioning_for(
+        &self,
+        gen: &Generation,
+        clock: EditClock,
+    ) -> Result<Conditioning> {
         let req = &gen.request;
-        self.conditioning(
+        self.conditioning_with(
             &req.prompt,
             &req.negative_prompt,
             req.prompt_syntax,
-            steps,
+            clock,
             req.clip_skip,
         )
     }
@@ -147,8 +153,21 @@ impl StableDiffusion {
         steps: usize,
         clip_skip: usize,
     ) -> Result<Conditioning> {
-        let parts = encode_plan(self, &plan(prompt, syntax, steps)?, syntax, clip_skip)?;
-        let negative = plan(negative_prompt, syntax, steps)?;
+        let clock = EditClock::new(steps, EditTimeline::Current);
+        self.conditioning_with(prompt, negative_prompt, syntax, clock, clip_skip)
+    }
+
+    /// Parses and encodes a prompt and its negative for the pass `clock` describes.
+    pub fn conditioning_with(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        syntax: PromptSyntax,
+        clock: EditClock,
+        clip_skip: usize,
+    ) -> Result<Conditioning> {
+        let parts = encode_plan(self, &plan_with(prompt, syntax, clock)?, syntax, clip_skip)?;
+        let negative = plan_with(negative_prompt, syntax, clock)?;
         if negative.parts.len() != 1 {
             return Err(Error::InvalidRequest(
                 "AND (composable diffusion) is for the prompt; the negative prompt cannot use it"

@@ -25,6 +25,7 @@ use super::latent::{decode, encode, sample_posterior, unscaled};
 use super::{Generation, GenerationRequest, StableDiffusion};
 use crate::image_io::resize_lanczos;
 use crate::limits::exceeded;
+use crate::prompt::EditClock;
 use crate::sampling::{NoiseSource, Sampler};
 use crate::upscale::Upscaler;
 use crate::{Error, Result};
@@ -145,7 +146,9 @@ impl HiresPass {
         let (sigmas, conditioning) = if plan.schedule_steps > 0 {
             let full = gen.sigmas(&sd.schedule, plan.schedule_steps);
             let sigmas = full[full.len() - plan.steps - 1..].to_vec();
-            (sigmas, Some(sd.conditioning_for(gen, plan.steps)?))
+            let req = &gen.request;
+            let clock = EditClock::second_pass(req.steps, plan.steps, req.edit_timeline);
+            (sigmas, Some(sd.conditioning_for(gen, clock)?))
         } else {
             (Vec::new(), None)
         };

@@ -24,6 +24,7 @@ use super::generate::{generate, Event, Outcome, Pass, Source};
 use super::latent::{decode, encode, sample_posterior};
 use super::{Generation, StableDiffusion};
 use crate::image_io::resize_for_mode;
+use crate::prompt::EditClock;
 use crate::sampling::{Flow, NoiseSource, Sampler};
 use crate::Result;
 
@@ -64,7 +65,8 @@ pub fn img2img(
     let posterior = encode(sd, &fitted)?;
     let full = gen.sigmas(&sd.schedule, req.steps);
     let sigmas = img2img_sigmas(gen.sampler, &full, req.steps, req.denoising_strength);
-    let conditioning = sd.conditioning_for(gen, req.steps)?;
+    let clock = EditClock::new(req.steps, req.edit_timeline);
+    let conditioning = sd.conditioning_for(gen, clock)?;
     let steps = sigmas.map_or(0, |s| s.len() - 1);
     generate(sd, gen, Source::Picture, steps, on_event, &mut |run| {
         let mut noise = run.generator();

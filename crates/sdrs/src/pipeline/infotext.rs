@@ -1,6 +1,6 @@
 //! A1111's "infotext": the text that says what made an image, written into PNGs and read back.
 
-use crate::prompt::PromptSyntax;
+use crate::prompt::{prompt_edits_with, EditClock, EditTimeline, PromptSyntax};
 use crate::sampling::rng::NormalVariant;
 use crate::sampling::{Sampler, SigmaSchedule};
 
@@ -38,6 +38,33 @@ fn number(v: f64) -> String {
     } else {
         format!("{v}")
     }
+}
+
+/// Whether `gen` reads its edits on the old timeline and that changes them: A1111 then writes
+/// `Old prompt editing timelines: True` (it compares the two timelines' schedules of both
+/// prompts, for each pass).
+fn old_timeline_matters(gen: &Generation) -> bool {
+    let req = &gen.request;
+    if req.edit_timeline != EditTimeline::Old {
+        return false;
+    }
+    let mut clocks = vec![EditClock::new(req.steps, EditTimeline::Old)];
+    if let Some(hires) = gen.hires {
+        clocks.push(EditClock::second_pass(
+            req.steps,
+            hires.steps,
+            EditTimeline::Old,
+        ));
+    }
+    clocks.into_iter().any(|old| {
+        let current = EditClock {
+            timeline: EditTimeline::Current,
+            ..old
+        };
+        [&req.prompt, &req.negative_prompt]
+            .into_iter()
+            .any(|text| prompt_edits_with(text, old).ok() != prompt_edits_with(text, current).ok())
+    })
 }
 
 /// Renders the infotext of one image of `gen`.
@@ -96,6 +123,9 @@ pub fn render(gen: &Generation, facts: &ImageFacts) -> String {
     if req.prompt_syntax != PromptSyntax::default() {
         params.push(("Prompt syntax", req.prompt_syntax.to_string()));
     }
+    if old_timeline_matters(gen) {
+        params.push(("Old prompt editing timelines", "True".into()));
+    }
     if facts.fast {
         params.push(("Precision", "bf16".into()));
     }
@@ -137,6 +167,19 @@ impl Infotext {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether A1111 before 1.6 wrote this infotext about a prompt with brackets: A1111 then
+    /// reads it back on the old editing timeline (its `backcompat`), and so does sdrs.
+    fn before_a1111_1_6(&self) -> bool {
+        let Some(version) = self.get("Version").and_then(|v| v.trim().strip_prefix('v')) else {
+            return false;
+        };
+        let mut numbers = version.split('.').map(|n| n.parse::<u32>().ok());
+        let (Some(Some(major)), Some(Some(minor))) = (numbers.next(), numbers.next()) else {
+            return false;
+        };
+        (major, minor) < (1, 6) && self.prompt.contains('[')
     }
 
     /// The request this infotext describes; fields it does not mention keep their defaults.
@@ -195,6 +238,9 @@ impl Infotext {
         }
         if let Some(v) = self.get("Prompt syntax").and_then(|v| v.parse().ok()) {
             req.prompt_syntax = v;
+        }
+        if self.get("Old prompt editing timelines") == Some("True") || self.before_a1111_1_6() {
+            req.edit_timeline = EditTimeline::Old;
         }
         if let Some(v) = self.get("RNG math").and_then(|v| v.parse().ok()) {
             req.rng_math = v;
@@ -366,6 +412,36 @@ mod tests {
         let back = parse(&ancestral).to_request();
         assert_eq!((back.eta, back.s_noise), (Some(0.5), 0.9));
         assert!(text("DDIM", Some(0.3), 1.0).contains("Eta DDIM: 0.3,"));
+    }
+
+    #[test]
+    fn the_old_editing_timeline_is_written_when_it_changes_the_edits_and_read_back() {
+        let text = |prompt: &str, timeline: EditTimeline| {
+            let req = GenerationRequest {
+                prompt: prompt.into(),
+                steps: 10,
+                edit_timeline: timeline,
+                ..Default::default()
+            };
+            render(&req.validate().unwrap(), &ImageFacts::default())
+        };
+        let key = "Old prompt editing timelines: True";
+        // [a:b:1.0] is step 1 on the old timeline, every step on the current one.
+        let old = text("[a:b:1.0]", EditTimeline::Old);
+        assert!(old.contains(key), "{old}");
+        assert_eq!(parse(&old).to_request().edit_timeline, EditTimeline::Old);
+        // Where both timelines agree, A1111 writes nothing.
+        assert!(!text("[a:b:0.5]", EditTimeline::Old).contains(key));
+        assert!(!text("[a:b:1.0]", EditTimeline::Current).contains(key));
+        // A1111 before 1.6 used the old timeline; its backcompat reads such prompts that way.
+        let a1111 = |version: &str, prompt: &str| {
+            let info = format!("{prompt}\nSteps: 20, Sampler: Euler, Seed: 1, Version: {version}");
+            parse(&info).to_request().edit_timeline
+        };
+        assert_eq!(a1111("v1.5.1", "a [b:c:1.0]"), EditTimeline::Old);
+        assert_eq!(a1111("v1.5.1", "a plain prompt"), EditTimeline::Current);
+        assert_eq!(a1111("v1.10.1", "a [b:c:1.0]"), EditTimeline::Current);
+        assert_eq!(a1111("sdrs 0.1.0", "a [b:c:1.0]"), EditTimeline::Current);
     }
 
     #[test]

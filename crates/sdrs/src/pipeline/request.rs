@@ -7,7 +7,7 @@ use super::generation::{resolve_seed, signed_seed, Generation, HiresPlan};
 use super::hires;
 use crate::image_io::ResizeMode;
 use crate::limits::{exceeded, MAX_IMAGES, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
-use crate::prompt::PromptSyntax;
+use crate::prompt::{EditTimeline, PromptSyntax};
 use crate::sampling::rng::NormalVariant;
 use crate::sampling::{SamplerChoice, SamplerOptions, SigmaSchedule};
 use crate::{Error, Result};
@@ -46,6 +46,8 @@ pub struct GenerationRequest {
     pub s_noise: f64,
     /// How the prompt's syntax is read (A1111, optimizedSD, both, or none).
     pub prompt_syntax: PromptSyntax,
+    /// How `when` in `[from:to:when]` is read: A1111's current timeline or its old one.
+    pub edit_timeline: EditTimeline,
     /// 1 = the text encoder's last layer, 2 = the penultimate (A1111's convention).
     pub clip_skip: usize,
     /// Which float math turns the torch CPU generator's uniforms into normals.
@@ -87,6 +89,7 @@ impl Default for GenerationRequest {
             s_noise: 1.0,
             clip_skip: 1,
             prompt_syntax: PromptSyntax::default(),
+            edit_timeline: EditTimeline::default(),
             rng_math: NormalVariant::default(),
             denoising_strength: 0.75,
             resize_mode: ResizeMode::default(),

@@ -5,6 +5,7 @@ use super::generate::{generate, Event, Outcome, Pass, Source};
 use super::hires::HiresPass;
 use super::latent::decode;
 use super::{Generation, StableDiffusion};
+use crate::prompt::EditClock;
 use crate::sampling::{Flow, NoiseSource};
 use crate::Result;
 
@@ -24,7 +25,7 @@ pub fn txt2img(
         req.width / factor,
     ];
     let start_scale = gen.sampler.initial_noise_scale(sigmas[0]);
-    let conditioning = sd.conditioning_for(gen, req.steps)?;
+    let conditioning = sd.conditioning_for(gen, EditClock::new(req.steps, req.edit_timeline))?;
     let hires = HiresPass::prepare(sd, gen)?;
     let steps = req.steps + hires.as_ref().map_or(0, |h| h.steps());
     let pass = Pass {

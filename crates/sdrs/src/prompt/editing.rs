@@ -1,6 +1,6 @@
 //! A1111 prompt editing `[from:to:when]` and alternation `[a|b]`: the semantics of
 //! `get_learned_conditioning_prompt_schedules` in AUTOMATIC1111's `modules/prompt_parser.py`
-//! (its lark grammar, with `use_old_scheduling`: `when` < 1 is a fraction of the steps).
+//! (its lark grammar, and both of its timelines for `when`: see [`EditTimeline`]).
 //!
 //! The grammar, as this recursive-descent parser reads it:
 //! - top level: text, bracket constructs, and stray `( ) [ ] :` kept as text; a `|` outside any
@@ -11,6 +11,117 @@
 //!   around it), `[a|b|…]` is alternation (alternatives may be empty); inside a construct every
 //!   bracket must belong to a construct, so an odd bracket makes the enclosing construct fall
 //!   back to plain text at the top level.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// How `when` in `[from:to:when]` becomes a step: A1111's "prompt editing timelines".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EditTimeline {
+    /// A1111 since 1.6: a number written with a decimal point is a fraction of the steps
+    /// (`[a:b:1.0]` keeps `a` throughout), an integer is a step. The hires fix's second pass
+    /// continues the timeline: fractions from 1 to 2, steps counted on from the first pass's.
+    #[default]
+    Current,
+    /// A1111 before 1.6 (its `use_old_scheduling` option): below 1 a fraction of the steps,
+    /// else a step; the hires fix's second pass reads the first pass's timeline again.
+    Old,
+}
+
+impl FromStr for EditTimeline {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "current" | "new" => Ok(EditTimeline::Current),
+            "old" => Ok(EditTimeline::Old),
+            other => Err(crate::Error::InvalidRequest(format!(
+                "unknown prompt editing timeline {other:?}: use current or old"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for EditTimeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EditTimeline::Current => "current",
+            EditTimeline::Old => "old",
+        })
+    }
+}
+
+/// The steps a prompt's edits are laid out over: a pass of `steps` steps, the first pass's
+/// steps when this is the hires fix's second pass, and the timeline rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EditClock {
+    /// Steps of the pass the edits are for.
+    pub steps: usize,
+    /// The first pass's steps, when the edits are for the hires fix's second pass.
+    pub first_pass: Option<usize>,
+    /// How `when` is read.
+    pub timeline: EditTimeline,
+}
+
+impl EditClock {
+    /// A run's (first) pass of `steps` steps.
+    pub fn new(steps: usize, timeline: EditTimeline) -> Self {
+        Self {
+            steps,
+            first_pass: None,
+            timeline,
+        }
+    }
+
+    /// The hires fix's second pass of `steps` steps after a first pass of `first_pass`.
+    pub fn second_pass(first_pass: usize, steps: usize, timeline: EditTimeline) -> Self {
+        Self {
+            steps,
+            first_pass: Some(first_pass),
+            timeline,
+        }
+    }
+
+    /// The steps the edits span (A1111's `steps` in the schedule): the old timeline lays the
+    /// second pass out over the first pass's steps.
+    pub fn span(self) -> usize {
+        match (self.timeline, self.first_pass) {
+            (EditTimeline::Old, Some(first)) => first,
+            _ => self.steps,
+        }
+    }
+
+    /// The step at which an edit written `when` switches: truncated, at most the span.
+    fn switch_step(self, when: &str) -> i64 {
+        let v: f64 = when.parse().unwrap_or(0.0);
+        let span = self.span() as f64;
+        let v = match self.timeline {
+            EditTimeline::Old => {
+                if v < 1.0 {
+                    v * span
+                } else {
+                    v
+                }
+            }
+            EditTimeline::Current => {
+                // The second pass counts on: fractions from 1, steps from the first pass's.
+                let (step_offset, fraction_offset) = match self.first_pass {
+                    Some(first) => (first as f64, 1.0),
+                    None => (0.0, 0.0),
+                };
+                if when.contains('.') {
+                    (v - fraction_offset) * span
+                } else {
+                    v - step_offset
+                }
+            }
+        };
+        // Python's int() truncates toward zero; an infinite value is clamped instead of raising.
+        (v.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64).min(span as i64)
+    }
+}
 
 /// A parsed prompt piece.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,11 +139,18 @@ enum Node {
     Alternate(Vec<Vec<Node>>),
 }
 
-/// The texts a prompt is edited into over a run of `steps` steps: `(end_at_step, text)`,
-/// ordered, the last ending at `steps` (A1111's `[[10, 'a b']]` lists). A prompt nested deeper
-/// than [`crate::limits::MAX_PROMPT_NESTING`] is refused, which bounds the parser's recursion.
+/// The texts a prompt is edited into over a run of `steps` steps on the current timeline:
+/// `(end_at_step, text)`, ordered, the last ending at `steps` (A1111's `[[10, 'a b']]` lists).
+/// A prompt nested deeper than [`crate::limits::MAX_PROMPT_NESTING`] is refused, which bounds
+/// the parser's recursion.
 pub fn prompt_edits(prompt: &str, steps: usize) -> crate::Result<Vec<(usize, String)>> {
+    prompt_edits_with(prompt, EditClock::new(steps, EditTimeline::Current))
+}
+
+/// [`prompt_edits`] on `clock`: the last text ends at [`EditClock::span`].
+pub fn prompt_edits_with(prompt: &str, clock: EditClock) -> crate::Result<Vec<(usize, String)>> {
     super::check_nesting(prompt)?;
+    let steps = clock.span();
     if steps > crate::limits::MAX_STEPS {
         return Err(crate::limits::exceeded(
             "steps",
@@ -46,7 +164,7 @@ pub fn prompt_edits(prompt: &str, steps: usize) -> crate::Result<Vec<(usize, Str
         return Ok(vec![(steps, prompt.to_string())]);
     };
     let mut ends = vec![steps];
-    if collect_steps(&nodes, steps, &mut ends) {
+    if collect_steps(&nodes, clock, &mut ends) {
         // An alternation changes the text at every step.
         ends = (1..=steps).collect();
     }
@@ -56,7 +174,7 @@ pub fn prompt_edits(prompt: &str, steps: usize) -> crate::Result<Vec<(usize, Str
         .into_iter()
         .map(|step| {
             let mut text = String::new();
-            render(&nodes, step, steps, &mut text);
+            render(&nodes, step, clock, &mut text);
             (step, text)
         })
         .collect())
@@ -211,17 +329,8 @@ fn signed_number(text: &str) -> Option<String> {
     (mantissa_ok && exponent_ok).then(|| t.to_string())
 }
 
-/// The step at which an edit switches (A1111's old scheduling: below 1 is a fraction of
-/// `steps`; truncated; at most `steps`).
-fn switch_step(when: &str, steps: usize) -> i64 {
-    let v: f64 = when.parse().unwrap_or(0.0);
-    let v = if v < 1.0 { v * steps as f64 } else { v };
-    // Python's int() truncates toward zero; an infinite value is clamped instead of raising.
-    (v.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64).min(steps as i64)
-}
-
 /// Adds the steps at which edits switch to `ends`; true when an alternation makes every step one.
-fn collect_steps(nodes: &[Node], steps: usize, ends: &mut Vec<usize>) -> bool {
+fn collect_steps(nodes: &[Node], clock: EditClock, ends: &mut Vec<usize>) -> bool {
     let mut alternates = false;
     for node in nodes {
         match node {
@@ -231,17 +340,17 @@ fn collect_steps(nodes: &[Node], steps: usize, ends: &mut Vec<usize>) -> bool {
                 after,
                 when,
             } => {
-                let step = switch_step(when, steps);
+                let step = clock.switch_step(when);
                 if step >= 1 {
                     ends.push(step as usize);
                 }
-                alternates |= collect_steps(before, steps, ends);
-                alternates |= collect_steps(after, steps, ends);
+                alternates |= collect_steps(before, clock, ends);
+                alternates |= collect_steps(after, clock, ends);
             }
             Node::Alternate(options) => {
                 alternates = true;
                 for option in options {
-                    collect_steps(option, steps, ends);
+                    collect_steps(option, clock, ends);
                 }
             }
         }
@@ -249,7 +358,7 @@ fn collect_steps(nodes: &[Node], steps: usize, ends: &mut Vec<usize>) -> bool {
     alternates
 }
 
-fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
+fn render(nodes: &[Node], step: usize, clock: EditClock, out: &mut String) {
     for node in nodes {
         match node {
             Node::Text(t) => out.push_str(t),
@@ -258,16 +367,16 @@ fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
                 after,
                 when,
             } => {
-                let chosen = if step as i64 <= switch_step(when, steps) {
+                let chosen = if step as i64 <= clock.switch_step(when) {
                     before
                 } else {
                     after
                 };
-                render(chosen, step, steps, out);
+                render(chosen, step, clock, out);
             }
             Node::Alternate(options) => {
                 let i = (step + options.len() - 1) % options.len();
-                render(&options[i], step, steps, out);
+                render(&options[i], step, clock, out);
             }
         }
     }
@@ -432,5 +541,34 @@ mod tests {
         for (prompt, want) in cases {
             assert_eq!(g(prompt), v(want), "{prompt}");
         }
+    }
+
+    /// A1111's `get_learned_conditioning_prompt_schedules` on both timelines, without and with
+    /// the hires fix: its doctests (`g("a [b:1.5] c")` with `hires_steps` 10) and what its
+    /// `collect_steps` gives for the other cases.
+    #[test]
+    fn both_editing_timelines_match_a1111() {
+        let at = |prompt: &str, clock: EditClock| prompt_edits_with(prompt, clock).unwrap();
+        let current = EditClock::new(10, EditTimeline::Current);
+        let old = EditClock::new(10, EditTimeline::Old);
+        // A decimal point makes a fraction: 1.0 is every step now, step 1 before 1.6.
+        assert_eq!(at("[a:b:1.0]", current), v(&[(10, "a")]));
+        assert_eq!(at("[a:b:1.0]", old), v(&[(1, "a"), (10, "b")]));
+        assert_eq!(at("[a:b:2.5]", current), v(&[(10, "a")]));
+        assert_eq!(at("[a:b:2.5]", old), v(&[(2, "a"), (10, "b")]));
+        // Where the two agree: fractions below 1, integers, zero.
+        for clock in [current, old] {
+            assert_eq!(at("a [b:.5] c", clock), v(&[(5, "a  c"), (10, "a b c")]));
+            assert_eq!(at("[a:b:3]", clock), v(&[(3, "a"), (10, "b")]));
+            assert_eq!(at("[a:b:0]", clock), v(&[(10, "b")]));
+        }
+        // The hires fix's second pass (10 steps after a first pass of 10).
+        let second = EditClock::second_pass(10, 10, EditTimeline::Current);
+        assert_eq!(at("a [b:.5] c", second), v(&[(10, "a b c")]));
+        assert_eq!(at("a [b:1.5] c", second), v(&[(5, "a  c"), (10, "a b c")]));
+        assert_eq!(at("[a:b:13]", second), v(&[(3, "a"), (10, "b")]));
+        // The old timeline lays the second pass over the first pass's steps.
+        let old_second = EditClock::second_pass(10, 20, EditTimeline::Old);
+        assert_eq!(at("[a:b:0.5]", old_second), v(&[(5, "a"), (10, "b")]));
     }
 }

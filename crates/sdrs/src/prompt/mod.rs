@@ -51,7 +51,7 @@ use crate::{Error, Result};
 
 pub use blend::split_weighted_subprompts;
 pub use chunks::{chunks, encode, encode_batch, encode_blend, WeightedChunk, CHUNK_TOKENS};
-pub use editing::prompt_edits;
+pub use editing::{prompt_edits, prompt_edits_with, EditClock, EditTimeline};
 pub use emphasis::{parse_attention, Segment};
 pub use report::{
     report, ChunkReport, PartReport, PromptReport, StepReport, TextReport, TokenReport,
@@ -144,15 +144,27 @@ impl PlanPart {
     }
 }
 
-/// Reads `text` in `syntax` for a run of `steps` sampling steps.
+/// Reads `text` in `syntax` for a run of `steps` sampling steps (on the current editing
+/// timeline).
 pub fn plan(text: &str, syntax: PromptSyntax, steps: usize) -> Result<PromptPlan> {
-    if steps == 0 {
+    plan_with(text, syntax, EditClock::new(steps, EditTimeline::Current))
+}
+
+/// Reads `text` in `syntax` for the pass `clock` describes.
+pub fn plan_with(text: &str, syntax: PromptSyntax, clock: EditClock) -> Result<PromptPlan> {
+    let steps = clock.span();
+    if clock.steps == 0 || steps == 0 {
         return Err(Error::InvalidRequest(
             "a prompt plan needs at least 1 step".into(),
         ));
     }
-    if steps > MAX_STEPS {
-        return Err(exceeded("steps", steps, "MAX_STEPS", MAX_STEPS));
+    if steps.max(clock.steps) > MAX_STEPS {
+        return Err(exceeded(
+            "steps",
+            steps.max(clock.steps),
+            "MAX_STEPS",
+            MAX_STEPS,
+        ));
     }
     check_text("prompt", text)?;
     let single = |text: &str| PromptPlan {
@@ -184,10 +196,10 @@ pub fn plan(text: &str, syntax: PromptSyntax, steps: usize) -> Result<PromptPlan
                 }],
             })
         }
-        PromptSyntax::A1111 => a1111_plan(text, steps),
+        PromptSyntax::A1111 => a1111_plan(text, clock),
         PromptSyntax::Auto => match reading(text) {
-            Reading::Blend(subs) => blended_plan(&subs, steps),
-            Reading::A1111 => a1111_plan(text, steps),
+            Reading::Blend(subs) => blended_plan(&subs, clock),
+            Reading::A1111 => a1111_plan(text, clock),
         },
     }
 }
@@ -209,7 +221,7 @@ fn reading(text: &str) -> Reading {
 }
 
 /// `a:0.3 AND b` → parts with A1111's prompt editing.
-fn a1111_plan(text: &str, steps: usize) -> Result<PromptPlan> {
+fn a1111_plan(text: &str, clock: EditClock) -> Result<PromptPlan> {
     let texts: Vec<&str> = and_regex().split(text).collect();
     check_parts(texts.len())?;
     let parts = texts
@@ -218,7 +230,7 @@ fn a1111_plan(text: &str, steps: usize) -> Result<PromptPlan> {
             let (text, weight) = and_part_weight(part);
             Ok(PlanPart {
                 weight: weight as f32,
-                edits: prompt_edits(text, steps)?
+                edits: prompt_edits_with(text, clock)?
                     .into_iter()
                     .map(|(until_step, text)| Edit {
                         until_step,
@@ -233,12 +245,12 @@ fn a1111_plan(text: &str, steps: usize) -> Result<PromptPlan> {
 
 /// An optimizedSD blend whose sub-prompts may use A1111 editing: one list of edits whose steps
 /// are the union of the sub-prompts' steps.
-fn blended_plan(subs: &[(String, f64)], steps: usize) -> Result<PromptPlan> {
+fn blended_plan(subs: &[(String, f64)], clock: EditClock) -> Result<PromptPlan> {
     check_parts(subs.len())?;
     let weights = normalise(subs)?;
     let sub_edits = subs
         .iter()
-        .map(|(t, _)| prompt_edits(t, steps))
+        .map(|(t, _)| prompt_edits_with(t, clock))
         .collect::<Result<Vec<_>>>()?;
     let mut ends: Vec<usize> = sub_edits.iter().flatten().map(|(s, _)| *s).collect();
     ends.sort_unstable();
