@@ -75,7 +75,7 @@ pub fn run(args: UpscaleArgs) -> Result<()> {
     let upscaled = result?;
     let bytes = match ext.as_deref() {
         Some("png") => encode_png(&upscaled, None)?,
-        _ => encode_jpeg(&upscaled)?,
+        _ => encode_jpeg(&upscaled, None)?,
     };
     if !write_new(&args.output, &bytes)
         .with_context(|| format!("writing {}", args.output.display()))?

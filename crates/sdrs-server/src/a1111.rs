@@ -7,7 +7,7 @@ use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use base64::Engine;
-use sdrs::image_io::{encode_png, read_png_parameters};
+use sdrs::image_io::{encode_png, read_parameters};
 use sdrs::pipeline::infotext;
 use sdrs::sampling::{Sampler, SigmaSchedule};
 use sdrs::upscale::BuiltinUpscaler;
@@ -368,9 +368,10 @@ pub async fn png_info(State(state): State<Arc<AppState>>, request: Request) -> A
         .get("image")
         .ok_or_else(|| ApiError::invalid("image: a base64 PNG is required"))?;
     let bytes = decode_base64(image, "image")?;
-    // Refuse what is not an image at all; the text chunks are then read from the PNG bytes.
+    // Refuse what is not an image at all; the infotext is then read from the file's bytes (a
+    // PNG's text chunks, a JPEG's EXIF UserComment).
     image_from_bytes(&bytes, "image")?;
-    let Some(info) = read_png_parameters(&bytes).ok().flatten() else {
+    let Some(info) = read_parameters(&bytes).ok().flatten() else {
         return Ok(Json(json!({ "info": "", "items": {}, "parameters": {} })));
     };
     let parsed = infotext::parse(&info);

@@ -18,7 +18,7 @@ pub enum ImageFormat {
     /// PNG, with the infotext in a `parameters` text chunk (as A1111 writes it).
     #[default]
     Png,
-    /// JPEG at quality 95, without metadata.
+    /// JPEG at quality 95, with the infotext as the EXIF `UserComment` (as A1111 writes it).
     Jpeg,
 }
 
@@ -31,11 +31,11 @@ impl ImageFormat {
         }
     }
 
-    /// The file's bytes; `infotext` goes into PNGs only.
+    /// The file's bytes, `infotext` embedded where the format keeps it.
     pub fn encode(self, image: &RgbImage, infotext: Option<&str>) -> Result<Vec<u8>> {
         match self {
             ImageFormat::Png => encode_png(image, infotext),
-            ImageFormat::Jpeg => encode_jpeg(image),
+            ImageFormat::Jpeg => encode_jpeg(image, infotext),
         }
     }
 }

@@ -240,6 +240,18 @@ async fn txt2img_answers_as_a1111_does_with_the_pipelines_own_images_and_saves_t
     assert_eq!(info["info"], expected[0].infotext.as_str());
     assert_eq!(info["parameters"]["Seed"], "42");
     assert_eq!(info["parameters"]["Prompt"], "a red boat");
+    // A JPEG carries it as EXIF UserComment, as A1111 writes it.
+    let jpeg =
+        sdrs::image_io::encode_jpeg(&expected[0].image, Some(&expected[0].infotext)).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&jpeg);
+    let reply = send(
+        &server.router,
+        Method::POST,
+        "/sdapi/v1/png-info",
+        Some(&json!({ "image": format!("data:image/jpeg;base64,{b64}") }).to_string()),
+    )
+    .await;
+    assert_eq!(reply.json()["info"], expected[0].infotext.as_str());
     server.shut_down();
     std::fs::remove_dir_all(&outdir).unwrap();
 }

@@ -1,6 +1,7 @@
 //! Tensor ↔ image conversion, init-image loading and resizing, grids, and the PNG
 //! `parameters` text.
 
+mod exif;
 mod load;
 mod resize;
 
@@ -11,6 +12,7 @@ use image::RgbImage;
 
 use crate::{Error, Result};
 
+pub use exif::{read_user_comment, user_comment_exif};
 pub use load::{decode_image, flatten_alpha, image_to_tensor, load_image};
 pub use resize::{resize_for_mode, resize_lanczos, resize_region, ResampleFilter, ResizeMode};
 
@@ -85,15 +87,48 @@ pub fn encode_png(img: &RgbImage, parameters: Option<&str>) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Encodes a JPEG at quality 95 (the infotext is not embedded in JPEGs).
-pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>> {
+/// JPEG (quality 95) bytes of an image, with `parameters` (an infotext) as the EXIF
+/// `UserComment`, where and as A1111 writes it.
+pub fn encode_jpeg(img: &RgbImage, parameters: Option<&str>) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
     let mut bytes = Vec::new();
     let mut cursor = std::io::Cursor::new(&mut bytes);
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut cursor, 95)
+    let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut cursor, 95);
+    if let Some(text) = parameters {
+        encoder
+            .set_exif_metadata(user_comment_exif(text))
+            .map_err(|e| Error::Image(e.to_string()))?;
+    }
+    encoder
         .encode_image(img)
         .map_err(|e| Error::Image(e.to_string()))?;
     cursor.flush().map_err(|e| Error::Image(e.to_string()))?;
     Ok(bytes)
+}
+
+/// The infotext an image file carries: a PNG's `parameters` text, or a JPEG's EXIF
+/// `UserComment`; `None` for other files and for files without one.
+pub fn read_parameters(bytes: &[u8]) -> Result<Option<String>> {
+    if bytes.starts_with(b"\x89PNG") {
+        return read_png_parameters(bytes);
+    }
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        return Ok(read_jpeg_parameters(bytes));
+    }
+    Ok(None)
+}
+
+/// A JPEG's EXIF `UserComment`, if its headers read and it has one.
+fn read_jpeg_parameters(bytes: &[u8]) -> Option<String> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::options::DecoderOptions;
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        ZCursor::new(bytes),
+        DecoderOptions::default().set_strict_mode(true),
+    );
+    decoder.decode_headers().ok()?;
+    let text = read_user_comment(decoder.exif()?)?;
+    (!text.is_empty()).then_some(text)
 }
 
 /// Reads the `parameters` text of a PNG, if it has one.
@@ -127,6 +162,20 @@ pub fn read_png_parameters(png_bytes: &[u8]) -> Result<Option<String>> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn jpegs_carry_the_infotext_as_exif_and_still_decode_strictly() {
+        let img = RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 77]));
+        let text = "a cat, (tabby:1.2)\nNegative prompt: dog\nSteps: 20, Seed: -5, Size: 24x16";
+        let jpeg = encode_jpeg(&img, Some(text)).unwrap();
+        assert_eq!(read_parameters(&jpeg).unwrap().as_deref(), Some(text));
+        assert_eq!(decode_image(&jpeg).unwrap().dimensions(), (24, 16));
+        let bare = encode_jpeg(&img, None).unwrap();
+        assert_eq!(read_parameters(&bare).unwrap(), None);
+        let png = encode_png(&img, Some(text)).unwrap();
+        assert_eq!(read_parameters(&png).unwrap().as_deref(), Some(text));
+        assert_eq!(read_parameters(b"GIF89a").unwrap(), None);
+    }
 
     #[test]
     fn tensor_maps_minus_one_to_zero_and_one_to_255_with_ties_to_even() {
