@@ -164,6 +164,14 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn an_a1111_jpeg_gives_its_infotext() {
+        // tools/make_exif_fixture.py: Pillow and piexif, as A1111's save_image_with_geninfo.
+        let jpeg = include_bytes!("../../../../tests/fixtures/reference/a1111_exif.jpg");
+        let text = include_str!("../../../../tests/fixtures/reference/a1111_exif.txt");
+        assert_eq!(read_parameters(jpeg).unwrap().as_deref(), Some(text));
+    }
+
+    #[test]
     fn jpegs_carry_the_infotext_as_exif_and_still_decode_strictly() {
         let img = RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 77]));
         let text = "a cat, (tabby:1.2)\nNegative prompt: dog\nSteps: 20, Seed: -5, Size: 24x16";
