@@ -8,7 +8,10 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use sdrs::prompt::{chunks, parse_attention, plan, prompt_edits, PromptSyntax};
+use sdrs::prompt::{
+    chunks, parse_attention, plan, prompt_edits, prompt_edits_with, EditClock, EditTimeline,
+    PromptSyntax,
+};
 use sdrs::tokenizer::Tokenizer;
 
 fn tokenizer() -> &'static Tokenizer {
@@ -26,6 +29,11 @@ fuzz_target!(|data: &[u8]| {
     let steps = 1 + first as usize % 40;
     let _ = parse_attention(text);
     let _ = prompt_edits(text, steps);
+    // Both timelines, and the hires fix's second pass on each.
+    for timeline in [EditTimeline::Current, EditTimeline::Old] {
+        let _ = prompt_edits_with(text, EditClock::new(steps, timeline));
+        let _ = prompt_edits_with(text, EditClock::second_pass(steps, 1 + steps / 2, timeline));
+    }
     for syntax in [
         PromptSyntax::Auto,
         PromptSyntax::A1111,

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use sdrs::prompt::{report, PromptSyntax, CHUNK_TOKENS};
+use sdrs::prompt::{report, EditClock, EditTimeline, PromptSyntax, CHUNK_TOKENS};
 use sdrs::tokenizer::{Tokenizer, EOS};
 
 /// Arguments of `sdrs tokenize`.
@@ -16,6 +16,9 @@ pub struct TokenizeArgs {
     /// Sampling steps, for the texts prompt editing gives each step.
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// How `when` in [from:to:when] is read: current (A1111 ≥ 1.6) or old.
+    #[arg(long = "edit-timeline", default_value = "current")]
+    edit_timeline: EditTimeline,
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
@@ -36,7 +39,7 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         &tokenizer,
         &args.prompt,
         args.prompt_syntax,
-        args.steps,
+        EditClock::new(args.steps, args.edit_timeline),
         EOS,
     )?;
     let out = serde_json::json!({

@@ -249,6 +249,15 @@ fn tokenize_prints_ids_and_tokens_as_json() {
     let schedule = &v["parsed"]["parts"][0]["schedule"];
     assert_eq!(schedule[0]["until_step"], 5);
     assert_eq!(schedule[1]["texts"][0]["text"], "a bird");
+    // 1.0 is the whole run on A1111's current timeline, step 1 on its old one.
+    let edits = |extra: &[&str]| {
+        let mut args = vec!["tokenize", "a [fox:bird:1.0]", "--steps", "10"];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_slice(&sdrs(&args).stdout).expect("json");
+        v["parsed"]["parts"][0]["schedule"].as_array().map(Vec::len)
+    };
+    assert_eq!(edits(&[]), Some(1));
+    assert_eq!(edits(&["--edit-timeline", "old"]), Some(2));
 }
 
 /// Writes a `w`×`h` RGBA PNG with a transparent left half and returns its path.

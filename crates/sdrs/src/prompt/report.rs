@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::chunks::chunks;
 use super::emphasis::parse_attention;
-use super::{plan, reading, PromptSyntax, Reading};
+use super::{plan_with, reading, EditClock, PromptSyntax, Reading};
 use crate::tokenizer::{Tokenizer, EOS};
 use crate::Result;
 
@@ -75,15 +75,16 @@ pub struct TokenReport {
     pub weight: f32,
 }
 
-/// Describes how `text` is read in `syntax` over `steps` steps (`pad`: 49407 for SD 1, 0 for SD 2).
+/// Describes how `text` is read in `syntax` for the pass `clock` describes (`pad`: 49407 for
+/// SD 1, 0 for SD 2).
 pub fn report(
     tokenizer: &Tokenizer,
     text: &str,
     syntax: PromptSyntax,
-    steps: usize,
+    clock: EditClock,
     pad: u32,
 ) -> Result<PromptReport> {
-    let plan = plan(text, syntax, steps)?;
+    let plan = plan_with(text, syntax, clock)?;
     let reading = match syntax {
         PromptSyntax::Auto => match reading(text) {
             Reading::Blend(_) => "optimizedSD blend (A1111 syntax inside each sub-prompt)",
@@ -116,7 +117,7 @@ pub fn report(
     Ok(PromptReport {
         syntax,
         reading: reading.to_string(),
-        steps,
+        steps: clock.span(),
         parts,
     })
 }

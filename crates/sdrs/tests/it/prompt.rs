@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sdrs::models::clip::{ClipConfig, ClipTextTransformer};
 use sdrs::prompt::{
-    chunks, encode_batch, encode_blend, parse_attention, plan, report, PromptSyntax,
+    chunks, encode_batch, encode_blend, parse_attention, plan, report, EditClock, EditTimeline,
+    PromptSyntax,
 };
 use sdrs::tokenizer::{Tokenizer, EOS};
 use serde_json::Value;
@@ -237,7 +238,7 @@ fn report_shows_chunks_and_schedule() {
         &tokenizer,
         "a (cat:1.2) BREAK [dog:bird:0.5] AND sky:0.3",
         PromptSyntax::Auto,
-        10,
+        EditClock::new(10, EditTimeline::Current),
         EOS,
     )
     .unwrap();
