@@ -8,10 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sdrs::hub::Hub;
-use sdrs::image_io::{encode_png, load_image};
-use sdrs::output::OutputDir;
-use sdrs::pipeline::Event;
-use sdrs::pipeline::{final_size, hd, HdEvent, HdOptions};
+use sdrs::image_io::load_image;
+use sdrs::output::{ImageFormat, OutputDir};
+use sdrs::pipeline::{final_size, hd, Event, HdEvent, HdOptions};
 use sdrs::sampling::Flow;
 use sdrs::upscale::{BuiltinUpscaler, Upscaler};
 
@@ -138,9 +137,8 @@ pub fn run(args: HdArgs) -> Result<()> {
     let Some(image) = result? else {
         bail!("hd was stopped before it finished");
     };
-    let bytes = encode_png(&image.image, Some(&image.infotext))?;
-    let path = out.write_sample(gen.seed(), "png", &bytes)?;
-    println!("{}", path.display());
+    let saved = out.save(&image, ImageFormat::Png)?;
+    println!("{}", saved.path.display());
     eprintln!(
         "{}x{} in {:.1}s",
         image.image.width(),

@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use sdrs::image_io::{encode_jpeg, encode_png, load_image};
-use sdrs::output::write_new;
+use sdrs::image_io::load_image;
+use sdrs::output::{write_new, ImageFormat};
 use sdrs::upscale::{Tiling, Upscaler};
 
 /// Arguments of `sdrs upscale`.
@@ -73,10 +73,11 @@ pub fn run(args: UpscaleArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let upscaled = result?;
-    let bytes = match ext.as_deref() {
-        Some("png") => encode_png(&upscaled, None)?,
-        _ => encode_jpeg(&upscaled, None)?,
+    let format = match ext.as_deref() {
+        Some("png") => ImageFormat::Png,
+        _ => ImageFormat::Jpeg,
     };
+    let bytes = format.encode(&upscaled, None)?;
     if !write_new(&args.output, &bytes)
         .with_context(|| format!("writing {}", args.output.display()))?
     {

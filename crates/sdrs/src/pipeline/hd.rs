@@ -11,7 +11,7 @@ use image::RgbImage;
 use super::hires::enlarge;
 use super::infotext;
 use super::tiles::{self, Blender};
-use super::{img2img, txt2img, Event, Generation, Outcome, StableDiffusion};
+use super::{img2img, txt2img, Event, GeneratedImage, Generation, Outcome, StableDiffusion};
 use crate::image_io::resize_lanczos;
 use crate::limits::{MAX_PIXELS, MAX_SIDE};
 use crate::sampling::Flow;
@@ -69,14 +69,6 @@ pub enum HdEvent<'a> {
     },
 }
 
-/// The finished image and what made it.
-pub struct HdImage {
-    /// The pixels.
-    pub image: RgbImage,
-    /// A1111's parameters text, with the redraw's settings appended.
-    pub infotext: String,
-}
-
 /// The seed of tile `tile` in pass `pass`.
 pub fn tile_seed(seed: u64, pass: usize, tile: usize) -> u64 {
     seed.wrapping_add(1 + 10_000 * pass as u64 + tile as u64)
@@ -100,7 +92,9 @@ pub fn final_size(width: usize, height: usize, passes: usize) -> Result<(usize, 
 }
 
 /// Runs `hd`: `gen` gives the prompt, sampler, seed and the generation (= tile) size; `start`
-/// replaces the generated base image when given. `None` when an event callback stopped it.
+/// replaces the generated base image when given. The finished image carries the request's seed
+/// and an infotext with the redraw's settings appended; `None` when an event callback stopped
+/// it.
 pub fn hd(
     sd: &StableDiffusion,
     gen: &Generation,
@@ -108,7 +102,7 @@ pub fn hd(
     upscaler: &Upscaler,
     opts: &HdOptions,
     on_event: &mut dyn FnMut(HdEvent) -> Flow,
-) -> Result<Option<HdImage>> {
+) -> Result<Option<GeneratedImage>> {
     if opts.passes == 0 {
         return Err(Error::InvalidRequest("hd needs at least one pass".into()));
     }
@@ -189,8 +183,9 @@ pub fn hd(
         tile_gen.request.steps,
         tile_gen.request.cfg_scale
     ));
-    Ok(Some(HdImage {
+    Ok(Some(GeneratedImage {
         image,
+        seed: single.seed,
         infotext: text,
     }))
 }

@@ -25,7 +25,7 @@ pub use conditioning::{Conditioning, EncodedPart, UnetCondition};
 pub use denoiser::CfgDenoiser;
 pub use generate::{Event, GeneratedImage, Outcome};
 pub use generation::{signed_seed, Generation};
-pub use hd::{final_size, hd, tile_seed, HdEvent, HdImage, HdOptions};
+pub use hd::{final_size, hd, tile_seed, HdEvent, HdOptions};
 pub use img2img::{img2img, img2img_sigmas};
 pub use latent::decode;
 pub use model::{LoadOptions, StableDiffusion};

@@ -291,8 +291,7 @@ fn hd_refuses_sizes_and_overlaps_it_cannot_do() {
         &opts,
         &mut |_| Flow::Continue,
     )
-    .err()
-    .expect("overlap = tile must fail")
+    .expect_err("overlap = tile must fail")
     .to_string();
     assert!(err.contains("overlap"), "{err}");
     assert_eq!(tile_seed(1000, 0, 0), 1001);
