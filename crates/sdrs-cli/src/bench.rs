@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use sdrs::hub::Hub;
-use sdrs::limits::{exceeded, MAX_BENCH_REPEATS, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
+use sdrs::limits::{exceeded, image_fits, MAX_BENCH_REPEATS, MAX_PIXELS, MAX_STEPS};
 use sdrs::pipeline::flops;
 use sdrs::pipeline::{
     decode, txt2img, CfgDenoiser, GenerationRequest, LoadOptions, StableDiffusion,
@@ -68,7 +68,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.steps == 0 || args.repeats == 0 {
         bail!("--steps and --repeats must be at least 1");
     }
-    if args.size > MAX_SIDE || args.size * args.size > MAX_PIXELS {
+    if !image_fits(args.size, args.size) {
         bail!(exceeded(
             "--size squared",
             args.size.saturating_mul(args.size),

@@ -101,6 +101,11 @@ pub const MAX_PROMPT_BYTES_TIMES_IMAGES: usize = 4 << 20;
 /// Largest body of `POST /sdapi/v1/options`: a handful of short settings.
 pub const MAX_OPTIONS_BODY_BYTES: usize = 64 << 10;
 
+/// Whether an image of `width` × `height` pixels is within [`MAX_SIDE`] and [`MAX_PIXELS`].
+pub fn image_fits(width: usize, height: usize) -> bool {
+    width <= MAX_SIDE && height <= MAX_SIDE && width.saturating_mul(height) <= MAX_PIXELS
+}
+
 /// The error for `value` of `what` over the limit called `name`.
 pub fn exceeded(
     what: impl Into<String>,

@@ -13,7 +13,7 @@ use super::infotext;
 use super::tiles::{self, Blender};
 use super::{img2img, txt2img, Event, GeneratedImage, Generation, Outcome, StableDiffusion};
 use crate::image_io::resize_lanczos;
-use crate::limits::{MAX_PIXELS, MAX_SIDE};
+use crate::limits::{image_fits, MAX_PIXELS, MAX_SIDE};
 use crate::sampling::Flow;
 use crate::upscale::Upscaler;
 use crate::{Error, Result};
@@ -78,7 +78,7 @@ pub fn tile_seed(seed: u64, pass: usize, tile: usize) -> u64 {
 pub fn final_size(width: usize, height: usize, passes: usize) -> Result<(usize, usize)> {
     let factor = 1usize.checked_shl(passes as u32).unwrap_or(usize::MAX);
     let (w, h) = (width.saturating_mul(factor), height.saturating_mul(factor));
-    if passes > 8 || w > MAX_SIDE || h > MAX_SIDE || w.saturating_mul(h) > MAX_PIXELS {
+    if passes > 8 || !image_fits(w, h) {
         return Err(Error::InvalidSize {
             width: w,
             height: h,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::generation::{resolve_seed, signed_seed, Generation, HiresPlan};
 use super::hires;
 use crate::image_io::ResizeMode;
-use crate::limits::{exceeded, MAX_IMAGES, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
+use crate::limits::{exceeded, image_fits, MAX_IMAGES, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
 use crate::prompt::{EditTimeline, PromptSyntax};
 use crate::sampling::rng::NormalVariant;
 use crate::sampling::{SamplerChoice, SamplerOptions, SigmaSchedule};
@@ -118,7 +118,7 @@ impl GenerationRequest {
                 "width and height must be positive multiples of 8",
             ));
         }
-        if w > MAX_SIDE || h > MAX_SIDE || w * h > MAX_PIXELS {
+        if !image_fits(w, h) {
             return Err(size_error(&format!(
                 "at most {MAX_SIDE} pixels a side and {MAX_PIXELS} pixels in all"
             )));
@@ -178,7 +178,7 @@ impl GenerationRequest {
         }
         let hires_size = if self.enable_hr {
             let (tw, th) = hires::target_size(self)?;
-            if tw > MAX_SIDE || th > MAX_SIDE || tw * th > MAX_PIXELS {
+            if !image_fits(tw, th) {
                 return Err(Error::InvalidSize {
                     width: tw,
                     height: th,
