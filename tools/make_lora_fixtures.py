@@ -366,6 +366,8 @@ def main():
         model = Model()
         merge(model, net, m, m)
         label = name if m == 1.0 else f"{name}_{m:g}"
+        if name == "old_diffusers":  # diffusers still reads this format: a free cross-check
+            assert_same_merge(diffusers_merge(os.path.basename(files[name]), m, m), model, net, name)
         cases.append(case_entry(label, files[name], fmt, SD1, m, m, SCRIPT_REF, model.render(), base))
 
     # SD 2: kohya names for the transformers text encoder, merged into OpenCLIP's fused in_proj
