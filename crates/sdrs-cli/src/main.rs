@@ -51,6 +51,14 @@ enum Command {
 fn main() -> std::process::ExitCode {
     threads::use_physical_cores();
     sdrs::keep_freed_memory();
+    // The library's warnings, on stderr as "warning: …" like the CLI's own.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .without_time()
+        .with_target(false)
+        .with_level(true)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Txt2img(args) => txt2img::run(*args),

@@ -35,6 +35,7 @@ pub mod error;
 pub mod hub;
 pub mod image_io;
 pub mod limits;
+pub mod lora;
 pub mod models;
 /// The CPU kernels behind the models: public only for the crate's benchmarks, not an API.
 #[doc(hidden)]

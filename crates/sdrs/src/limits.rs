@@ -120,3 +120,15 @@ pub fn exceeded(
         limit: limit.to_string(),
     }
 }
+
+// LoRA and embeddings.
+
+/// Most LoRA tags (`<lora:…>`) one request may use, prompt and negative prompt together: each
+/// changes every layer it covers when it is merged.
+pub const MAX_LORAS: usize = 32;
+/// Most LoRA or embedding files a folder scan lists (subfolders included).
+pub const MAX_ADDON_FILES: usize = 10_000;
+/// Deepest subfolder a LoRA or embedding folder scan enters.
+pub const MAX_ADDON_DEPTH: usize = 4;
+/// Largest LoRA file read, in bytes (full-weight `diff` files of SD 1.5 are ~2 GB in f16).
+pub const MAX_LORA_BYTES: u64 = 8 << 30;

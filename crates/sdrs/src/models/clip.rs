@@ -5,6 +5,7 @@ use candle_nn::ops::{sigmoid, softmax_last_dim};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::models::layers::{join, Patch, Patchable, Visitor};
 use crate::{Error, Result};
 
 /// Architecture of a CLIP text encoder, as in transformers' `config.json`.
@@ -257,4 +258,22 @@ fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Ok(Tensor::from_vec(mask, (tokens, tokens), device)?.to_dtype(dtype)?)
+}
+
+impl Patch for ClipTextTransformer {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let layer_prefix = join(prefix, &format!("encoder.layers.{i}"));
+            let attn = join(&layer_prefix, "self_attn");
+            let a = &mut layer.self_attn;
+            f(&join(&attn, "q_proj"), Patchable::Candle(&mut a.q_proj))?;
+            f(&join(&attn, "k_proj"), Patchable::Candle(&mut a.k_proj))?;
+            f(&join(&attn, "v_proj"), Patchable::Candle(&mut a.v_proj))?;
+            f(&join(&attn, "out_proj"), Patchable::Candle(&mut a.out_proj))?;
+            let mlp = join(&layer_prefix, "mlp");
+            f(&join(&mlp, "fc1"), Patchable::Candle(&mut layer.mlp.fc1))?;
+            f(&join(&mlp, "fc2"), Patchable::Candle(&mut layer.mlp.fc2))?;
+        }
+        Ok(())
+    }
 }

@@ -213,6 +213,98 @@ impl Linear {
     }
 }
 
+/// A layer whose weight merging may replace (see [`crate::lora`]), reached through
+/// [`Patch::patch_each`].
+pub(crate) enum Patchable<'a> {
+    /// One of our linear layers (the UNet's).
+    Linear(&'a mut Linear),
+    /// One of our convolutions.
+    Conv(&'a mut Conv2d),
+    /// A candle linear layer (the text encoder's).
+    Candle(&'a mut candle_nn::Linear),
+}
+
+/// What [`Patch::patch_each`] calls with each layer's name (its weight's name in the
+/// network's weights, less `.weight`).
+pub(crate) type Visitor<'v> = dyn FnMut(&str, Patchable<'_>) -> Result<()> + 'v;
+
+/// A network (or part of one) whose weighted layers can be visited by name.
+pub(crate) trait Patch {
+    /// Calls `f` with every linear and convolution layer under `prefix`.
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()>;
+}
+
+/// `prefix.name`, or `name` at the root.
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl Patchable<'_> {
+    /// The weight's shape as a file stores it: `[out, in]` or `[out, in, k, k]`.
+    pub(crate) fn shape(&self) -> Result<Vec<usize>> {
+        Ok(match self {
+            Patchable::Linear(Linear::Exact { weight, .. }) => weight.dims().to_vec(),
+            Patchable::Linear(Linear::Bf16(l)) => {
+                let (out, inp) = l.dims();
+                vec![out, inp]
+            }
+            Patchable::Conv(Conv2d::Exact { taps, .. }) => {
+                let (o, kh, kw, i) = taps.dims4()?;
+                vec![o, i, kh, kw]
+            }
+            Patchable::Conv(Conv2d::Bf16(c)) => {
+                let (o, i, k) = c.dims();
+                vec![o, i, k, k]
+            }
+            Patchable::Candle(l) => l.weight().dims().to_vec(),
+        })
+    }
+
+    /// Replaces the weight by `weight` (f32, shaped as [`Patchable::shape`] says) and, when
+    /// given, the bias by `bias` (f32), kept the way the layer keeps them: in their dtype, or
+    /// packed again for the fast mode.
+    pub(crate) fn set(&mut self, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        let like = |new: &Tensor, old: &Tensor| new.to_dtype(old.dtype());
+        match self {
+            Patchable::Linear(Linear::Exact { weight: w, bias: b }) => {
+                *w = like(weight, w)?;
+                if let (Some(new), Some(old)) = (bias, b.as_mut()) {
+                    *old = like(new, old)?;
+                }
+            }
+            Patchable::Linear(Linear::Bf16(l)) => {
+                *l = Arc::new(l.with_weight(&weight.to_dtype(DType::BF16)?, bias)?);
+            }
+            Patchable::Conv(Conv2d::Exact { taps, bias: b, .. }) => {
+                *taps = like(weight, taps)?.permute((0, 2, 3, 1))?.contiguous()?;
+                if let (Some(new), Some(old)) = (bias, b.as_mut()) {
+                    *old = like(new, old)?;
+                }
+            }
+            Patchable::Conv(Conv2d::Bf16(c)) => {
+                let taps = weight
+                    .to_dtype(DType::BF16)?
+                    .permute((0, 2, 3, 1))?
+                    .contiguous()?;
+                *c = Arc::new(c.with_taps(&taps, bias)?);
+            }
+            Patchable::Candle(l) => {
+                let w = like(weight, l.weight())?;
+                let b = match (bias, l.bias()) {
+                    (Some(new), Some(old)) => Some(like(new, old)?),
+                    (_, old) => old.cloned(),
+                };
+                **l = candle_nn::Linear::new(w, b);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The attention kernel a build asks for: exact, or the fast mode's bf16 products.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionKernel {

@@ -8,7 +8,9 @@ use candle_core::Tensor;
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
-use crate::models::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
+use crate::models::layers::{
+    conv2d, group_norm, join, linear, Conv2d, GroupNorm, Linear, Patch, Patchable, Visitor,
+};
 use crate::models::ModelOptions;
 use crate::{Error, Result};
 use blocks::{has_cross_attention, DownBlock, LevelShape, MidBlock, UpBlock};
@@ -207,7 +209,7 @@ fn timestep_embedding(
 }
 
 /// The noise-predicting UNet: latent, timestep and text conditioning in, ε (or v) out.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_linear_1: Linear,
@@ -353,5 +355,31 @@ impl UNet2DConditionModel {
         }
         let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
+    }
+}
+
+impl Patch for UNet2DConditionModel {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        f(&join(prefix, "conv_in"), Patchable::Conv(&mut self.conv_in))?;
+        let time = join(prefix, "time_embedding");
+        f(
+            &join(&time, "linear_1"),
+            Patchable::Linear(&mut self.time_linear_1),
+        )?;
+        f(
+            &join(&time, "linear_2"),
+            Patchable::Linear(&mut self.time_linear_2),
+        )?;
+        for (i, block) in self.down.iter_mut().enumerate() {
+            block.patch_each(&join(prefix, &format!("down_blocks.{i}")), f)?;
+        }
+        self.mid.patch_each(&join(prefix, "mid_block"), f)?;
+        for (i, block) in self.up.iter_mut().enumerate() {
+            block.patch_each(&join(prefix, &format!("up_blocks.{i}")), f)?;
+        }
+        f(
+            &join(prefix, "conv_out"),
+            Patchable::Conv(&mut self.conv_out),
+        )
     }
 }

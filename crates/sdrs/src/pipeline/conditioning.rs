@@ -135,13 +135,9 @@ impl StableDiffusion {
         clock: EditClock,
     ) -> Result<Conditioning> {
         let req = &gen.request;
-        self.conditioning_with(
-            &req.prompt,
-            &req.negative_prompt,
-            req.prompt_syntax,
-            clock,
-            req.clip_skip,
-        )
+        self.apply_loras(gen)?;
+        let (prompt, negative) = &gen.texts;
+        self.conditioning_with(prompt, negative, req.prompt_syntax, clock, req.clip_skip)
     }
 
     /// Parses and encodes a prompt and its negative for a run of `steps` steps.

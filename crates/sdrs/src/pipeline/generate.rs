@@ -166,6 +166,7 @@ pub(super) fn generate(
             model_hash: sd.model_hash.clone(),
             img2img: source == Source::Picture,
             fast: sd.fast(),
+            lora_hashes: sd.lora_hashes(),
         };
         let generated = GeneratedImage {
             image,

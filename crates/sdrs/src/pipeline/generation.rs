@@ -22,6 +22,10 @@ pub struct Generation {
     pub(crate) schedule: SigmaSchedule,
     pub(crate) options: SamplerOptions,
     pub(crate) hires: Option<HiresPlan>,
+    /// The prompt and negative prompt the text encoder reads: without their `<lora:…>` tags.
+    pub(crate) texts: (String, String),
+    /// The LoRAs both prompts ask for, in order.
+    pub(crate) loras: Vec<crate::lora::LoraTag>,
 }
 
 /// The hires fix's second pass, as sizes and step counts.

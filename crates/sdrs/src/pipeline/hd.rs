@@ -171,6 +171,7 @@ pub fn hd(
             model_hash: sd.model_hash.clone(),
             img2img: false,
             fast: sd.fast(),
+            lora_hashes: sd.lora_hashes(),
         },
     );
     text.push_str(&format!(

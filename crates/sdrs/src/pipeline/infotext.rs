@@ -20,6 +20,8 @@ pub struct ImageFacts {
     pub img2img: bool,
     /// True when the UNet and the VAE multiplied in bf16 (`--fast`): `Precision: bf16`.
     pub fast: bool,
+    /// `(name, short hash)` of the LoRAs merged (`Lora hashes`).
+    pub lora_hashes: Vec<(String, String)>,
 }
 
 /// A1111 quotes a value holding `,`, `:` or a newline as a JSON string.
@@ -125,6 +127,14 @@ pub fn render(gen: &Generation, facts: &ImageFacts) -> String {
     }
     if old_timeline_matters(gen) {
         params.push(("Old prompt editing timelines", "True".into()));
+    }
+    if !facts.lora_hashes.is_empty() {
+        let list: Vec<String> = facts
+            .lora_hashes
+            .iter()
+            .map(|(name, hash)| format!("{name}: {hash}"))
+            .collect();
+        params.push(("Lora hashes", list.join(", ")));
     }
     if facts.fast {
         params.push(("Precision", "bf16".into()));
@@ -244,6 +254,17 @@ impl Infotext {
         }
         if let Some(v) = self.get("RNG math").and_then(|v| v.parse().ok()) {
             req.rng_math = v;
+        }
+        if let Some(list) = self.get("Lora hashes") {
+            req.lora_hashes = list
+                .split(',')
+                .filter_map(|item| {
+                    let (name, hash) = item.rsplit_once(':')?;
+                    Some((name.trim().to_string(), hash.trim().to_string()))
+                })
+                .filter(|(name, hash)| !name.is_empty() && !hash.is_empty())
+                .take(crate::limits::MAX_LORAS)
+                .collect();
         }
         req
     }

@@ -1,11 +1,13 @@
 //! A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and schedule.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::Device;
 
 use super::networks::{NetworkOptions, Networks};
 use super::vae_tiling::VaeTiling;
+use crate::lora::{LoraLibrary, Patches};
 use crate::models::clip::ClipTextTransformer;
 use crate::models::unet::{Prediction, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
@@ -28,6 +30,8 @@ pub struct LoadOptions {
     pub nan_check: bool,
     /// The name infotexts give the model, instead of the checkpoint's file or folder name.
     pub name: Option<String>,
+    /// Where `<lora:NAME>` finds `NAME` (see [`crate::lora`]); none: prompts cannot use LoRAs.
+    pub lora_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +42,7 @@ impl Default for LoadOptions {
             vae_tiling: VaeTiling::default(),
             nan_check: true,
             name: None,
+            lora_dir: None,
         }
     }
 }
@@ -57,6 +62,7 @@ pub struct StableDiffusion {
     pub(crate) prediction: Prediction,
     pub(crate) vae_tiling: VaeTiling,
     pub(crate) nan_check: bool,
+    loras: LoraLibrary,
 }
 
 impl StableDiffusion {
@@ -85,7 +91,34 @@ impl StableDiffusion {
                 .unwrap_or_else(|| checkpoint.prediction()),
             vae_tiling: options.vae_tiling,
             nan_check: options.nan_check,
+            loras: LoraLibrary::new(options.lora_dir),
         })
+    }
+
+    /// The LoRA folder's files.
+    pub fn loras(&self) -> &LoraLibrary {
+        &self.loras
+    }
+
+    /// Merges the LoRAs `gen`'s prompts ask for into the networks' weights, and takes out
+    /// those it does not ask for (nothing happens when the set is the one merged).
+    pub fn apply_loras(&self, gen: &super::Generation) -> Result<()> {
+        let patches = if gen.loras.is_empty() {
+            Patches::default()
+        } else {
+            crate::lora::resolve(
+                &self.loras,
+                self.networks.targets(),
+                &gen.loras,
+                &gen.request.lora_hashes,
+            )?
+        };
+        self.networks.set_patches(Arc::new(patches))
+    }
+
+    /// `(name, short hash)` of the LoRAs merged now, for the infotext's `Lora hashes`.
+    pub fn lora_hashes(&self) -> Vec<(String, String)> {
+        self.networks.patches().hashes().to_vec()
     }
 
     /// The text encoder (built first when networks are resident one at a time).

@@ -1,10 +1,13 @@
 //! A model's networks, one per role its family has, and when each is in memory.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
+use crate::lora::{network_of, Network as LoraNetwork, Patches, Targets};
 use crate::models::clip::ClipTextTransformer;
+use crate::models::layers::Patch;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::models::ModelOptions;
@@ -45,12 +48,17 @@ type Slot = Mutex<Option<Network>>;
 /// A model's networks, one slot per role its family has, resident or built on demand as a
 /// [`Residency`] says.
 pub struct Networks {
-    /// Present exactly when one network at a time is resident: kept open to build from (its
-    /// mapped pages are not resident once a build has copied them).
-    checkpoint: Option<Checkpoint>,
+    /// Kept open to build from (one network at a time) and to read a layer's weight back from
+    /// when a LoRA stops changing it; its mapped pages are not resident once read.
+    checkpoint: Checkpoint,
+    residency: Residency,
     device: Device,
     fast: bool,
     slots: Vec<(Role, Slot)>,
+    /// The LoRA changes merged into the weights (and into every network built from now on).
+    patches: Mutex<Arc<Patches>>,
+    /// The layers LoRAs can change, found the first time one is asked for.
+    targets: OnceLock<Targets>,
 }
 
 fn lock(slot: &Slot) -> MutexGuard<'_, Option<Network>> {
@@ -65,10 +73,10 @@ impl Networks {
     pub fn load(checkpoint: &Checkpoint, device: &Device, options: NetworkOptions) -> Result<Self> {
         let residency = options.residency;
         let networks = Self {
-            checkpoint: match residency {
-                Residency::All => None,
-                Residency::OneAtATime => Some(checkpoint.clone()),
-            },
+            checkpoint: checkpoint.clone(),
+            residency,
+            patches: Mutex::new(Arc::new(Patches::default())),
+            targets: OnceLock::new(),
             device: device.clone(),
             fast: options.fast,
             slots: checkpoint
@@ -160,21 +168,123 @@ impl Networks {
         if let Some(net) = lock(slot).as_ref() {
             return Ok(net.clone());
         }
-        let Some(checkpoint) = &self.checkpoint else {
+        if self.residency == Residency::All {
             // `All` never empties a slot; said plainly rather than panicking regardless.
             return Err(Error::InvalidConfig(
                 "a network of a fully resident model is missing".into(),
             ));
-        };
+        }
         for (other, other_slot) in &self.slots {
             if *other != role {
                 lock(other_slot).take();
             }
         }
-        let net = self.build(checkpoint, role, true)?;
+        let mut net = self.build(&self.checkpoint, role, true)?;
+        let patches = lock_patches(&self.patches).clone();
+        if let Some(network) = network_of(role) {
+            let layers: HashSet<&str> = patches.layers(network).collect();
+            if !layers.is_empty() {
+                self.patch(&mut net, role, network, &layers, &patches)?;
+            }
+        }
         *lock(slot) = Some(net.clone());
         Ok(net)
     }
+
+    /// The layers LoRAs can change in this model.
+    pub(crate) fn targets(&self) -> &Targets {
+        self.targets.get_or_init(|| Targets::of(&self.checkpoint))
+    }
+
+    /// The LoRA changes merged now.
+    pub(crate) fn patches(&self) -> Arc<Patches> {
+        lock_patches(&self.patches).clone()
+    }
+
+    /// Makes `patches` the LoRA changes in the weights. Only the layers this set or the last
+    /// one changes are touched: each gets the checkpoint's weight back, plus this set's change
+    /// if it has one, kept as the layer keeps weights (f32, f16, or packed again for the fast
+    /// mode). Nothing happens when the set is the one merged. On an error every layer either
+    /// set changes is given its checkpoint weight back, and no set is merged.
+    pub(crate) fn set_patches(&self, patches: Arc<Patches>) -> Result<()> {
+        let mut current = lock_patches(&self.patches);
+        if current.same_as(&patches) {
+            *current = patches;
+            return Ok(());
+        }
+        for (role, slot) in &self.slots {
+            let Some(network) = network_of(*role) else {
+                continue;
+            };
+            let layers: HashSet<&str> = current
+                .layers(network)
+                .chain(patches.layers(network))
+                .collect();
+            let resident = lock(slot).clone();
+            let (Some(mut net), false) = (resident, layers.is_empty()) else {
+                continue;
+            };
+            let outcome = self.patch(&mut net, *role, network, &layers, &patches);
+            if let Err(e) = outcome {
+                let none = Patches::default();
+                // Best effort: a layer that cannot be read back keeps what it has.
+                let _ = self.patch(&mut net, *role, network, &layers, &none);
+                *lock(slot) = Some(net);
+                *current = Arc::new(none);
+                return Err(e);
+            }
+            *lock(slot) = Some(net);
+        }
+        *current = patches;
+        Ok(())
+    }
+
+    /// Gives each of `layers` of `net` its checkpoint weight plus the change `patches` has for
+    /// it. A network another caller still holds is copied first (its tensors are shared, so
+    /// only the changed layers take new memory), so a generation in flight keeps its weights.
+    fn patch(
+        &self,
+        net: &mut Network,
+        role: Role,
+        network: LoraNetwork,
+        layers: &HashSet<&str>,
+        patches: &Patches,
+    ) -> Result<()> {
+        let base = self.checkpoint.weights(role, DType::F32, &self.device)?;
+        let mut visit = |name: &str, mut layer: crate::models::layers::Patchable<'_>| {
+            if !layers.contains(name) {
+                return Ok(());
+            }
+            let shape = layer.shape()?;
+            let weight = base.get(shape.as_slice(), &format!("{name}.weight"))?;
+            let bias_name = format!("{name}.bias");
+            let bias = if base.contains_tensor(&bias_name) {
+                Some(base.get(shape[0], &bias_name)?)
+            } else {
+                None
+            };
+            let (dw, db) = patches.delta(network, name, &shape, bias.as_ref().map(|_| shape[0]))?;
+            let plus = |t: Tensor, d: Option<Tensor>| -> Result<Tensor> {
+                Ok(match d {
+                    Some(d) => (t + d.to_device(&self.device)?)?,
+                    None => t,
+                })
+            };
+            let weight = plus(weight, dw)?;
+            let bias = bias.map(|b| plus(b, db)).transpose()?;
+            layer.set(&weight, bias.as_ref())
+        };
+        match net {
+            Network::TextEncoder(arc) => Arc::make_mut(arc).patch_each("", &mut visit),
+            Network::Unet(arc) => Arc::make_mut(arc).patch_each("", &mut visit),
+            Network::Vae(_) => Ok(()),
+        }
+    }
+}
+
+fn lock_patches(patches: &Mutex<Arc<Patches>>) -> MutexGuard<'_, Arc<Patches>> {
+    // Replaced whole under the lock: a panic leaves the old set or the new one.
+    patches.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A slot holding another role's network: a bug, said plainly rather than panicking.

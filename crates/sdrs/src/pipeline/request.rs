@@ -1,12 +1,15 @@
 //! The one request type every front end builds (CLI flags, HTTP bodies and PNG metadata), and
 //! its validation into a [`Generation`].
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::generation::{resolve_seed, signed_seed, Generation, HiresPlan};
 use super::hires;
 use crate::image_io::ResizeMode;
-use crate::limits::{exceeded, image_fits, MAX_IMAGES, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
+use crate::limits::{exceeded, image_fits, MAX_IMAGES, MAX_LORAS, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
+use crate::lora::{strip_tags, LoraTag};
 use crate::prompt::{EditTimeline, PromptSyntax};
 use crate::sampling::rng::NormalVariant;
 use crate::sampling::{SamplerChoice, SamplerOptions, SigmaSchedule};
@@ -69,6 +72,10 @@ pub struct GenerationRequest {
     pub hr_resize_x: usize,
     /// Hires fix target height (0 = from `hr_scale`, or from the width's aspect).
     pub hr_resize_y: usize,
+    /// LoRA name → A1111 short hash, from an infotext's `Lora hashes`: a tag whose name the
+    /// LoRA folder lacks is looked up by this hash.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub lora_hashes: BTreeMap<String, String>,
 }
 
 impl Default for GenerationRequest {
@@ -99,6 +106,7 @@ impl Default for GenerationRequest {
             hr_second_pass_steps: 0,
             hr_resize_x: 0,
             hr_resize_y: 0,
+            lora_hashes: BTreeMap::new(),
         }
     }
 }
@@ -128,6 +136,20 @@ impl GenerationRequest {
             ("negative prompt", &self.negative_prompt),
         ] {
             crate::prompt::check_text(field, text)?;
+        }
+        let prompt = strip_tags("prompt", &self.prompt)?;
+        let negative = strip_tags("negative prompt", &self.negative_prompt)?;
+        let loras: Vec<LoraTag> = prompt.loras.into_iter().chain(negative.loras).collect();
+        if loras.len() > MAX_LORAS {
+            return Err(exceeded("LoRA tags", loras.len(), "MAX_LORAS", MAX_LORAS));
+        }
+        if self.lora_hashes.len() > MAX_LORAS {
+            return Err(exceeded(
+                "Lora hashes",
+                self.lora_hashes.len(),
+                "MAX_LORAS",
+                MAX_LORAS,
+            ));
         }
         if self.steps == 0 {
             return Err(Error::InvalidRequest("steps must be at least 1".into()));
@@ -236,6 +258,8 @@ impl GenerationRequest {
                 s_noise: self.s_noise,
             },
             hires,
+            texts: (prompt.text, negative.text),
+            loras,
         })
     }
 

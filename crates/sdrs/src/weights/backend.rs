@@ -76,6 +76,20 @@ impl Component {
         }
     }
 
+    /// Every tensor's diffusers name and shape as stored (a band's rows for a fused one).
+    pub(crate) fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.renames
+            .iter()
+            .filter_map(|(name, stored)| {
+                let mut shape = self.file.shape(&stored.name)?.to_vec();
+                if let (Some((_, rows)), Some(first)) = (stored.rows, shape.first_mut()) {
+                    *first = rows;
+                }
+                Some((name.clone(), shape))
+            })
+            .collect()
+    }
+
     /// A `VarBuilder` over these tensors, or the full list of diffusers names the file lacks.
     pub(crate) fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         if !self.missing.is_empty() {

@@ -33,11 +33,13 @@ use backend::Component;
 use compvis::TensorName;
 use detect::VaeNaming;
 pub use family::{ModelFamily, Role, UnetInputs};
-use tensor_file::TensorFile;
+pub(crate) use tensor_file::TensorFile;
 pub use upscaler::UpscalerFile;
 
 #[doc(hidden)]
 pub mod fuzzing;
+
+pub(crate) use safetensors_header::metadata as safetensors_metadata;
 
 /// An opened checkpoint: its family, the three model configs, and lazy access to the weights.
 /// Clones share the open files.
@@ -118,6 +120,43 @@ impl Checkpoint {
     /// Text-encoder weights, rooted at transformers' `text_model`.
     pub fn text_encoder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         self.text_encoder.var_builder(dtype, device)
+    }
+
+    /// The stored shape of every tensor of the network of `role`, under diffusers names
+    /// (the text encoder's rooted at `text_model`); empty for a role the checkpoint lacks.
+    pub(crate) fn shapes(&self, role: Role) -> Vec<(String, Vec<usize>)> {
+        match role {
+            Role::TextEncoder(0) => self.text_encoder.shapes(),
+            Role::Unet => self.unet.shapes(),
+            Role::Vae => self.vae.shapes(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The UNet's `(diffusers, CompVis)` tensor names (CompVis relative to
+    /// `model.diffusion_model.`), whatever layout the checkpoint itself has.
+    pub(crate) fn unet_names(&self) -> Vec<(String, String)> {
+        compvis::unet_names(&self.unet_config)
+            .into_iter()
+            .map(|n| (n.diffusers, n.compvis))
+            .collect()
+    }
+
+    /// The weights of the network of `role`, as [`Checkpoint::unet`] and the others give them.
+    pub(crate) fn weights(
+        &self,
+        role: Role,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        match role {
+            Role::TextEncoder(0) => self.text_encoder(dtype, device),
+            Role::Unet => self.unet(dtype, device),
+            Role::Vae => self.vae(dtype, device),
+            other => Err(Error::UnsupportedCheckpoint {
+                detected: format!("a model with a {other:?} network"),
+            }),
+        }
     }
 
     /// The token that pads a prompt after its EOS: EOS itself for SD 1, 0 (`!`) for SD 2.

@@ -34,6 +34,32 @@ pub(crate) fn check_file(path: &Path) -> Result<usize> {
     check_header(&header, file_len - (PREFIX + header_len) as u64).map_err(with_path(path))
 }
 
+/// The `__metadata__` strings of the safetensors file at `path` (trainers' notes: kohya's
+/// `ss_output_name`, `sshs_model_hash`, …), after the header has passed [`check_file`].
+pub(crate) fn metadata(path: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    check_file(path)?;
+    let io = |e| Error::io(path, e);
+    let mut file = File::open(path).map_err(io)?;
+    let mut prefix = [0; PREFIX];
+    file.read_exact(&mut prefix).map_err(io)?;
+    let len = u64::from_le_bytes(prefix) as usize;
+    let mut header = vec![0; len];
+    file.read_exact(&mut header).map_err(io)?;
+    #[derive(Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: std::collections::BTreeMap<String, serde_json::Value>,
+    }
+    let header: Header = serde_json::from_slice(&header)
+        .map_err(|e| corrupt(format!("safetensors header: {e}")))
+        .map_err(with_path(path))?;
+    Ok(header
+        .metadata
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
+        .collect())
+}
+
 /// Checks the header of a safetensors file held in `bytes`; returns its tensor count.
 pub(crate) fn check_bytes(bytes: &[u8]) -> Result<usize> {
     let prefix = bytes

@@ -11,6 +11,7 @@ mod hostile_files;
 mod hub;
 mod img2img;
 mod layers;
+mod lora;
 mod lowmem;
 mod prompt;
 mod prompt_pipeline;

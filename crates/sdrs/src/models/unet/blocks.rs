@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::layers::{conv2d, Conv2d};
+use crate::models::layers::{conv2d, join, Conv2d, Patch, Patchable, Visitor};
 
 use super::resnet::ResnetBlock;
 use super::transformer::{SpatialTransformer, TransformerShape};
@@ -73,7 +73,7 @@ pub fn has_cross_attention(block_type: &str) -> Result<bool> {
 }
 
 /// Resnets, each optionally followed by a spatial transformer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Layers {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
@@ -124,7 +124,7 @@ impl Layers {
 }
 
 /// One level on the way down; its outputs feed the skip connections.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DownBlock {
     layers: Layers,
     downsampler: Option<Conv2d>,
@@ -175,7 +175,7 @@ impl DownBlock {
 }
 
 /// The bottom of the UNet: resnet, transformer, resnet.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct MidBlock {
     first: ResnetBlock,
     attention: SpatialTransformer,
@@ -218,7 +218,7 @@ impl MidBlock {
 }
 
 /// One level on the way up: each resnet takes the next skip connection.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct UpBlock {
     layers: Layers,
     upsampler: Option<Conv2d>,
@@ -277,5 +277,46 @@ impl UpBlock {
             x = conv.forward(&x.upsample_nearest2d(h, w)?)?;
         }
         Ok(x)
+    }
+}
+
+impl Patch for Layers {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        for (j, resnet) in self.resnets.iter_mut().enumerate() {
+            resnet.patch_each(&join(prefix, &format!("resnets.{j}")), f)?;
+        }
+        for (j, attention) in self.attentions.iter_mut().enumerate() {
+            attention.patch_each(&join(prefix, &format!("attentions.{j}")), f)?;
+        }
+        Ok(())
+    }
+}
+
+impl Patch for DownBlock {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        self.layers.patch_each(prefix, f)?;
+        if let Some(conv) = &mut self.downsampler {
+            f(&join(prefix, "downsamplers.0.conv"), Patchable::Conv(conv))?;
+        }
+        Ok(())
+    }
+}
+
+impl Patch for MidBlock {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        self.first.patch_each(&join(prefix, "resnets.0"), f)?;
+        self.attention
+            .patch_each(&join(prefix, "attentions.0"), f)?;
+        self.second.patch_each(&join(prefix, "resnets.1"), f)
+    }
+}
+
+impl Patch for UpBlock {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        self.layers.patch_each(prefix, f)?;
+        if let Some(conv) = &mut self.upsampler {
+            f(&join(prefix, "upsamplers.0.conv"), Patchable::Conv(conv))?;
+        }
+        Ok(())
     }
 }

@@ -3,12 +3,14 @@
 use candle_core::Tensor;
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
+use crate::models::layers::{
+    conv2d, group_norm, join, linear, Conv2d, GroupNorm, Linear, Patch, Patchable, Visitor,
+};
 
 use crate::Result;
 
 /// GroupNorm → SiLU → conv, plus the projected time embedding, twice, around a skip path.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -68,5 +70,20 @@ impl ResnetBlock {
             None => x.clone(),
         };
         Ok((skip + h)?)
+    }
+}
+
+impl Patch for ResnetBlock {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        f(&join(prefix, "conv1"), Patchable::Conv(&mut self.conv1))?;
+        f(
+            &join(prefix, "time_emb_proj"),
+            Patchable::Linear(&mut self.time_emb_proj),
+        )?;
+        f(&join(prefix, "conv2"), Patchable::Conv(&mut self.conv2))?;
+        if let Some(conv) = &mut self.conv_shortcut {
+            f(&join(prefix, "conv_shortcut"), Patchable::Conv(conv))?;
+        }
+        Ok(())
     }
 }

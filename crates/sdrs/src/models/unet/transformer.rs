@@ -5,14 +5,14 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::models::layers::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, AttentionKernel, Conv2d, GroupNorm,
-    LayerNorm, Linear,
+    conv2d, group_norm, join, layer_norm, linear, linear_no_bias, AttentionKernel, Conv2d,
+    GroupNorm, LayerNorm, Linear, Patch, Patchable, Visitor,
 };
 
 use crate::Result;
 
 /// Multi-head attention (`Attention` with q/k/v without bias, `to_out.0` with bias).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Attention {
     to_q: Linear,
     to_k: Linear,
@@ -54,7 +54,7 @@ impl Attention {
 }
 
 /// The MLP: GEGLU (`ff.net.0.proj`, exact GELU on the gate half) then `ff.net.2`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct FeedForward {
     proj: Linear,
     out: Linear,
@@ -75,7 +75,7 @@ impl FeedForward {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct BasicTransformerBlock {
     norm1: LayerNorm,
     attn1: Attention,
@@ -113,14 +113,14 @@ impl BasicTransformerBlock {
 
 /// Projection in and out of the transformer: 1×1 convolutions (SD 1.x) or linear layers
 /// applied after flattening (SD 2.x's `use_linear_projection`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Projection {
     Conv(Conv2d),
     Linear(Linear),
 }
 
 /// One spatial transformer: GroupNorm, projection, blocks, projection, residual.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
     proj_in: Projection,
@@ -197,5 +197,51 @@ impl SpatialTransformer {
             Projection::Linear(lin) => to_image(lin.forward(&tokens)?)?,
         };
         Ok((out + x)?)
+    }
+}
+
+impl Patch for Attention {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        f(&join(prefix, "to_q"), Patchable::Linear(&mut self.to_q))?;
+        f(&join(prefix, "to_k"), Patchable::Linear(&mut self.to_k))?;
+        f(&join(prefix, "to_v"), Patchable::Linear(&mut self.to_v))?;
+        f(
+            &join(prefix, "to_out.0"),
+            Patchable::Linear(&mut self.to_out),
+        )
+    }
+}
+
+impl Patch for BasicTransformerBlock {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        self.attn1.patch_each(&join(prefix, "attn1"), f)?;
+        self.attn2.patch_each(&join(prefix, "attn2"), f)?;
+        f(
+            &join(prefix, "ff.net.0.proj"),
+            Patchable::Linear(&mut self.ff.proj),
+        )?;
+        f(
+            &join(prefix, "ff.net.2"),
+            Patchable::Linear(&mut self.ff.out),
+        )
+    }
+}
+
+impl Projection {
+    fn patchable(&mut self) -> Patchable<'_> {
+        match self {
+            Projection::Conv(conv) => Patchable::Conv(conv),
+            Projection::Linear(lin) => Patchable::Linear(lin),
+        }
+    }
+}
+
+impl Patch for SpatialTransformer {
+    fn patch_each(&mut self, prefix: &str, f: &mut Visitor<'_>) -> Result<()> {
+        f(&join(prefix, "proj_in"), self.proj_in.patchable())?;
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            block.patch_each(&join(prefix, &format!("transformer_blocks.{i}")), f)?;
+        }
+        f(&join(prefix, "proj_out"), self.proj_out.patchable())
     }
 }

@@ -50,6 +50,28 @@ impl Bf16Conv {
         }))
     }
 
+    /// `(out channels, in channels, kernel size)`.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        let k = if self.winograd.is_some() { 3 } else { 1 };
+        (self.out_channels, self.in_channels, k)
+    }
+
+    /// The same convolution with `taps` [Cout, k, k, Cin] packed instead, and `bias` when
+    /// given (else its own).
+    pub fn with_taps(&self, taps: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let own = self
+            .bias
+            .as_ref()
+            .map(|b| Tensor::new(b.as_slice(), taps.device()));
+        let own = own.transpose()?;
+        Self::new(taps, bias.or(own.as_ref()))?.ok_or_else(|| {
+            crate::Error::InvalidConfig(format!(
+                "the fast mode has no kernel for taps {:?}",
+                taps.dims()
+            ))
+        })
+    }
+
     /// The convolution of `x` `[B,Cin,H,W]` (f32 on the CPU).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.contiguous()?.apply_op1_no_bwd(self)?)
@@ -163,6 +185,22 @@ impl Bf16Linear {
             out_dim,
             bias,
         })
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out_dim, self.in_dim)
+    }
+
+    /// The same layer with `weight` [out, in] packed instead, and `bias` when given (else
+    /// its own).
+    pub fn with_weight(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let own = self
+            .bias
+            .as_ref()
+            .map(|b| Tensor::new(b.as_slice(), weight.device()));
+        let own = own.transpose()?;
+        Self::new(weight, bias.or(own.as_ref()))
     }
 
     /// `x` [..., in] (f32 on the CPU) → [..., out].
