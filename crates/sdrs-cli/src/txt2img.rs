@@ -198,6 +198,10 @@ pub struct GenerationArgs {
     /// (such images come out black).
     #[arg(long = "no-nan-check")]
     no_nan_check: bool,
+    /// A folder of textual-inversion embeddings (.pt, .bin, .safetensors) whose file names
+    /// prompts can use; default: `embeddings/` beside the model, when it exists.
+    #[arg(long = "embeddings-dir", value_name = "DIR")]
+    embeddings_dir: Option<PathBuf>,
 }
 
 impl GenerationArgs {
@@ -250,6 +254,10 @@ impl GenerationArgs {
             nan_check: !self.no_nan_check,
             // A Hub snapshot folder is named by its commit; the short name says more.
             name: resolved.entry.map(|entry| entry.name.to_string()),
+            embeddings_dir: self
+                .embeddings_dir
+                .clone()
+                .or_else(|| Some(sdrs::addon_dir(path, "embeddings")).filter(|d| d.is_dir())),
         };
         // The models own their weights once built; dropping the checkpoint unmaps the file.
         StableDiffusion::load_with(&checkpoint, device, options)

@@ -219,6 +219,7 @@ impl Worker {
         let options = LoadOptions {
             networks: setup.network,
             nan_check: setup.nan_check,
+            embeddings_dir: Some(sdrs::addon_dir(path, "embeddings")).filter(|d| d.is_dir()),
             ..LoadOptions::default()
         };
         StableDiffusion::load_with(&checkpoint, &setup.device, options).map_err(failed)

@@ -134,6 +134,7 @@ pub(super) fn generate(
 ) -> Result<Outcome> {
     let images = gen.image_count();
     let mut outcome = Outcome::default();
+    let ti_hashes = sd.ti_hashes(gen)?;
     for index in 0..images {
         let seed = gen.seed.wrapping_add(index as u64);
         let mut on_step = |first_step: usize, s: &Step| {
@@ -166,6 +167,7 @@ pub(super) fn generate(
             model_hash: sd.model_hash.clone(),
             img2img: source == Source::Picture,
             fast: sd.fast(),
+            ti_hashes: ti_hashes.clone(),
         };
         let generated = GeneratedImage {
             image,

@@ -171,6 +171,7 @@ pub fn hd(
             model_hash: sd.model_hash.clone(),
             img2img: false,
             fast: sd.fast(),
+            ti_hashes: sd.ti_hashes(&single)?,
         },
     );
     text.push_str(&format!(

@@ -20,6 +20,8 @@ pub struct ImageFacts {
     pub img2img: bool,
     /// True when the UNet and the VAE multiplied in bf16 (`--fast`): `Precision: bf16`.
     pub fast: bool,
+    /// `(name, short hash)` of the embeddings the prompts used: `TI hashes`.
+    pub ti_hashes: Vec<(String, String)>,
 }
 
 /// A1111 quotes a value holding `,`, `:` or a newline as a JSON string.
@@ -65,6 +67,15 @@ fn old_timeline_matters(gen: &Generation) -> bool {
             .into_iter()
             .any(|text| prompt_edits_with(text, old).ok() != prompt_edits_with(text, current).ok())
     })
+}
+
+/// A1111's `TI hashes` value: `name: hash, ...`, each name without `:` and `,`.
+fn ti_hashes(hashes: &[(String, String)]) -> String {
+    hashes
+        .iter()
+        .map(|(name, hash)| format!("{}: {hash}", name.replace([':', ','], "")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Renders the infotext of one image of `gen`.
@@ -132,6 +143,9 @@ pub fn render(gen: &Generation, facts: &ImageFacts) -> String {
     params.push(("RNG", "CPU".into()));
     if req.rng_math != NormalVariant::default() {
         params.push(("RNG math", req.rng_math.to_string()));
+    }
+    if !facts.ti_hashes.is_empty() {
+        params.push(("TI hashes", ti_hashes(&facts.ti_hashes)));
     }
     params.push(("Version", format!("sdrs {}", env!("CARGO_PKG_VERSION"))));
     let line = params
