@@ -8,6 +8,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use sdrs::embeddings::Embeddings;
 use sdrs::prompt::{
     chunks, parse_attention, plan, prompt_edits, prompt_edits_with, EditClock, EditTimeline,
     PromptSyntax,
@@ -46,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
         for part in &plan.parts {
             for edit in &part.edits {
                 for (sub, _) in &edit.blend {
-                    let _ = chunks(tokenizer(), sub, syntax, 0);
+                    let _ = chunks(tokenizer(), &Embeddings::default(), sub, syntax, 0);
                 }
             }
         }

@@ -1,7 +1,10 @@
 //! `sdrs tokenize`: the CLIP token ids of a prompt and how the prompt language reads it, as JSON.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 use clap::Args;
+use sdrs::embeddings::Embeddings;
 use sdrs::prompt::{report, EditClock, EditTimeline, PromptSyntax, CHUNK_TOKENS};
 use sdrs::tokenizer::{Tokenizer, EOS};
 
@@ -19,6 +22,12 @@ pub struct TokenizeArgs {
     /// How `when` in [from:to:when] is read: current (A1111 ≥ 1.6) or old.
     #[arg(long = "edit-timeline", default_value = "current")]
     edit_timeline: EditTimeline,
+    /// A folder of textual-inversion embeddings whose names the report shows as embeddings.
+    #[arg(long = "embeddings-dir", value_name = "DIR")]
+    embeddings_dir: Option<PathBuf>,
+    /// The text encoder width the embeddings must have: 768 (SD 1), 1024 (SD 2).
+    #[arg(long = "embeddings-width", default_value_t = 768)]
+    embeddings_width: usize,
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
@@ -35,8 +44,14 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
             .trim_end()
             .to_string()
     });
+    let embeddings = match &args.embeddings_dir {
+        Some(dir) => Embeddings::load_dir(dir, &tokenizer, args.embeddings_width)
+            .with_context(|| format!("loading embeddings from {}", dir.display()))?,
+        None => Embeddings::default(),
+    };
     let parsed = report(
         &tokenizer,
+        &embeddings,
         &args.prompt,
         args.prompt_syntax,
         EditClock::new(args.steps, args.edit_timeline),

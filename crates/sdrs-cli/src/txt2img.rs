@@ -202,6 +202,10 @@ pub struct GenerationArgs {
     /// (such images come out black).
     #[arg(long = "no-nan-check")]
     no_nan_check: bool,
+    /// A folder of textual-inversion embeddings (.pt, .bin, .safetensors) whose file names
+    /// prompts can use; default: `embeddings/` beside the model folder, when it exists.
+    #[arg(long = "embeddings-dir", value_name = "DIR")]
+    embeddings_dir: Option<PathBuf>,
 }
 
 impl GenerationArgs {
@@ -259,6 +263,9 @@ impl GenerationArgs {
                     .clone()
                     .unwrap_or_else(|| sdrs::addon_dir(&hub.model_dir, "loras")),
             ),
+            embeddings_dir: self.embeddings_dir.clone().or_else(|| {
+                Some(sdrs::addon_dir(&hub.model_dir, "embeddings")).filter(|d| d.is_dir())
+            }),
         };
         // The models own their weights once built; dropping the checkpoint unmaps the file.
         StableDiffusion::load_with(&checkpoint, device, options)

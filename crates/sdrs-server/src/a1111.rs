@@ -293,6 +293,58 @@ pub async fn refresh_checkpoints(State(state): State<Arc<AppState>>) -> Json<Val
     Json(json!(null))
 }
 
+/// A1111's `/sdapi/v1/embeddings`: the `embeddings/` folder beside the current model (the one
+/// the worker loads with it), read here with the same reader, loaded and skipped as A1111
+/// lists them.
+pub async fn embeddings(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let model = state.current_model().map(|m| m.entry.path);
+    let listing = tokio::task::spawn_blocking(move || model.and_then(|m| embeddings_listing(&m)))
+        .await
+        .ok()
+        .flatten();
+    Json(listing.unwrap_or_else(|| json!({"loaded": {}, "skipped": {}})))
+}
+
+fn embeddings_listing(model: &std::path::Path) -> Option<Value> {
+    let dir = sdrs::addon_dir(crate::worker::model_folder(model), "embeddings");
+    if !dir.is_dir() {
+        return None;
+    }
+    let width = sdrs::weights::Checkpoint::open(model)
+        .ok()?
+        .clip_config()
+        .hidden_size;
+    let tokenizer = sdrs::tokenizer::Tokenizer::new().ok()?;
+    let db = sdrs::embeddings::Embeddings::load_dir(&dir, &tokenizer, width).ok()?;
+    let entry = |i: &sdrs::embeddings::EmbeddingInfo| {
+        json!({
+            "step": i.step,
+            "sd_checkpoint": i.sd_checkpoint,
+            "sd_checkpoint_name": i.sd_checkpoint_name,
+            "shape": i.width,
+            "vectors": i.vectors,
+        })
+    };
+    let loaded: Map<String, Value> = db
+        .loaded()
+        .iter()
+        .map(|e| (e.info.name.clone(), entry(&e.info)))
+        .collect();
+    // A1111 lists files of another width; files that are no embedding are only logged.
+    let skipped: Map<String, Value> = db
+        .skipped()
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), entry(s.info.as_ref()?))))
+        .collect();
+    Some(json!({"loaded": loaded, "skipped": skipped}))
+}
+
+/// A1111's `/sdapi/v1/refresh-embeddings`: the listing reads the folder afresh on every call,
+/// and the worker reads it when it loads a model, so there is nothing to do here.
+pub async fn refresh_embeddings() -> Json<Value> {
+    Json(json!(null))
+}
+
 pub async fn samplers() -> Json<Value> {
     let list: Vec<Value> = Sampler::all()
         .into_iter()

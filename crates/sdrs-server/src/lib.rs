@@ -30,7 +30,7 @@ use axum::extract::Request;
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 pub use config::{parse_auth, parse_list, Limits, ServerConfig};
 pub use listen::serve;
@@ -279,10 +279,8 @@ fn router(state: Arc<AppState>, config: &ServerConfig) -> Router {
         .route("/script-info", get(a1111::empty_list))
         .route("/sd-vae", get(a1111::empty_list))
         .route("/loras", get(a1111::empty_list))
-        .route(
-            "/embeddings",
-            get(|| async { axum::Json(json!({"loaded": {}, "skipped": {}})) }),
-        )
+        .route("/embeddings", get(a1111::embeddings))
+        .route("/refresh-embeddings", post(a1111::refresh_embeddings))
         .route("/prompt-styles", get(a1111::empty_list));
     let jobs = Router::new()
         .route("/", post(jobs::submit).get(jobs::list))

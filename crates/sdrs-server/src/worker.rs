@@ -219,6 +219,8 @@ impl Worker {
         let options = LoadOptions {
             networks: setup.network,
             nan_check: setup.nan_check,
+            embeddings_dir: Some(sdrs::addon_dir(model_folder(path), "embeddings"))
+                .filter(|d| d.is_dir()),
             ..LoadOptions::default()
         };
         StableDiffusion::load_with(&checkpoint, &setup.device, options).map_err(failed)
@@ -382,4 +384,9 @@ fn test_crash(prompt: &str) {
         Some("exit") => std::process::exit(3),
         _ => {}
     }
+}
+
+/// The folder a model is kept in: its file's folder, or a diffusers folder's parent.
+pub(crate) fn model_folder(model: &Path) -> &Path {
+    model.parent().unwrap_or(model)
 }

@@ -28,9 +28,12 @@
 //! The modules: [`weights`] opens checkpoints, [`models`] holds the networks, [`sampling`] the
 //! samplers, schedules and seeded noise, [`prompt`] the prompt languages, [`pipeline`] the
 //! runs (txt2img, img2img, hires fix, hd), [`upscale`] ESRGAN and Lanczos, [`hub`] the model
-//! catalogue and downloads, [`output`] how images are saved, [`limits`] every outside bound.
+//! catalogue and downloads, [`output`] how images are saved, [`limits`] every outside bound,
+//! [`embeddings`] the textual-inversion embeddings prompts can name.
 #![warn(missing_docs)]
 
+mod addons;
+pub mod embeddings;
 pub mod error;
 pub mod hub;
 pub mod image_io;
@@ -48,14 +51,8 @@ pub mod tokenizer;
 pub mod upscale;
 pub mod weights;
 
+pub use addons::addon_dir;
 pub use error::{Error, Result};
 pub use ops::bf16::available as fast_available;
 pub use ops::keep_freed_memory;
-
-/// The folder of add-on files (`loras`, `embeddings`) beside `model_folder`, A1111's layout:
-/// `…/models` next to `…/loras` and `…/embeddings`.
-pub fn addon_dir(model_folder: &std::path::Path, folder: &str) -> std::path::PathBuf {
-    let parent = model_folder.parent().unwrap_or(std::path::Path::new(""));
-    parent.join(folder)
-}
 pub use pipeline::{Generation, GenerationRequest};

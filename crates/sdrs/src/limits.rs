@@ -91,6 +91,18 @@ pub const MAX_UPSCALER_LAYERS: usize = 256;
 /// Largest factor per side an upscaler network enlarges by (ESRGAN: 4).
 pub const MAX_NETWORK_SCALE: usize = 16;
 
+// Textual-inversion embeddings.
+
+/// Largest embedding file read, in bytes (a 75-vector embedding of width 1280 in float32 is
+/// 384 KB; A1111's `.pt` files add a few KB of pickle).
+pub const MAX_EMBEDDING_BYTES: u64 = 8 << 20;
+/// Most vectors one embedding may have: all of them must fit in one 75-token chunk.
+pub const MAX_EMBEDDING_VECTORS: usize = crate::prompt::CHUNK_TOKENS;
+/// Most files one embeddings folder scan looks at, subfolders included.
+pub const MAX_EMBEDDING_FILES: usize = 10_000;
+/// How deep into subfolders of the embeddings folder a scan goes (0: the folder only).
+pub const MAX_EMBEDDING_DEPTH: usize = 2;
+
 // The server.
 
 /// Most prompt text one request may ask for in all: (prompt + negative prompt bytes) × images.

@@ -226,6 +226,18 @@ impl ClipTextTransformer {
     /// Hidden states `[B,T,hidden]` for token ids `[B,T]` (u32): `clip_skip` 1 = last layer,
     /// 2 = penultimate (A1111's convention), always followed by final_layer_norm.
     pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        self.forward_replacing(input_ids, &[], clip_skip)
+    }
+
+    /// [`forward`](Self::forward), with the token embeddings of every row from position
+    /// `start` on replaced by the rows of `vectors` (`[n, hidden]`, any float dtype and device:
+    /// textual inversion), cut at the last position, before the position embeddings are added.
+    pub fn forward_replacing(
+        &self,
+        input_ids: &Tensor,
+        replacements: &[(usize, &Tensor)],
+        clip_skip: usize,
+    ) -> Result<Tensor> {
         let n_layers = self.layers.len();
         if clip_skip == 0 || clip_skip > n_layers {
             return Err(Error::InvalidRequest(format!(
@@ -240,16 +252,49 @@ impl ClipTextTransformer {
             )));
         }
         let positions = self.position_embedding.narrow(0, 0, tokens)?;
-        let mut x = self
-            .token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&positions)?;
+        let mut x = self.token_embedding.forward(input_ids)?;
+        for &(start, vectors) in replacements {
+            x = replace_tokens(&x, start, vectors)?;
+        }
+        let mut x = x.broadcast_add(&positions)?;
         let causal_mask = causal_mask(tokens, x.dtype(), x.device())?;
         for layer in &self.layers[..n_layers + 1 - clip_skip] {
             x = layer.forward(&x, &causal_mask)?;
         }
         Ok(self.final_layer_norm.forward(&x)?)
     }
+}
+
+/// `x` (`[B,T,C]`) with positions `start..` of every row replaced by the rows of `vectors`
+/// (`[n, C]`), as many as fit before `T` (A1111's `EmbeddingsWithFixes`).
+fn replace_tokens(x: &Tensor, start: usize, vectors: &Tensor) -> Result<Tensor> {
+    let (batch, tokens, width) = x.dims3()?;
+    let (count, vector_width) = vectors.dims2()?;
+    if vector_width != width {
+        return Err(Error::InvalidRequest(format!(
+            "an embedding of width {vector_width} given to a text encoder of width {width}"
+        )));
+    }
+    let fit = count.min(tokens.saturating_sub(start));
+    if fit == 0 {
+        return Ok(x.clone());
+    }
+    let vectors = vectors
+        .narrow(0, 0, fit)?
+        .to_device(x.device())?
+        .to_dtype(x.dtype())?
+        .unsqueeze(0)?
+        .broadcast_as((batch, fit, width))?
+        .contiguous()?;
+    let mut pieces = Vec::with_capacity(3);
+    if start > 0 {
+        pieces.push(x.narrow(1, 0, start)?);
+    }
+    pieces.push(vectors);
+    if start + fit < tokens {
+        pieces.push(x.narrow(1, start + fit, tokens - start - fit)?);
+    }
+    Ok(Tensor::cat(&pieces, 1)?)
 }
 
 /// `[T,T]` additive mask: 0 on and below the diagonal, −∞ above, so a token sees only earlier ones.

@@ -2,12 +2,16 @@
 //! what the UNet is conditioned on — for the prompt's AND parts with their prompt edits, and
 //! for the negative prompt's edits.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use super::{Generation, StableDiffusion};
+use crate::embeddings::Embedding;
 use crate::models::unet::UNet2DConditionModel;
 use crate::prompt::{
-    encode_batch, encode_blend, plan_with, EditClock, EditTimeline, PromptPlan, PromptSyntax,
+    chunks, encode_batch, encode_blend, plan_with, EditClock, EditTimeline, EmbeddingFix,
+    PromptPlan, PromptSyntax,
 };
 use crate::{Error, Result};
 
@@ -90,7 +94,15 @@ fn encode_plan(
     clip_skip: usize,
 ) -> Result<Vec<EncodedPart>> {
     let text_encoder = sd.text_encoder()?;
-    let mut encoder = |ids: &Tensor| text_encoder.forward(&ids.to_device(&sd.device)?, clip_skip);
+    let embeddings = sd.embeddings();
+    let mut encoder = |ids: &Tensor, fixes: &[EmbeddingFix]| {
+        // A fix's offset does not count BOS.
+        let replacements: Vec<(usize, &Tensor)> = fixes
+            .iter()
+            .map(|f| (f.offset + 1, &f.embedding.vectors))
+            .collect();
+        text_encoder.forward_replacing(&ids.to_device(&sd.device)?, &replacements, clip_skip)
+    };
     plan.parts
         .iter()
         .map(|part| {
@@ -101,12 +113,26 @@ fn encode_plan(
             let contexts = if plain {
                 // A1111 encodes one part's edited texts as a batch (shared emphasis means).
                 let texts: Vec<&str> = part.edits.iter().map(|s| s.blend[0].0.as_str()).collect();
-                encode_batch(&sd.tokenizer, &texts, syntax, sd.pad_token, &mut encoder)?
+                encode_batch(
+                    &sd.tokenizer,
+                    &embeddings,
+                    &texts,
+                    syntax,
+                    sd.pad_token,
+                    &mut encoder,
+                )?
             } else {
                 part.edits
                     .iter()
                     .map(|s| {
-                        encode_blend(&sd.tokenizer, &s.blend, syntax, sd.pad_token, &mut encoder)
+                        encode_blend(
+                            &sd.tokenizer,
+                            &embeddings,
+                            &s.blend,
+                            syntax,
+                            sd.pad_token,
+                            &mut encoder,
+                        )
                     })
                     .collect::<Result<Vec<_>>>()?
             };
@@ -172,5 +198,50 @@ impl StableDiffusion {
         }
         let uncond = encode_plan(self, &negative, syntax, clip_skip)?.remove(0);
         Ok(Conditioning { parts, uncond })
+    }
+
+    /// The embeddings `prompt` and `negative_prompt` name, each once, the prompt's first, in
+    /// the order they first appear, for the pass `clock` describes.
+    pub fn embeddings_used(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        syntax: PromptSyntax,
+        clock: EditClock,
+    ) -> Result<Vec<Arc<Embedding>>> {
+        let embeddings = self.embeddings();
+        let mut used: Vec<Arc<Embedding>> = Vec::new();
+        if embeddings.is_empty() {
+            return Ok(used);
+        }
+        for text in [prompt, negative_prompt] {
+            for part in plan_with(text, syntax, clock)?.parts {
+                for edit in part.edits {
+                    for (sub, _) in edit.blend {
+                        for chunk in chunks(&self.tokenizer, &embeddings, &sub, syntax, 0)? {
+                            for fix in chunk.fixes {
+                                if !used.iter().any(|e| e.info.name == fix.embedding.info.name) {
+                                    used.push(fix.embedding);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    /// `(name, short hash)` of the embeddings `gen`'s prompts name, for the infotext's
+    /// `TI hashes` (A1111 leaves out embeddings without a hash).
+    pub(super) fn ti_hashes(&self, gen: &Generation) -> Result<Vec<(String, String)>> {
+        let req = &gen.request;
+        let clock = EditClock::new(req.steps, req.edit_timeline);
+        let (prompt, negative) = &gen.texts;
+        Ok(self
+            .embeddings_used(prompt, negative, req.prompt_syntax, clock)?
+            .iter()
+            .filter_map(|e| Some((e.info.name.clone(), e.info.shorthash()?.to_string())))
+            .collect())
     }
 }

@@ -134,6 +134,7 @@ pub(super) fn generate(
 ) -> Result<Outcome> {
     let images = gen.image_count();
     let mut outcome = Outcome::default();
+    let ti_hashes = sd.ti_hashes(gen)?;
     for index in 0..images {
         let seed = gen.seed.wrapping_add(index as u64);
         let mut on_step = |first_step: usize, s: &Step| {
@@ -167,6 +168,7 @@ pub(super) fn generate(
             img2img: source == Source::Picture,
             fast: sd.fast(),
             lora_hashes: sd.lora_hashes(),
+            ti_hashes: ti_hashes.clone(),
         };
         let generated = GeneratedImage {
             image,

@@ -172,6 +172,7 @@ pub fn hd(
             img2img: false,
             fast: sd.fast(),
             lora_hashes: sd.lora_hashes(),
+            ti_hashes: sd.ti_hashes(&single)?,
         },
     );
     text.push_str(&format!(

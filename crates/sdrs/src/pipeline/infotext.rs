@@ -22,6 +22,8 @@ pub struct ImageFacts {
     pub fast: bool,
     /// `(name, short hash)` of the LoRAs merged (`Lora hashes`).
     pub lora_hashes: Vec<(String, String)>,
+    /// `(name, short hash)` of the embeddings the prompts used: `TI hashes`.
+    pub ti_hashes: Vec<(String, String)>,
 }
 
 /// A1111 quotes a value holding `,`, `:` or a newline as a JSON string.
@@ -67,6 +69,15 @@ fn old_timeline_matters(gen: &Generation) -> bool {
             .into_iter()
             .any(|text| prompt_edits_with(text, old).ok() != prompt_edits_with(text, current).ok())
     })
+}
+
+/// A1111's `TI hashes` value: `name: hash, ...`, each name without `:` and `,`.
+fn ti_hashes(hashes: &[(String, String)]) -> String {
+    hashes
+        .iter()
+        .map(|(name, hash)| format!("{}: {hash}", name.replace([':', ','], "")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Renders the infotext of one image of `gen`.
@@ -142,6 +153,9 @@ pub fn render(gen: &Generation, facts: &ImageFacts) -> String {
     params.push(("RNG", "CPU".into()));
     if req.rng_math != NormalVariant::default() {
         params.push(("RNG math", req.rng_math.to_string()));
+    }
+    if !facts.ti_hashes.is_empty() {
+        params.push(("TI hashes", ti_hashes(&facts.ti_hashes)));
     }
     params.push(("Version", format!("sdrs {}", env!("CARGO_PKG_VERSION"))));
     let line = params

@@ -1,12 +1,13 @@
 //! A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and schedule.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use candle_core::Device;
 
 use super::networks::{NetworkOptions, Networks};
 use super::vae_tiling::VaeTiling;
+use crate::embeddings::Embeddings;
 use crate::lora::{LoraLibrary, Patches};
 use crate::models::clip::ClipTextTransformer;
 use crate::models::unet::{Prediction, UNet2DConditionModel};
@@ -32,6 +33,9 @@ pub struct LoadOptions {
     pub name: Option<String>,
     /// Where `<lora:NAME>` finds `NAME` (see [`crate::lora`]); none: prompts cannot use LoRAs.
     pub lora_dir: Option<PathBuf>,
+    /// The folder of textual-inversion embeddings the prompts can name (see
+    /// [`Embeddings::load_dir`]); none, no embeddings.
+    pub embeddings_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +47,7 @@ impl Default for LoadOptions {
             nan_check: true,
             name: None,
             lora_dir: None,
+            embeddings_dir: None,
         }
     }
 }
@@ -63,6 +68,11 @@ pub struct StableDiffusion {
     pub(crate) vae_tiling: VaeTiling,
     pub(crate) nan_check: bool,
     loras: LoraLibrary,
+    /// The embeddings prompts can name; replaced whole by a re-scan.
+    embeddings: RwLock<Arc<Embeddings>>,
+    embeddings_dir: Option<PathBuf>,
+    /// The text encoder's width, which an embedding's must equal.
+    text_width: usize,
 }
 
 impl StableDiffusion {
@@ -77,8 +87,14 @@ impl StableDiffusion {
         device: &Device,
         options: LoadOptions,
     ) -> Result<Self> {
+        let tokenizer = Tokenizer::new()?;
+        let text_width = checkpoint.clip_config().hidden_size;
+        let embeddings = match &options.embeddings_dir {
+            Some(dir) => Embeddings::load_dir(dir, &tokenizer, text_width)?,
+            None => Embeddings::default(),
+        };
         Ok(Self {
-            tokenizer: Tokenizer::new()?,
+            tokenizer,
             networks: Networks::load(checkpoint, device, options.networks)?,
             vae_config: checkpoint.vae_config().clone(),
             schedule: NoiseSchedule::stable_diffusion(),
@@ -92,6 +108,9 @@ impl StableDiffusion {
             vae_tiling: options.vae_tiling,
             nan_check: options.nan_check,
             loras: LoraLibrary::new(options.lora_dir),
+            embeddings: RwLock::new(Arc::new(embeddings)),
+            embeddings_dir: options.embeddings_dir,
+            text_width,
         })
     }
 
@@ -174,5 +193,41 @@ impl StableDiffusion {
     /// The id that pads prompts after their EOS (SD 2: 0).
     pub fn pad_token(&self) -> u32 {
         self.pad_token
+    }
+
+    /// The embeddings prompts can name now (a snapshot: a re-scan does not change it).
+    pub fn embeddings(&self) -> Arc<Embeddings> {
+        // A panic while the lock was held leaves the old set or the new, both whole.
+        self.embeddings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The folder embeddings are loaded from, if any.
+    pub fn embeddings_dir(&self) -> Option<&std::path::Path> {
+        self.embeddings_dir.as_deref()
+    }
+
+    /// Loads the embeddings folder again (A1111's "refresh embeddings"), replacing the set;
+    /// without a folder the set stays empty.
+    pub fn reload_embeddings(&self) -> Result<Arc<Embeddings>> {
+        let embeddings = match &self.embeddings_dir {
+            Some(dir) => Embeddings::load_dir(dir, &self.tokenizer, self.text_width)?,
+            None => Embeddings::default(),
+        };
+        Ok(self.set_embeddings(embeddings))
+    }
+
+    /// Replaces the embeddings prompts can name (loaded by [`Embeddings::load_files`], say).
+    pub fn set_embeddings(&self, embeddings: Embeddings) -> Arc<Embeddings> {
+        let embeddings = Arc::new(embeddings);
+        *self.embeddings.write().unwrap_or_else(|e| e.into_inner()) = embeddings.clone();
+        embeddings
+    }
+
+    /// The width of the text encoder's vectors, which an embedding's must equal.
+    pub fn text_width(&self) -> usize {
+        self.text_width
     }
 }

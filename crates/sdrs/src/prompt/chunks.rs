@@ -1,11 +1,15 @@
 //! Tokens in 75-token chunks with their emphasis, and their encoding: A1111's
 //! `FrozenCLIPEmbedderWithCustomWords` (`tokenize_line`, `process_tokens`, "Original" emphasis)
-//! and optimizedSD's blend of full encodings.
+//! and optimizedSD's blend of full encodings. Textual-inversion embeddings named in the text
+//! take `vectors` positions of a chunk each, as [`EmbeddingFix`]es the encoder applies.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::emphasis::{parse_attention, Segment, BREAK_WEIGHT};
 use super::PromptSyntax;
+use crate::embeddings::{Embedding, Embeddings};
 use crate::limits::{exceeded, MAX_PROMPT_CHUNKS};
 use crate::tokenizer::{Tokenizer, BOS, EOS};
 use crate::{Error, Result};
@@ -18,23 +22,42 @@ const COMMA_BACKTRACK: usize = 20;
 /// `,</w>`.
 const COMMA: u32 = 267;
 
-/// One chunk for the text encoder: 77 ids (BOS, 75 tokens or padding, EOS) and their emphasis.
+/// An embedding's vectors in a chunk (A1111's `PromptChunkFix`): they replace the token
+/// embeddings of positions `offset + 1 ..` (after BOS) before the position embeddings are added.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingFix {
+    /// Where the first vector goes, counted in the chunk's 75 tokens (BOS not counted).
+    pub offset: usize,
+    /// The embedding whose vectors go there.
+    pub embedding: Arc<Embedding>,
+}
+
+/// One chunk for the text encoder: 77 ids (BOS, 75 tokens or padding, EOS), their emphasis,
+/// and the embeddings whose vectors replace some of them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightedChunk {
     /// BOS, tokens, EOS-padding, EOS; after the first EOS, `pad` when it is not EOS (SD 2).
+    /// An embedding's positions hold id 0 until its vectors replace them.
     pub ids: Vec<u32>,
     /// Emphasis per id; 1.0 on BOS, EOS and padding.
     pub weights: Vec<f32>,
+    /// The embeddings in the chunk.
+    pub fixes: Vec<EmbeddingFix>,
 }
 
 impl WeightedChunk {
     /// A chunk of no tokens (A1111's `empty_chunk`).
     pub fn empty(pad: u32) -> Self {
-        Self::close(Vec::new(), Vec::new(), pad)
+        Self::close(Vec::new(), Vec::new(), Vec::new(), pad)
     }
 
     /// Pads 0..=75 tokens to a full chunk, then applies `pad` after the first EOS.
-    fn close(mut tokens: Vec<u32>, mut weights: Vec<f32>, pad: u32) -> Self {
+    fn close(
+        mut tokens: Vec<u32>,
+        mut weights: Vec<f32>,
+        fixes: Vec<EmbeddingFix>,
+        pad: u32,
+    ) -> Self {
         tokens.resize(CHUNK_TOKENS, EOS);
         weights.resize(CHUNK_TOKENS, 1.0);
         let mut ids = Vec::with_capacity(CHUNK_TOKENS + 2);
@@ -50,15 +73,20 @@ impl WeightedChunk {
                 *id = pad;
             }
         }
-        Self { ids, weights: w }
+        Self {
+            ids,
+            weights: w,
+            fixes,
+        }
     }
 }
 
 /// The chunks of one text (no AND, no editing left): A1111 and Auto parse emphasis and BREAK;
 /// Plain keeps the text as one unweighted piece; Optimized cuts it to one 77-token chunk as
-/// optimizedSD's encoder does. An empty text is one chunk.
+/// optimizedSD's encoder does (and knows no embeddings). An empty text is one chunk.
 pub fn chunks(
     tokenizer: &Tokenizer,
+    embeddings: &Embeddings,
     text: &str,
     syntax: PromptSyntax,
     pad: u32,
@@ -67,11 +95,17 @@ pub fn chunks(
         PromptSyntax::Optimized => {
             let ids = tokenizer.encode_padded(text, CHUNK_TOKENS + 2, pad);
             let weights = vec![1.0; ids.len()];
-            vec![WeightedChunk { ids, weights }]
+            vec![WeightedChunk {
+                ids,
+                weights,
+                fixes: Vec::new(),
+            }]
         }
-        PromptSyntax::Plain => chunk_segments(tokenizer, &[(text.to_string(), 1.0)], pad),
+        PromptSyntax::Plain => {
+            chunk_segments(tokenizer, embeddings, &[(text.to_string(), 1.0)], pad)
+        }
         PromptSyntax::A1111 | PromptSyntax::Auto => {
-            chunk_segments(tokenizer, &parse_attention(text)?, pad)
+            chunk_segments(tokenizer, embeddings, &parse_attention(text)?, pad)
         }
     };
     if chunks.len() > MAX_PROMPT_CHUNKS {
@@ -87,23 +121,43 @@ pub fn chunks(
 
 /// A1111's `tokenize_line`: each segment is tokenized on its own; a chunk closes at 75 tokens,
 /// first moving the tokens after a comma at most 20 back into the next chunk; BREAK closes the
-/// current chunk even when it is empty.
-fn chunk_segments(tokenizer: &Tokenizer, segments: &[Segment], pad: u32) -> Vec<WeightedChunk> {
+/// current chunk even when it is empty. An embedding whose name's ids start at a token takes
+/// its `vectors` positions at the segment's weight, in the next chunk when they would not fit
+/// in this one.
+fn chunk_segments(
+    tokenizer: &Tokenizer,
+    embeddings: &Embeddings,
+    segments: &[Segment],
+    pad: u32,
+) -> Vec<WeightedChunk> {
     let mut out = Vec::new();
     let mut tokens: Vec<u32> = Vec::new();
     let mut weights: Vec<f32> = Vec::new();
+    let mut fixes: Vec<EmbeddingFix> = Vec::new();
     let mut last_comma: Option<usize> = None;
+    // A1111's `next_chunk`: the chunk so far, padded, goes out; the next starts empty.
+    let close = |out: &mut Vec<WeightedChunk>,
+                 tokens: &mut Vec<u32>,
+                 weights: &mut Vec<f32>,
+                 fixes: &mut Vec<EmbeddingFix>| {
+        out.push(WeightedChunk::close(
+            std::mem::take(tokens),
+            std::mem::take(weights),
+            std::mem::take(fixes),
+            pad,
+        ));
+    };
     for (text, weight) in segments {
         if text == "BREAK" && *weight == BREAK_WEIGHT {
-            out.push(WeightedChunk::close(
-                std::mem::take(&mut tokens),
-                std::mem::take(&mut weights),
-                pad,
-            ));
+            close(&mut out, &mut tokens, &mut weights, &mut fixes);
             last_comma = None;
             continue;
         }
-        for token in tokenizer.encode(text) {
+        // Python floats become f32 when A1111 makes its multiplier tensor.
+        let weight = *weight as f32;
+        let ids = tokenizer.encode(text);
+        let mut position = 0;
+        while let Some(&token) = ids.get(position) {
             if token == COMMA {
                 last_comma = Some(tokens.len());
             } else if let Some(comma) = last_comma
@@ -111,43 +165,57 @@ fn chunk_segments(tokenizer: &Tokenizer, segments: &[Segment], pad: u32) -> Vec<
             {
                 let moved_tokens = tokens.split_off(comma + 1);
                 let moved_weights = weights.split_off(comma + 1);
-                out.push(WeightedChunk::close(
-                    std::mem::replace(&mut tokens, moved_tokens),
-                    std::mem::replace(&mut weights, moved_weights),
-                    pad,
-                ));
+                // A1111 moves the tokens and weights but leaves the chunk's fixes behind: an
+                // embedding after the comma is written over the old chunk's padding, and its
+                // moved positions keep id 0. Kept, so that images match A1111's.
+                close(&mut out, &mut tokens, &mut weights, &mut fixes);
+                tokens = moved_tokens;
+                weights = moved_weights;
                 last_comma = None;
             }
             if tokens.len() == CHUNK_TOKENS {
-                out.push(WeightedChunk::close(
-                    std::mem::take(&mut tokens),
-                    std::mem::take(&mut weights),
-                    pad,
-                ));
+                close(&mut out, &mut tokens, &mut weights, &mut fixes);
                 last_comma = None;
             }
-            tokens.push(token);
-            // Python floats become f32 when A1111 makes its multiplier tensor.
-            weights.push(*weight as f32);
+            let Some((embedding, name_tokens)) = embeddings.find_at(&ids, position) else {
+                tokens.push(token);
+                weights.push(weight);
+                position += 1;
+                continue;
+            };
+            let vectors = embedding.info.vectors;
+            if tokens.len() + vectors > CHUNK_TOKENS {
+                close(&mut out, &mut tokens, &mut weights, &mut fixes);
+                last_comma = None;
+            }
+            fixes.push(EmbeddingFix {
+                offset: tokens.len(),
+                embedding: embedding.clone(),
+            });
+            tokens.extend(std::iter::repeat_n(0, vectors));
+            weights.extend(std::iter::repeat_n(weight, vectors));
+            position += name_tokens;
         }
     }
     if !tokens.is_empty() || out.is_empty() {
-        out.push(WeightedChunk::close(tokens, weights, pad));
+        close(&mut out, &mut tokens, &mut weights, &mut fixes);
     }
     out
 }
 
-/// Encodes one text: each chunk through `encoder` (`[1, 77]` u32 ids on the CPU → `[1, 77, H]`),
+/// Encodes one text: each chunk through `encoder` (`[1, 77]` u32 ids on the CPU and the
+/// chunk's embeddings → `[1, 77, H]`),
 /// emphasis applied as `z *= w`, then `z *= mean_before / mean_after`, chunks concatenated on
 /// the token axis → `[1, 77·k, H]`, in the encoder's dtype.
 pub fn encode(
     tokenizer: &Tokenizer,
+    embeddings: &Embeddings,
     text: &str,
     syntax: PromptSyntax,
     pad: u32,
-    encoder: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    encoder: &mut dyn FnMut(&Tensor, &[EmbeddingFix]) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let mut out = encode_batch(tokenizer, &[text], syntax, pad, encoder)?;
+    let mut out = encode_batch(tokenizer, embeddings, &[text], syntax, pad, encoder)?;
     out.pop()
         .ok_or_else(|| Error::InvalidRequest("no text to encode".into()))
 }
@@ -158,14 +226,15 @@ pub fn encode(
 /// [`encode`] of each text only when a text uses emphasis).
 pub fn encode_batch(
     tokenizer: &Tokenizer,
+    embeddings: &Embeddings,
     texts: &[&str],
     syntax: PromptSyntax,
     pad: u32,
-    encoder: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    encoder: &mut dyn FnMut(&Tensor, &[EmbeddingFix]) -> Result<Tensor>,
 ) -> Result<Vec<Tensor>> {
     let all = texts
         .iter()
-        .map(|t| chunks(tokenizer, t, syntax, pad))
+        .map(|t| chunks(tokenizer, embeddings, t, syntax, pad))
         .collect::<Result<Vec<_>>>()?;
     let count = all.iter().map(Vec::len).max().unwrap_or(0);
     let empty = WeightedChunk::empty(pad);
@@ -175,7 +244,7 @@ pub fn encode_batch(
         let mut zs = Vec::with_capacity(batch.len());
         for chunk in &batch {
             let ids = Tensor::from_vec(chunk.ids.clone(), (1, chunk.ids.len()), &Device::Cpu)?;
-            zs.push(encoder(&ids)?);
+            zs.push(encoder(&ids, &chunk.fixes)?);
         }
         let z = Tensor::cat(&zs, 0)?;
         let dtype = z.dtype();
@@ -204,19 +273,20 @@ pub fn encode_batch(
 /// encoding of an empty chunk, as A1111 extends a batch. One text of weight 1 is just encoded.
 pub fn encode_blend(
     tokenizer: &Tokenizer,
+    embeddings: &Embeddings,
     blend: &[(String, f32)],
     syntax: PromptSyntax,
     pad: u32,
-    encoder: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    encoder: &mut dyn FnMut(&Tensor, &[EmbeddingFix]) -> Result<Tensor>,
 ) -> Result<Tensor> {
     if let [(text, w)] = blend {
         if *w == 1.0 {
-            return encode(tokenizer, text, syntax, pad, encoder);
+            return encode(tokenizer, embeddings, text, syntax, pad, encoder);
         }
     }
     let zs = blend
         .iter()
-        .map(|(text, _)| encode(tokenizer, text, syntax, pad, encoder))
+        .map(|(text, _)| encode(tokenizer, embeddings, text, syntax, pad, encoder))
         .collect::<Result<Vec<_>>>()?;
     let Some(first) = zs.first() else {
         return Err(Error::InvalidRequest("a blend of no sub-prompts".into()));
@@ -236,7 +306,7 @@ pub fn encode_blend(
             let e = match &empty {
                 Some(e) => e.clone(),
                 None => {
-                    let e = encode(tokenizer, "", PromptSyntax::Plain, pad, encoder)?;
+                    let e = encode(tokenizer, embeddings, "", PromptSyntax::Plain, pad, encoder)?;
                     empty.insert(e.to_dtype(DType::F32)?).clone()
                 }
             };

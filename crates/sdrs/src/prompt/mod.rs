@@ -50,7 +50,9 @@ use crate::limits::{exceeded, MAX_PROMPT_BYTES, MAX_PROMPT_NESTING, MAX_PROMPT_P
 use crate::{Error, Result};
 
 pub use blend::split_weighted_subprompts;
-pub use chunks::{chunks, encode, encode_batch, encode_blend, WeightedChunk, CHUNK_TOKENS};
+pub use chunks::{
+    chunks, encode, encode_batch, encode_blend, EmbeddingFix, WeightedChunk, CHUNK_TOKENS,
+};
 pub use editing::{prompt_edits, prompt_edits_with, EditClock, EditTimeline};
 pub use emphasis::{parse_attention, Segment};
 pub use report::{

@@ -5,6 +5,7 @@ use serde::Serialize;
 use super::chunks::chunks;
 use super::emphasis::parse_attention;
 use super::{plan_with, reading, EditClock, PromptSyntax, Reading};
+use crate::embeddings::Embeddings;
 use crate::tokenizer::{Tokenizer, EOS};
 use crate::Result;
 
@@ -76,9 +77,10 @@ pub struct TokenReport {
 }
 
 /// Describes how `text` is read in `syntax` for the pass `clock` describes (`pad`: 49407 for
-/// SD 1, 0 for SD 2).
+/// SD 1, 0 for SD 2); an embedding's positions show as `<name> i/n`.
 pub fn report(
     tokenizer: &Tokenizer,
+    embeddings: &Embeddings,
     text: &str,
     syntax: PromptSyntax,
     clock: EditClock,
@@ -102,7 +104,9 @@ pub fn report(
             let texts = edit
                 .blend
                 .iter()
-                .map(|(text, weight)| text_report(tokenizer, text, *weight, syntax, pad))
+                .map(|(text, weight)| {
+                    text_report(tokenizer, embeddings, text, *weight, syntax, pad)
+                })
                 .collect::<Result<Vec<_>>>()?;
             edits.push(StepReport {
                 until_step: edit.until_step,
@@ -124,6 +128,7 @@ pub fn report(
 
 fn text_report(
     tokenizer: &Tokenizer,
+    embeddings: &Embeddings,
     text: &str,
     weight: f32,
     syntax: PromptSyntax,
@@ -133,21 +138,40 @@ fn text_report(
         PromptSyntax::A1111 | PromptSyntax::Auto => parse_attention(text)?,
         PromptSyntax::Optimized | PromptSyntax::Plain => vec![(text.to_string(), 1.0)],
     };
-    let chunks = chunks(tokenizer, text, syntax, pad)?
+    let chunks = chunks(tokenizer, embeddings, text, syntax, pad)?
         .into_iter()
         .map(|chunk| {
             // The prompt tokens sit between BOS and the closing EOS; padding is EOS or `pad`.
             let inner = &chunk.ids[1..chunk.ids.len() - 1];
+            // An embedding's positions hold id 0, SD 2's pad: they count as used.
             let used = inner
                 .iter()
                 .rposition(|&id| id != EOS && id != pad)
-                .map_or(0, |i| i + 1);
+                .map_or(0, |i| i + 1)
+                .max(
+                    chunk
+                        .fixes
+                        .iter()
+                        .map(|f| (f.offset + f.embedding.info.vectors).min(inner.len()))
+                        .max()
+                        .unwrap_or(0),
+                );
+            let embedding_at = |i: usize| {
+                chunk.fixes.iter().find_map(|f| {
+                    let n = f.embedding.info.vectors;
+                    (f.offset..f.offset + n)
+                        .contains(&i)
+                        .then(|| format!("<{}> {}/{n}", f.embedding.info.name, i - f.offset + 1))
+                })
+            };
             let tokens = inner[..used]
                 .iter()
                 .zip(&chunk.weights[1..])
-                .map(|(&id, &weight)| TokenReport {
+                .enumerate()
+                .map(|(i, (&id, &weight))| TokenReport {
                     id,
-                    token: tokenizer.token(id).unwrap_or("?").to_string(),
+                    token: embedding_at(i)
+                        .unwrap_or_else(|| tokenizer.token(id).unwrap_or("?").to_string()),
                     weight,
                 })
                 .collect();

@@ -1,6 +1,7 @@
 //! The plan: AND, blends, and the decisions of the Auto rule.
 
 use super::*;
+use crate::embeddings::Embeddings;
 
 fn blend_of(plan: &PromptPlan) -> Vec<(String, f32)> {
     assert_eq!(plan.parts.len(), 1);
@@ -285,17 +286,33 @@ fn long_prompts_are_capped_in_bytes_and_chunks() {
     let limit = crate::limits::MAX_PROMPT_CHUNKS;
     let fits = "cat ".repeat(CHUNK_TOKENS * limit);
     assert_eq!(
-        chunks(&tok, &fits, PromptSyntax::A1111, 0).unwrap().len(),
+        chunks(&tok, &Embeddings::default(), &fits, PromptSyntax::A1111, 0)
+            .unwrap()
+            .len(),
         limit
     );
     let over = "cat ".repeat(CHUNK_TOKENS * limit + 1);
-    let err = chunks(&tok, &over, PromptSyntax::A1111, 0)
+    let err = chunks(&tok, &Embeddings::default(), &over, PromptSyntax::A1111, 0)
         .unwrap_err()
         .to_string();
     assert!(err.contains("MAX_PROMPT_CHUNKS"), "{err}");
     let breaks = "x BREAK ".repeat(limit + 1);
-    assert!(chunks(&tok, &breaks, PromptSyntax::Plain, 0).is_ok());
-    assert!(chunks(&tok, &breaks, PromptSyntax::A1111, 0).is_err());
+    assert!(chunks(
+        &tok,
+        &Embeddings::default(),
+        &breaks,
+        PromptSyntax::Plain,
+        0
+    )
+    .is_ok());
+    assert!(chunks(
+        &tok,
+        &Embeddings::default(),
+        &breaks,
+        PromptSyntax::A1111,
+        0
+    )
+    .is_err());
 }
 
 #[test]

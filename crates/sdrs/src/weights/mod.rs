@@ -5,6 +5,7 @@ mod backend;
 mod compvis;
 mod compvis_vae;
 mod detect;
+pub(crate) mod embedding_file;
 mod family;
 pub mod file_hash;
 mod folder;

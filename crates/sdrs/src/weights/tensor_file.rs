@@ -9,6 +9,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 
 use super::safetensors_header;
+use super::torch_pickle::Scalar;
 use super::torch_zip::TorchZip;
 use crate::{Error, Result};
 
@@ -39,12 +40,39 @@ impl TensorFile {
         Self::open_shards(&[path.to_path_buf()])
     }
 
+    /// Opens one file whose torch pickle, if it is one, keeps its tensors in the first of
+    /// `wrappers` that its top-level dict holds as a dict (an A1111 embedding's
+    /// `string_to_param`).
+    pub(crate) fn open_wrapped(path: &Path, wrappers: &[&str]) -> Result<Self> {
+        let part = open_part(path, wrappers)?;
+        let index = part
+            .shapes()
+            .into_iter()
+            .map(|(name, shape)| (name, (0, shape)))
+            .collect();
+        Ok(Self {
+            parts: vec![part],
+            index,
+        })
+    }
+
+    /// The top-level string and integer entries of a torch pickle (none for safetensors).
+    pub(crate) fn scalars(&self) -> Vec<(String, Scalar)> {
+        self.parts
+            .iter()
+            .flat_map(|part| match part {
+                Part::Pickle(zip) => zip.scalars().to_vec(),
+                Part::Safetensors(_) => Vec::new(),
+            })
+            .collect()
+    }
+
     /// Opens the shards of one state dict (diffusers writes big models in several files).
     pub(crate) fn open_shards(paths: &[PathBuf]) -> Result<Self> {
         let mut parts = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let part = open_part(path)?;
+            let part = open_part(path, &SD_WRAPPERS)?;
             for (name, shape) in part.shapes() {
                 index.insert(name, (i, shape));
             }
@@ -131,7 +159,7 @@ impl Part {
     }
 }
 
-fn open_part(path: &Path) -> Result<Part> {
+fn open_part(path: &Path, wrappers: &[&str]) -> Result<Part> {
     match sniff(path)? {
         Kind::Safetensors => {
             // Our own bounds first: candle's reader trusts the header's counts and keeps the
@@ -147,7 +175,7 @@ fn open_part(path: &Path) -> Result<Part> {
                 })?;
             Ok(Part::Safetensors(st))
         }
-        Kind::Zip => Ok(Part::Pickle(TorchZip::open(path, &SD_WRAPPERS)?)),
+        Kind::Zip => Ok(Part::Pickle(TorchZip::open(path, wrappers)?)),
     }
 }
 

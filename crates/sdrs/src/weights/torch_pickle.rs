@@ -44,6 +44,32 @@ pub(crate) fn state_dict<'p>(pickle: &'p Pickle, wrappers: &[&str]) -> Result<&'
     Ok(top)
 }
 
+/// A string or integer value of the top-level dict (an embedding's `name`, `step`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Scalar {
+    Str(String),
+    Int(i64),
+}
+
+/// The string and integer entries of the top-level dict, at most `most` of them; other values
+/// (tensors, nested dicts, None) are passed over.
+pub(crate) fn top_level_scalars(pickle: &Pickle, most: usize) -> Vec<(String, Scalar)> {
+    let Value::Dict(top) = pickle.get(pickle.root()) else {
+        return Vec::new();
+    };
+    top.iter()
+        .filter_map(|&(k, v)| {
+            let key = pickle.str(k)?.to_string();
+            match pickle.get(v) {
+                Value::Str(s) => Some((key, Scalar::Str(s.clone()))),
+                Value::Int(i) => Some((key, Scalar::Int(*i))),
+                _ => None,
+            }
+        })
+        .take(most)
+        .collect()
+}
+
 /// What `_rebuild_tensor_v2` was asked to build.
 pub(crate) struct RawRecord<'p> {
     /// The storage's key: its member is `data/{key}` beside `data.pkl`.

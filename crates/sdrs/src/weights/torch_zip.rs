@@ -12,10 +12,13 @@ use memmap2::Mmap;
 
 use super::pickle::Pickle;
 use super::tensor_file::{corrupt, release_pages, with_path};
-use super::torch_pickle::{state_dict, tensor_record};
+use super::torch_pickle::{state_dict, tensor_record, top_level_scalars, Scalar};
 use super::zip::Archive;
 use crate::limits::{exceeded, MAX_PICKLE_BYTES, MAX_TENSORS};
 use crate::{Error, Result};
+
+/// Most top-level string and integer entries kept (an embedding file has four).
+const MAX_TOP_LEVEL_SCALARS: usize = 64;
 
 /// A checkpoint's bytes: the file mapped, or a buffer (for fuzzing).
 pub(crate) enum Bytes {
@@ -48,6 +51,8 @@ pub(crate) struct TorchZip {
     bytes: Bytes,
     archive: Archive,
     tensors: HashMap<String, Record>,
+    /// The top-level dict's string and integer entries (an embedding's `name`, `step`).
+    scalars: Vec<(String, Scalar)>,
     /// Whether members' CRC-32s are checked as they are read (off only to measure the cost).
     verify_crc: bool,
 }
@@ -78,6 +83,7 @@ impl TorchZip {
             ));
         }
         let pickle = Pickle::parse(archive.read(&bytes, pickle_member, verify_crc)?)?;
+        let scalars = top_level_scalars(&pickle, MAX_TOP_LEVEL_SCALARS);
         let mut tensors = HashMap::new();
         // Storage key → (dtype, elements), to catch two tensors disagreeing about one storage.
         let mut storages: HashMap<&str, (DType, usize)> = HashMap::new();
@@ -127,8 +133,14 @@ impl TorchZip {
             bytes,
             archive,
             tensors,
+            scalars,
             verify_crc,
         })
+    }
+
+    /// The top-level dict's string and integer entries.
+    pub(crate) fn scalars(&self) -> &[(String, Scalar)] {
+        &self.scalars
     }
 
     /// Every tensor's name and shape.

@@ -5,6 +5,7 @@
 mod common;
 
 mod clip;
+mod embeddings;
 mod fast;
 mod hd;
 mod hostile_files;

@@ -5,10 +5,11 @@ use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use sdrs::embeddings::Embeddings;
 use sdrs::models::clip::{ClipConfig, ClipTextTransformer};
 use sdrs::prompt::{
     chunks, encode_batch, encode_blend, parse_attention, plan, report, EditClock, EditTimeline,
-    PromptSyntax,
+    EmbeddingFix, PromptSyntax,
 };
 use sdrs::tokenizer::{Tokenizer, EOS};
 use serde_json::Value;
@@ -27,13 +28,15 @@ fn load_clip() -> ClipTextTransformer {
 /// The tiny CLIP's last hidden state through the fixed per-channel affine map of
 /// `tools/make_prompt_fixtures.py` (`1 + (i mod 5)/8`, `((i mod 7) − 2)/16`), which gives the
 /// output the non-zero mean that A1111's emphasis restores (the tiny model's averages to ~0).
-fn text_encoder(model: &ClipTextTransformer) -> impl FnMut(&Tensor) -> sdrs::Result<Tensor> + '_ {
+fn text_encoder(
+    model: &ClipTextTransformer,
+) -> impl FnMut(&Tensor, &[EmbeddingFix]) -> sdrs::Result<Tensor> + '_ {
     let hidden = 32;
     let scale: Vec<f32> = (0..hidden).map(|i| 1.0 + (i % 5) as f32 / 8.0).collect();
     let shift: Vec<f32> = (0..hidden).map(|i| ((i % 7) as f32 - 2.0) / 16.0).collect();
     let scale = Tensor::from_vec(scale, (1, 1, hidden), &Device::Cpu).unwrap();
     let shift = Tensor::from_vec(shift, (1, 1, hidden), &Device::Cpu).unwrap();
-    move |ids: &Tensor| {
+    move |ids: &Tensor, _: &[EmbeddingFix]| {
         let z = model.forward(ids, 1)?;
         Ok(z.broadcast_mul(&scale)?.broadcast_add(&shift)?)
     }
@@ -93,6 +96,7 @@ fn chunks_match_a1111_tokenize_line() {
         {
             let got = chunks(
                 &tokenizer,
+                &Embeddings::default(),
                 text.as_str().unwrap(),
                 syntax_of(&case),
                 pad_of(&case),
@@ -138,6 +142,7 @@ fn weighted_long_break_and_batched_conditioning_match_a1111() {
             .collect();
         let got = encode_batch(
             &tokenizer,
+            &Embeddings::default(),
             &texts,
             syntax_of(&case),
             pad_of(&case),
@@ -178,12 +183,27 @@ fn blended_conditioning_matches_optimized_sd() {
             })
             .collect();
         assert_eq!(blend, &want, "{name}: sub-prompts and normalised weights");
-        let z = encode_blend(&tokenizer, blend, syntax, pad_of(&case), &mut encoder).unwrap();
+        let z = encode_blend(
+            &tokenizer,
+            &Embeddings::default(),
+            blend,
+            syntax,
+            pad_of(&case),
+            &mut encoder,
+        )
+        .unwrap();
         check(name, &z, &reference[name]);
         // A short blend without emphasis reads the same in Auto as in optimizedSD.
         if name == "blend" {
-            let auto =
-                encode_blend(&tokenizer, blend, PromptSyntax::Auto, EOS, &mut encoder).unwrap();
+            let auto = encode_blend(
+                &tokenizer,
+                &Embeddings::default(),
+                blend,
+                PromptSyntax::Auto,
+                EOS,
+                &mut encoder,
+            )
+            .unwrap();
             check("blend (auto)", &auto, &reference[name]);
         }
     }
@@ -236,6 +256,7 @@ fn report_shows_chunks_and_schedule() {
     let tokenizer = Tokenizer::new().unwrap();
     let r = report(
         &tokenizer,
+        &Embeddings::default(),
         "a (cat:1.2) BREAK [dog:bird:0.5] AND sky:0.3",
         PromptSyntax::Auto,
         EditClock::new(10, EditTimeline::Current),
