@@ -305,6 +305,39 @@ impl Patchable<'_> {
     }
 }
 
+/// What a layer holds, to compare bit for bit (tests of merging and restoring).
+#[cfg(test)]
+#[derive(Debug, PartialEq)]
+pub(crate) enum Stored {
+    /// Weight and bias values widened to f32 (exact for f16 and bf16), with their dtypes.
+    Values(DType, Vec<u32>, Option<(DType, Vec<u32>)>),
+    /// The fast mode's packed linear layer.
+    Bf16Linear(Arc<Bf16Linear>),
+    /// The fast mode's packed convolution.
+    Bf16Conv(Arc<Bf16Conv>),
+}
+
+#[cfg(test)]
+impl Patchable<'_> {
+    pub(crate) fn stored(&self) -> Result<Stored> {
+        let bits = |t: &Tensor| -> Result<(DType, Vec<u32>)> {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok((t.dtype(), v.into_iter().map(f32::to_bits).collect()))
+        };
+        let values = |w: &Tensor, b: Option<&Tensor>| -> Result<Stored> {
+            let (dtype, w) = bits(w)?;
+            Ok(Stored::Values(dtype, w, b.map(bits).transpose()?))
+        };
+        match self {
+            Patchable::Linear(Linear::Exact { weight, bias }) => values(weight, bias.as_ref()),
+            Patchable::Linear(Linear::Bf16(l)) => Ok(Stored::Bf16Linear(l.clone())),
+            Patchable::Conv(Conv2d::Exact { taps, bias, .. }) => values(taps, bias.as_ref()),
+            Patchable::Conv(Conv2d::Bf16(c)) => Ok(Stored::Bf16Conv(c.clone())),
+            Patchable::Candle(l) => values(l.weight(), l.bias()),
+        }
+    }
+}
+
 /// The attention kernel a build asks for: exact, or the fast mode's bf16 products.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionKernel {

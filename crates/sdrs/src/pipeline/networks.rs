@@ -291,3 +291,177 @@ fn lock_patches(patches: &Mutex<Arc<Patches>>) -> MutexGuard<'_, Arc<Patches>> {
 fn misfiled(role: Role) -> Error {
     Error::InvalidConfig(format!("the {role:?} slot holds another network"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::lora::{resolve, LoraLibrary, LoraTag};
+    use crate::models::layers::Stored;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    }
+
+    fn open() -> Checkpoint {
+        Checkpoint::open(&fixtures().join("tiny-sd1.safetensors")).expect("tiny model")
+    }
+
+    fn patches(networks: &Networks, tags: &[(&str, f32)]) -> Arc<Patches> {
+        let library = LoraLibrary::new(Some(fixtures().join("lora")));
+        let tags: Vec<LoraTag> = tags
+            .iter()
+            .map(|(name, m)| LoraTag {
+                name: name.to_string(),
+                te: *m,
+                unet: *m,
+                dyn_dim: None,
+            })
+            .collect();
+        let p = resolve(&library, networks.targets(), &tags, &BTreeMap::new()).expect("resolve");
+        Arc::new(p)
+    }
+
+    /// Every changeable layer of the UNet, as stored, by name.
+    fn snapshot(networks: &Networks) -> HashMap<String, Stored> {
+        let mut out = HashMap::new();
+        let mut unet = (*networks.unet().expect("unet")).clone();
+        unet.patch_each("", &mut |name, layer| {
+            out.insert(format!("unet/{name}"), layer.stored()?);
+            Ok(())
+        })
+        .expect("visit");
+        out
+    }
+
+    /// The same of the text encoder.
+    fn te_snapshot(networks: &Networks) -> HashMap<String, Stored> {
+        let mut out = HashMap::new();
+        let mut te = (*networks.text_encoder().expect("te")).clone();
+        te.patch_each("", &mut |name, layer| {
+            out.insert(format!("te/{name}"), layer.stored()?);
+            Ok(())
+        })
+        .expect("visit");
+        out
+    }
+
+    /// Merging changes layers of both networks; merging another set and then none gives back
+    /// every weight bit for bit, in every way the weights are kept.
+    fn merge_and_restore(options: NetworkOptions) {
+        let checkpoint = open();
+        let networks = Networks::load(&checkpoint, &Device::Cpu, options).expect("load");
+        let (te0, unet0) = (te_snapshot(&networks), snapshot(&networks));
+        networks
+            .set_patches(patches(&networks, &[("kohya_locon", 1.0)]))
+            .expect("merge");
+        let (te1, unet1) = (te_snapshot(&networks), snapshot(&networks));
+        let changed = unet1.iter().filter(|(k, v)| unet0[*k] != **v).count();
+        let te_changed = te1.iter().filter(|(k, v)| te0[*k] != **v).count();
+        assert!(changed > 100 && te_changed > 10, "{changed} {te_changed}");
+        networks
+            .set_patches(patches(&networks, &[("loha", 0.5), ("lokr", 1.0)]))
+            .expect("switch");
+        networks
+            .set_patches(Arc::new(Patches::default()))
+            .expect("remove");
+        assert!(te_snapshot(&networks) == te0, "text encoder restored");
+        assert!(snapshot(&networks) == unet0, "UNet restored");
+    }
+
+    #[test]
+    fn exact_weights_come_back_bit_for_bit() {
+        merge_and_restore(NetworkOptions::default());
+    }
+
+    #[test]
+    fn half_weights_built_in_turn_come_back_and_get_the_merge_when_built() {
+        let options = NetworkOptions {
+            residency: Residency::OneAtATime,
+            fast: false,
+        };
+        merge_and_restore(options);
+        // A network built after the merge gets it: the same as merging into a resident one.
+        let checkpoint = open();
+        let networks = Networks::load(&checkpoint, &Device::Cpu, options).expect("load");
+        networks.unet().expect("unet");
+        networks
+            .set_patches(patches(&networks, &[("kohya_locon", 0.7)]))
+            .expect("merge");
+        let merged_resident = snapshot(&networks);
+        networks.vae().expect("vae, which drops the UNet");
+        assert!(snapshot(&networks) == merged_resident);
+    }
+
+    #[test]
+    fn fast_mode_panels_come_back_bit_for_bit() {
+        if !crate::ops::bf16::available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        merge_and_restore(NetworkOptions {
+            residency: Residency::All,
+            fast: true,
+        });
+    }
+
+    #[test]
+    fn merged_weights_equal_the_references() {
+        let checkpoint = open();
+        let networks =
+            Networks::load(&checkpoint, &Device::Cpu, NetworkOptions::default()).expect("load");
+        let reference = candle_core::safetensors::load(
+            fixtures().join("reference/lora_weights.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("reference");
+        for case in ["kohya_locon", "loha", "loha_tucker", "lokr", "full_diff"] {
+            networks
+                .set_patches(patches(&networks, &[(case, 1.0)]))
+                .expect("merge");
+            let mut merged = snapshot(&networks);
+            merged.extend(te_snapshot(&networks));
+            let mut compared = 0;
+            for (key, want) in &reference {
+                let Some(name) = key.strip_prefix(&format!("{case}/")) else {
+                    continue;
+                };
+                let (ours, field) = match name.strip_prefix("text_model.") {
+                    Some(te) => (format!("te/{te}"), te),
+                    None => (format!("unet/{name}"), name),
+                };
+                let (layer, is_bias) =
+                    match (ours.strip_suffix(".weight"), ours.strip_suffix(".bias")) {
+                        (Some(l), _) => (l.to_string(), false),
+                        (None, Some(l)) => (l.to_string(), true),
+                        _ => panic!("{field}"),
+                    };
+                let Some(Stored::Values(_, w, b)) = merged.get(&layer) else {
+                    panic!("{case}: no layer {layer}");
+                };
+                let got = if is_bias {
+                    &b.as_ref().expect("bias").1
+                } else {
+                    w
+                };
+                let mut want = want.to_dtype(DType::F32).unwrap();
+                if !is_bias && want.rank() == 4 {
+                    // Our convolutions keep [out, kh, kw, in].
+                    want = want.permute((0, 2, 3, 1)).unwrap();
+                }
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (f32::from_bits(*g) - w).abs() / w.abs().max(1e-3))
+                    .fold(0f32, f32::max);
+                assert_eq!(got.len(), want.len(), "{key}");
+                assert!(worst < 1e-5, "{key}: relative error {worst}");
+                compared += 1;
+            }
+            assert!(compared > 0, "{case}: no reference weights");
+        }
+    }
+}

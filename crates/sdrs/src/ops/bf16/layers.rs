@@ -9,7 +9,7 @@ use crate::Result;
 
 /// A stride-1 convolution with a 3×3 (padding 1, by Winograd's F(2×2, 3×3)) or 1×1 kernel,
 /// weights transformed and packed once.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Bf16Conv {
     /// The 1×1 kernel's weights as the left operand (empty for 3×3).
     panels: Vec<u32>,
@@ -144,7 +144,7 @@ impl CustomOp1 for Bf16Conv {
 }
 
 /// A linear layer y = x·Wᵀ + b, weights packed once.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Bf16Linear {
     /// `[in/2][out]` pairs along the input dimension, then one tile of slack.
     packed: Vec<u32>,

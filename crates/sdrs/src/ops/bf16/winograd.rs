@@ -15,7 +15,7 @@ use super::{pack_panels, pairs, product, Bias, Left, Right, MR, NR};
 const BLOCKS_PER_PASS: usize = 4096;
 
 /// The 16 transformed weight matrices U_ξ = G·g·Gᵀ, each packed as the left operand.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub(super) struct Weights {
     panels: Vec<u32>,
     out_channels: usize,
