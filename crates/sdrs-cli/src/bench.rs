@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// Measure the fast mode's bf16 products, as `txt2img --fast`.
     #[arg(long)]
     fast: bool,
+    /// Also time merging this LoRA file at multiplier 1 (the first time, which reads the
+    /// file, and then the median), a UNet step with it merged, and removing it.
+    #[arg(long, value_name = "FILE")]
+    lora: Option<std::path::PathBuf>,
 }
 
 const PROMPT: &str = "a photograph of an astronaut riding a horse on the moon, detailed";
@@ -95,8 +99,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let checkpoint =
         Checkpoint::open(path).with_context(|| format!("loading checkpoint {}", path.display()))?;
+    let lora = args
+        .lora
+        .as_deref()
+        .map(|file| -> Result<(std::path::PathBuf, String)> {
+            let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let Some(stem) = file.file_stem().and_then(|s| s.to_str()) else {
+                bail!("--lora {}: not a file name", file.display());
+            };
+            Ok((dir, stem.to_string()))
+        })
+        .transpose()?;
     let options = LoadOptions {
         networks: network_options(args.lowmem, args.fast, &device),
+        lora_dir: lora.as_ref().map(|(dir, _)| dir.clone()),
         ..LoadOptions::default()
     };
     let sd = StableDiffusion::load_with(&checkpoint, &device, options)
@@ -183,6 +199,77 @@ pub fn run(args: BenchArgs) -> Result<()> {
         txt2img(&sd, &gen, &mut |_| Flow::Continue)?;
         Ok(())
     })?;
+
+    if let Some((_, stem)) = &lora {
+        let with = |prompt: String| {
+            GenerationRequest {
+                prompt,
+                ..Default::default()
+            }
+            .validate()
+        };
+        let merged = with(format!("{PROMPT} <lora:{stem}:1>"))?;
+        let plain = with(PROMPT.into())?;
+        let mut time = |name, gen: &sdrs::Generation| -> Result<()> {
+            reset_peak_rss();
+            let t = Instant::now();
+            sd.apply_loras(gen)?;
+            phases.push(Phase {
+                name,
+                seconds: t.elapsed().as_secs_f64(),
+                flops: None,
+                peak_rss: peak_rss(),
+            });
+            Ok(())
+        };
+        time("LoRA first apply", &merged)?;
+        time("LoRA remove", &plain)?;
+        let (mut applies, mut removes) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeats {
+            let t = Instant::now();
+            sd.apply_loras(&merged)?;
+            applies.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            sd.apply_loras(&plain)?;
+            removes.push(t.elapsed().as_secs_f64());
+        }
+        for (name, mut times) in [("LoRA apply", applies), ("LoRA remove", removes)] {
+            times.sort_by(f64::total_cmp);
+            phases.push(Phase {
+                name,
+                seconds: times[times.len() / 2],
+                flops: None,
+                peak_rss: None,
+            });
+        }
+        sd.apply_loras(&merged)?;
+        let mut measure = |name, flops: f64, repeats, f: &mut dyn FnMut() -> Result<()>| {
+            let mut times = Vec::with_capacity(repeats);
+            for _ in 0..repeats {
+                let t = Instant::now();
+                f()?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            phases.push(Phase {
+                name,
+                seconds: times[times.len() / 2],
+                flops: Some(flops),
+                peak_rss: None,
+            });
+            anyhow::Ok(())
+        };
+        measure(
+            "UNet step + LoRA",
+            step_flops.total(),
+            args.repeats,
+            &mut || {
+                CfgDenoiser::new(&sd, &cond, CFG_SCALE).denoise(&x, 1.0, 0)?;
+                Ok(())
+            },
+        )?;
+        sd.apply_loras(&plain)?;
+    }
 
     if args.json {
         print_json(&args, path, &phases, per_phase_peaks, sd.fast());
