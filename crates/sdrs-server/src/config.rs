@@ -1,7 +1,7 @@
 //! How a server is set up: where it listens, who may call it, and how much it accepts.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::Device;
@@ -16,6 +16,9 @@ pub struct ServerConfig {
     pub model: Option<PathBuf>,
     /// More models that `sd_model_checkpoint` can switch to.
     pub models_dir: Option<PathBuf>,
+    /// The LoRA folder (`--lora-dir`); none: `loras/` beside the models (see
+    /// [`ServerConfig::lora_dir`]).
+    pub lora_dir: Option<PathBuf>,
     pub listen: SocketAddr,
     /// `user:password` pairs for HTTP basic authentication; empty = no authentication.
     pub auth: Vec<(String, String)>,
@@ -34,6 +37,36 @@ pub struct ServerConfig {
     /// Origins whose pages may call the API (`--cors-allow-origins`), answered with CORS
     /// headers; `*` allows any. Other cross-origin requests are refused.
     pub cors_allow_origins: Vec<String>,
+}
+
+impl ServerConfig {
+    /// The folder `<lora:NAME>` finds `NAME` in: `--lora-dir`, else `loras/` beside the
+    /// models.
+    pub fn lora_dir(&self) -> Option<PathBuf> {
+        self.lora_dir
+            .clone()
+            .or_else(|| beside_models(self.model.as_deref(), self.models_dir.as_deref(), "loras"))
+    }
+}
+
+/// `folder` beside the models: in `--models-dir` when one is given, else in the folder that
+/// holds the `--model` file or diffusers folder.
+pub fn beside_models(
+    model: Option<&Path>,
+    models_dir: Option<&Path>,
+    folder: &str,
+) -> Option<PathBuf> {
+    if let Some(dir) = models_dir {
+        return Some(dir.join(folder));
+    }
+    let parent = model?.parent()?;
+    // `--model x.safetensors` has the empty path as its parent: the working folder.
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    Some(parent.join(folder))
 }
 
 /// What one client can ask of the server.
@@ -106,5 +139,18 @@ mod tests {
         );
         assert!(parse_auth("nocolon").is_err());
         assert!(parse_auth(":pass").is_err());
+    }
+
+    #[test]
+    fn addon_folders_sit_in_the_models_dir_else_beside_the_model() {
+        let dir = Path::new("/m");
+        let model = Path::new("/a/b/model.safetensors");
+        let diffusers = Path::new("/a/b/folder-model");
+        let got = |m: Option<&Path>, d| beside_models(m, d, "loras");
+        assert_eq!(got(Some(model), Some(dir)), Some("/m/loras".into()));
+        assert_eq!(got(Some(model), None), Some("/a/b/loras".into()));
+        assert_eq!(got(Some(diffusers), None), Some("/a/b/loras".into()));
+        assert_eq!(got(Some(Path::new("x.ckpt")), None), Some("./loras".into()));
+        assert_eq!(got(None, None), None);
     }
 }

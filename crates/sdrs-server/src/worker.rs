@@ -109,6 +109,7 @@ struct Setup {
     network: NetworkOptions,
     nan_check: bool,
     outdir: PathBuf,
+    lora_dir: Option<PathBuf>,
 }
 
 struct Worker {
@@ -132,6 +133,7 @@ impl Worker {
                 fast,
                 nan_check,
                 outdir,
+                lora_dir,
             } => {
                 let device = match device {
                     DeviceSpec::Cpu => Device::Cpu,
@@ -148,6 +150,7 @@ impl Worker {
                     network: NetworkOptions { residency, fast },
                     nan_check,
                     outdir,
+                    lora_dir,
                 });
                 self.send(
                     &FromWorker::Ready {
@@ -201,6 +204,11 @@ impl Worker {
                 };
                 self.send(&FromWorker::Done { job, error }, &[])?;
             }
+            ToWorker::RefreshLoras => {
+                if let Some(model) = &self.model {
+                    model.loras().refresh();
+                }
+            }
             ToWorker::Interrupt { .. } | ToWorker::Skip { .. } => {}
         }
         Ok(())
@@ -219,6 +227,7 @@ impl Worker {
         let options = LoadOptions {
             networks: setup.network,
             nan_check: setup.nan_check,
+            lora_dir: setup.lora_dir.clone(),
             ..LoadOptions::default()
         };
         StableDiffusion::load_with(&checkpoint, &setup.device, options).map_err(failed)
