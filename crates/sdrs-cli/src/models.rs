@@ -107,6 +107,18 @@ fn list(hub: &Hub) -> Result<()> {
     for name in others {
         println!("    {name}");
     }
+    let loras = sdrs::addon_dir(&hub.model_dir, "loras");
+    println!("LoRA folder {} (<lora:NAME:1>):", loras.display());
+    let list = sdrs::lora::LoraLibrary::new(Some(loras)).list();
+    if list.is_empty() {
+        println!("    (none)");
+    }
+    for entry in list {
+        match entry.alias {
+            Some(alias) => println!("    {}  (alias {alias})", entry.name),
+            None => println!("    {}", entry.name),
+        }
+    }
     Ok(())
 }
 

@@ -104,6 +104,10 @@ pub struct GenerationArgs {
     /// `sdrs models list` (downloaded on first use) [default: $SDRS_DEFAULT_MODEL, else sd-turbo].
     #[arg(long, alias = "ckpt")]
     model: Option<String>,
+    /// Where `<lora:NAME:…>` in a prompt finds NAME [default: `loras/` beside the model
+    /// folder].
+    #[arg(long = "lora-dir")]
+    lora_dir: Option<PathBuf>,
     /// A separate VAE file to use instead of the checkpoint's.
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -250,6 +254,11 @@ impl GenerationArgs {
             nan_check: !self.no_nan_check,
             // A Hub snapshot folder is named by its commit; the short name says more.
             name: resolved.entry.map(|entry| entry.name.to_string()),
+            lora_dir: Some(
+                self.lora_dir
+                    .clone()
+                    .unwrap_or_else(|| sdrs::addon_dir(&hub.model_dir, "loras")),
+            ),
         };
         // The models own their weights once built; dropping the checkpoint unmaps the file.
         StableDiffusion::load_with(&checkpoint, device, options)

@@ -51,4 +51,11 @@ pub mod weights;
 pub use error::{Error, Result};
 pub use ops::bf16::available as fast_available;
 pub use ops::keep_freed_memory;
+
+/// The folder of add-on files (`loras`, `embeddings`) beside `model_folder`, A1111's layout:
+/// `…/models` next to `…/loras` and `…/embeddings`.
+pub fn addon_dir(model_folder: &std::path::Path, folder: &str) -> std::path::PathBuf {
+    let parent = model_folder.parent().unwrap_or(std::path::Path::new(""));
+    parent.join(folder)
+}
 pub use pipeline::{Generation, GenerationRequest};
