@@ -51,11 +51,7 @@ impl ServerConfig {
 
 /// `folder` beside the models: in `--models-dir` when one is given, else in the folder that
 /// holds the `--model` file or diffusers folder.
-pub fn beside_models(
-    model: Option<&Path>,
-    models_dir: Option<&Path>,
-    folder: &str,
-) -> Option<PathBuf> {
+fn beside_models(model: Option<&Path>, models_dir: Option<&Path>, folder: &str) -> Option<PathBuf> {
     if let Some(dir) = models_dir {
         return Some(dir.join(folder));
     }

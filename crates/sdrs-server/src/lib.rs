@@ -34,7 +34,7 @@ use axum::Router;
 use sdrs::lora::LoraLibrary;
 use serde_json::{json, Map, Value};
 
-pub use config::{beside_models, parse_auth, parse_list, Limits, ServerConfig};
+pub use config::{parse_auth, parse_list, Limits, ServerConfig};
 pub use listen::serve;
 pub use process::WorkerCommand;
 pub use worker::{run_worker, TEST_CRASH_VAR};
