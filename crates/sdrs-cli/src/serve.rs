@@ -19,6 +19,15 @@ pub struct ServeArgs {
     /// A folder of checkpoints that clients can switch to (`sd_model_checkpoint`).
     #[arg(long = "models-dir", alias = "ckpt-dir")]
     models_dir: Option<PathBuf>,
+    /// The LoRA folder that `<lora:NAME:MULT>` in prompts finds NAME in [default: `loras/`
+    /// beside the model folder: --models-dir, else the folder holding --model]; listed at
+    /// /sdapi/v1/loras.
+    #[arg(long = "lora-dir")]
+    lora_dir: Option<PathBuf>,
+    /// The textual-inversion embeddings prompts can name [default: `embeddings/` beside the
+    /// model folder].
+    #[arg(long = "embeddings-dir", value_name = "DIR")]
+    embeddings_dir: Option<PathBuf>,
     /// Address and port to listen on. The default answers this machine only; listening on
     /// another address (0.0.0.0 for every interface) has to be asked for.
     #[arg(long, default_value = "127.0.0.1:7860")]
@@ -88,6 +97,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         nan_check: !args.no_nan_check,
         model: args.model,
         models_dir: args.models_dir,
+        lora_dir: args.lora_dir,
+        embeddings_dir: args.embeddings_dir,
         listen: args.listen,
         auth,
         outdir: args.outdir,

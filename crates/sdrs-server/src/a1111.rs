@@ -293,20 +293,19 @@ pub async fn refresh_checkpoints(State(state): State<Arc<AppState>>) -> Json<Val
     Json(json!(null))
 }
 
-/// A1111's `/sdapi/v1/embeddings`: the `embeddings/` folder beside the current model (the one
-/// the worker loads with it), read here with the same reader, loaded and skipped as A1111
-/// lists them.
+/// A1111's `/sdapi/v1/embeddings`: the embeddings folder (the one the worker loads with the
+/// current model), read here with the same reader, loaded and skipped as A1111 lists them.
 pub async fn embeddings(State(state): State<Arc<AppState>>) -> Json<Value> {
     let model = state.current_model().map(|m| m.entry.path);
-    let listing = tokio::task::spawn_blocking(move || model.and_then(|m| embeddings_listing(&m)))
+    let dir = state.embeddings_dir.clone();
+    let listing = tokio::task::spawn_blocking(move || embeddings_listing(&model?, &dir?))
         .await
         .ok()
         .flatten();
     Json(listing.unwrap_or_else(|| json!({"loaded": {}, "skipped": {}})))
 }
 
-fn embeddings_listing(model: &std::path::Path) -> Option<Value> {
-    let dir = sdrs::addon_dir(crate::worker::model_folder(model), "embeddings");
+fn embeddings_listing(model: &std::path::Path, dir: &std::path::Path) -> Option<Value> {
     if !dir.is_dir() {
         return None;
     }
@@ -315,7 +314,7 @@ fn embeddings_listing(model: &std::path::Path) -> Option<Value> {
         .clip_config()
         .hidden_size;
     let tokenizer = sdrs::tokenizer::Tokenizer::new().ok()?;
-    let db = sdrs::embeddings::Embeddings::load_dir(&dir, &tokenizer, width).ok()?;
+    let db = sdrs::embeddings::Embeddings::load_dir(dir, &tokenizer, width).ok()?;
     let entry = |i: &sdrs::embeddings::EmbeddingInfo| {
         json!({
             "step": i.step,
@@ -339,9 +338,12 @@ fn embeddings_listing(model: &std::path::Path) -> Option<Value> {
     Some(json!({"loaded": loaded, "skipped": skipped}))
 }
 
-/// A1111's `/sdapi/v1/refresh-embeddings`: the listing reads the folder afresh on every call,
-/// and the worker reads it when it loads a model, so there is nothing to do here.
-pub async fn refresh_embeddings() -> Json<Value> {
+/// A1111's `/sdapi/v1/refresh-embeddings`: the listing reads the folder afresh on every call;
+/// the worker reads it again before its next job.
+pub async fn refresh_embeddings(State(state): State<Arc<AppState>>) -> Json<Value> {
+    state
+        .addon_scans
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     Json(json!(null))
 }
 

@@ -1,7 +1,7 @@
 //! How a server is set up: where it listens, who may call it, and how much it accepts.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::Device;
@@ -16,6 +16,11 @@ pub struct ServerConfig {
     pub model: Option<PathBuf>,
     /// More models that `sd_model_checkpoint` can switch to.
     pub models_dir: Option<PathBuf>,
+    /// The LoRA folder (`--lora-dir`); none: `loras/` beside the models (see
+    /// [`ServerConfig::lora_dir`]).
+    pub lora_dir: Option<PathBuf>,
+    /// The embeddings folder (`--embeddings-dir`); none: `embeddings/` beside the models.
+    pub embeddings_dir: Option<PathBuf>,
     pub listen: SocketAddr,
     /// `user:password` pairs for HTTP basic authentication; empty = no authentication.
     pub auth: Vec<(String, String)>,
@@ -34,6 +39,44 @@ pub struct ServerConfig {
     /// Origins whose pages may call the API (`--cors-allow-origins`), answered with CORS
     /// headers; `*` allows any. Other cross-origin requests are refused.
     pub cors_allow_origins: Vec<String>,
+}
+
+impl ServerConfig {
+    /// The folder `<lora:NAME>` finds `NAME` in: `--lora-dir`, else `loras/` beside the
+    /// models.
+    pub fn lora_dir(&self) -> Option<PathBuf> {
+        self.lora_dir
+            .clone()
+            .or_else(|| beside_models(self.model.as_deref(), self.models_dir.as_deref(), "loras"))
+    }
+
+    /// The folder of textual-inversion embeddings: `--embeddings-dir`, else `embeddings/`
+    /// beside the models.
+    pub fn embeddings_dir(&self) -> Option<PathBuf> {
+        self.embeddings_dir.clone().or_else(|| {
+            beside_models(
+                self.model.as_deref(),
+                self.models_dir.as_deref(),
+                "embeddings",
+            )
+        })
+    }
+}
+
+/// `folder` beside the model folder (see [`sdrs::addon_dir`]): the model folder is
+/// `--models-dir` when one is given, else the folder that holds the `--model` file or
+/// diffusers folder.
+fn beside_models(model: Option<&Path>, models_dir: Option<&Path>, folder: &str) -> Option<PathBuf> {
+    let models = match models_dir {
+        Some(dir) => dir,
+        None => model?.parent()?,
+    };
+    let models = if models.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        models
+    };
+    Some(sdrs::addon_dir(models, folder))
 }
 
 /// What one client can ask of the server.
@@ -106,5 +149,18 @@ mod tests {
         );
         assert!(parse_auth("nocolon").is_err());
         assert!(parse_auth(":pass").is_err());
+    }
+
+    #[test]
+    fn addon_folders_sit_beside_the_model_folder() {
+        let dir = Path::new("/srv/models");
+        let model = Path::new("/a/b/model.safetensors");
+        let diffusers = Path::new("/a/b/folder-model");
+        let got = |m: Option<&Path>, d| beside_models(m, d, "loras");
+        assert_eq!(got(Some(model), Some(dir)), Some("/srv/loras".into()));
+        assert_eq!(got(Some(model), None), Some("/a/loras".into()));
+        assert_eq!(got(Some(diffusers), None), Some("/a/loras".into()));
+        assert_eq!(got(Some(Path::new("x.ckpt")), None), Some("./loras".into()));
+        assert_eq!(got(None, None), None);
     }
 }

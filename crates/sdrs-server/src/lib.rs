@@ -11,6 +11,7 @@ mod error;
 mod guard;
 mod jobs;
 mod listen;
+mod loras;
 mod models;
 mod options;
 mod preview;
@@ -22,7 +23,7 @@ mod supervisor;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Result};
@@ -30,6 +31,7 @@ use axum::extract::Request;
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
+use sdrs::lora::LoraLibrary;
 use serde_json::{Map, Value};
 
 pub use config::{parse_auth, parse_list, Limits, ServerConfig};
@@ -60,6 +62,15 @@ struct AppState {
     models: Mutex<Vec<ModelEntry>>,
     current: CurrentModel,
     options: Mutex<Map<String, Value>>,
+    /// The LoRA folder, as `/sdapi/v1/loras` lists it (the worker's model has its own).
+    loras: LoraLibrary,
+    /// The embeddings folder the worker loads with the models.
+    embeddings_dir: Option<PathBuf>,
+    /// Rescans of the LoRA and embeddings folders so far, which the supervisor passes on to
+    /// the worker.
+    addon_scans: Arc<AtomicU64>,
+    /// Held while the LoRA folder is rescanned.
+    lora_refresh: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -195,6 +206,8 @@ impl Server {
         ));
         let current = CurrentModel::default();
         let worker_pid = Arc::new(AtomicU32::new(0));
+        let lora_dir = config.lora_dir();
+        let addon_scans = Arc::new(AtomicU64::new(0));
         let supervisor = Supervisor {
             queue: queue.clone(),
             command: config.worker.clone(),
@@ -204,9 +217,12 @@ impl Server {
                 fast: config.network.fast,
                 nan_check: config.nan_check,
                 outdir: config.outdir.clone(),
+                lora_dir: lora_dir.clone(),
+                embeddings_dir: config.embeddings_dir(),
             },
             current: current.clone(),
             pid: worker_pid.clone(),
+            addon_scans: addon_scans.clone(),
         }
         .spawn()?;
         // The first load counts against no client's queue space.
@@ -221,6 +237,10 @@ impl Server {
             models: Mutex::new(found),
             current,
             options: Mutex::new(options::initial(&config.outdir)),
+            loras: LoraLibrary::new(lora_dir),
+            embeddings_dir: config.embeddings_dir(),
+            addon_scans,
+            lora_refresh: tokio::sync::Mutex::new(()),
         });
         let router = router(state.clone(), config);
         Ok(Self {
@@ -278,7 +298,8 @@ fn router(state: Arc<AppState>, config: &ServerConfig) -> Router {
         .route("/scripts", get(a1111::scripts))
         .route("/script-info", get(a1111::empty_list))
         .route("/sd-vae", get(a1111::empty_list))
-        .route("/loras", get(a1111::empty_list))
+        .route("/loras", get(loras::list))
+        .route("/refresh-loras", post(loras::refresh))
         .route("/embeddings", get(a1111::embeddings))
         .route("/refresh-embeddings", post(a1111::refresh_embeddings))
         .route("/prompt-styles", get(a1111::empty_list));

@@ -68,12 +68,27 @@ pub fn list(model: Option<&Path>, dir: Option<&Path>) -> Vec<ModelEntry> {
     found
 }
 
+/// Folders of add-ons that sit among checkpoints (sdrs' and A1111's names); their files are
+/// never offered as checkpoints.
+const ADDON_FOLDERS: [&str; 4] = ["loras", "lora", "lycoris", "embeddings"];
+
+fn is_addon_folder(path: &Path) -> bool {
+    path.file_name().is_some_and(|name| {
+        ADDON_FOLDERS
+            .iter()
+            .any(|f| name.to_string_lossy().eq_ignore_ascii_case(f))
+    })
+}
+
 fn collect(root: &Path, dir: &Path, depth: usize, found: &mut Vec<ModelEntry>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.filter_map(|e| e.ok()) {
         let path = entry.path();
+        if path.is_dir() && is_addon_folder(&path) {
+            continue;
+        }
         if is_checkpoint(&path) {
             found.push(ModelEntry::from_path(&path, Some(root)));
         } else if path.is_dir() && depth > 1 {
@@ -114,6 +129,10 @@ mod tests {
         std::fs::write(dir.join("notes.txt"), b"").unwrap();
         std::fs::write(dir.join("x.vae.safetensors"), b"").unwrap();
         std::fs::write(dir.join("RealESRGAN_x4plus.pth"), b"").unwrap();
+        for addons in ["loras", "embeddings", "Lora"] {
+            std::fs::create_dir_all(dir.join(addons)).unwrap();
+            std::fs::write(dir.join(addons).join("style.safetensors"), b"").unwrap();
+        }
         let extra = std::env::temp_dir().join("elsewhere.safetensors");
         let models = list(Some(&extra), Some(&dir));
         let titles: Vec<_> = models.iter().map(|m| m.title.as_str()).collect();

@@ -43,6 +43,8 @@ pub struct Process {
     last_words: Arc<Mutex<Option<String>>>,
     /// Disconnected once the stderr relay has read everything the worker wrote.
     relayed: mpsc::Receiver<()>,
+    /// The number of `POST /sdapi/v1/refresh-loras` this worker has been told of.
+    pub addon_scans: u64,
 }
 
 /// How long a worker that closed its output gets to exit before it is killed.
@@ -99,6 +101,7 @@ impl Process {
             output: BufReader::new(stdout),
             last_words,
             relayed,
+            addon_scans: 0,
         };
         process.send(setup.clone(), Vec::new());
         match process.read() {

@@ -43,6 +43,10 @@ pub enum ToWorker {
         /// Whether an image with NaN or infinite values fails (`--no-nan-check` turns it off).
         nan_check: bool,
         outdir: PathBuf,
+        /// Where `<lora:NAME>` finds `NAME`.
+        lora_dir: Option<PathBuf>,
+        /// The embeddings folder the models are loaded with.
+        embeddings_dir: Option<PathBuf>,
     },
     /// Free the model, load this one. Answered with `Loaded` or `Done` with an error.
     Load { job: u64, path: PathBuf },
@@ -53,6 +57,9 @@ pub enum ToWorker {
         request: Box<Generation>,
         init: Option<(u32, u32)>,
     },
+    /// Scan the LoRA and embeddings folders again (`POST /sdapi/v1/refresh-loras`,
+    /// `/refresh-embeddings`); sent between jobs, not answered.
+    Rescan,
     /// Stop job `job` at its next step, keeping the images made.
     Interrupt { job: u64 },
     /// Give up job `job`'s current image and go on with the next.

@@ -3,7 +3,7 @@
 //! exit — fails the job it was running with what happened, starts a new one with the same
 //! model, and goes on with the queue.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -34,6 +34,9 @@ pub struct Supervisor {
     pub current: CurrentModel,
     /// The running worker's process id, 0 while there is none.
     pub pid: Arc<AtomicU32>,
+    /// How many times the LoRA folder was rescanned (`POST /sdapi/v1/refresh-loras`); a
+    /// worker that has seen fewer rescans gets `Rescan` before its next job.
+    pub addon_scans: Arc<AtomicU64>,
 }
 
 /// How a job on the worker ended.
@@ -219,6 +222,11 @@ impl Supervisor {
             request: Box::new(request.clone()),
             init: init.map(|i| i.dimensions()),
         };
+        let scans = self.addon_scans.load(Ordering::SeqCst);
+        if worker.addon_scans != scans {
+            worker.send(ToWorker::Rescan, Vec::new());
+            worker.addon_scans = scans;
+        }
         let pixels = init.map(|i| i.as_raw().clone()).unwrap_or_default();
         if pixels.len() > MAX_ATTACHMENT_BYTES {
             return Ended::Finished(Err(JobError {

@@ -109,6 +109,8 @@ struct Setup {
     network: NetworkOptions,
     nan_check: bool,
     outdir: PathBuf,
+    lora_dir: Option<PathBuf>,
+    embeddings_dir: Option<PathBuf>,
 }
 
 struct Worker {
@@ -132,6 +134,8 @@ impl Worker {
                 fast,
                 nan_check,
                 outdir,
+                lora_dir,
+                embeddings_dir,
             } => {
                 let device = match device {
                     DeviceSpec::Cpu => Device::Cpu,
@@ -148,6 +152,8 @@ impl Worker {
                     network: NetworkOptions { residency, fast },
                     nan_check,
                     outdir,
+                    lora_dir,
+                    embeddings_dir,
                 });
                 self.send(
                     &FromWorker::Ready {
@@ -201,6 +207,12 @@ impl Worker {
                 };
                 self.send(&FromWorker::Done { job, error }, &[])?;
             }
+            ToWorker::Rescan => {
+                if let Some(model) = &self.model {
+                    model.loras().refresh();
+                    model.reload_embeddings()?;
+                }
+            }
             ToWorker::Interrupt { .. } | ToWorker::Skip { .. } => {}
         }
         Ok(())
@@ -219,8 +231,8 @@ impl Worker {
         let options = LoadOptions {
             networks: setup.network,
             nan_check: setup.nan_check,
-            embeddings_dir: Some(sdrs::addon_dir(model_folder(path), "embeddings"))
-                .filter(|d| d.is_dir()),
+            embeddings_dir: setup.embeddings_dir.clone().filter(|d| d.is_dir()),
+            lora_dir: setup.lora_dir.clone(),
             ..LoadOptions::default()
         };
         StableDiffusion::load_with(&checkpoint, &setup.device, options).map_err(failed)
@@ -384,9 +396,4 @@ fn test_crash(prompt: &str) {
         Some("exit") => std::process::exit(3),
         _ => {}
     }
-}
-
-/// The folder a model is kept in: its file's folder, or a diffusers folder's parent.
-pub(crate) fn model_folder(model: &Path) -> &Path {
-    model.parent().unwrap_or(model)
 }

@@ -189,10 +189,19 @@ fn headless_chromium_generates_an_image_on_the_web_page() {
         return;
     }
     let outdir = scratch("browser-out");
+    // The page's LoRA picker lists this folder's one LoRA (e2e.mjs picks it by name).
+    let loras = scratch("browser-loras");
+    std::fs::copy(
+        fixtures().join("lora/kohya_locon.safetensors"),
+        loras.join("kohya_locon.safetensors"),
+    )
+    .unwrap();
     let model = fixtures().join("tiny-sd1.safetensors");
     let server = Served::start(&[
         "--model",
         model.to_str().unwrap(),
+        "--lora-dir",
+        loras.to_str().unwrap(),
         "--outdir",
         outdir.to_str().unwrap(),
     ]);
@@ -215,8 +224,11 @@ fn headless_chromium_generates_an_image_on_the_web_page() {
     eprintln!("screenshot: {}", screenshot.display());
     let shot = image::open(&screenshot).unwrap();
     assert!(shot.width() >= 800);
-    // The generated image was saved by the server too.
+    // The generated images were saved by the server too, the second with its LoRA's hash.
     assert!(outdir.join("txt2img-samples/00000-42.png").is_file());
+    let png = std::fs::read(outdir.join("txt2img-samples/00001-42.png")).unwrap();
+    let text = sdrs::image_io::read_png_parameters(&png).unwrap().unwrap();
+    assert!(text.contains("Lora hashes: \"kohya_locon: "), "{text}");
 }
 
 /// An HTTP answer: status, headers as text, body.

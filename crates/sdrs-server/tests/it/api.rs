@@ -32,6 +32,8 @@ fn config(outdir: &Path) -> ServerConfig {
     ServerConfig {
         model: Some(tiny_model()),
         models_dir: None,
+        lora_dir: None,
+        embeddings_dir: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         auth: Vec::new(),
         outdir: outdir.to_path_buf(),
@@ -661,3 +663,4 @@ async fn options_list_and_switch_models() {
 }
 
 mod hostile;
+mod loras;
