@@ -145,6 +145,47 @@ fn product(up: &Tensor, down: &Tensor, dyn_dim: Option<usize>) -> Result<Tensor>
     Ok(up.contiguous()?.matmul(&down.contiguous()?)?)
 }
 
+/// A plain LoRA layer's change as its two factors: `(up [out, r], down [r, in·k·k], scale)`
+/// with `dyn` applied, so that ΔW = scale · up · down can be added by one matrix product;
+/// `None` for every other kind (and LoRA through a Tucker core). Sizes are checked as in
+/// [`delta`].
+pub(crate) fn factors(
+    parts: &Parts,
+    target: &[usize],
+    dyn_dim: Option<usize>,
+) -> Result<Option<(Tensor, Tensor, f64)>> {
+    if kind(parts) != Some(Kind::Lora) || parts.contains_key(&Part::Mid) {
+        return Ok(None);
+    }
+    let (up, down) = (part(parts, Part::Up)?, part(parts, Part::Down)?);
+    let want: usize = target.iter().product();
+    if product_len(up, down) != want {
+        return Err(Error::InvalidRequest(format!(
+            "the change is {:?} and the model's weight is {target:?}",
+            [up.dim(0)?, rows(down)?.dim(1)?]
+        )));
+    }
+    let (mut up, mut down) = (rows(up)?, rows(down)?);
+    if up.dim(1)? != down.dim(0)? {
+        return Err(Error::InvalidRequest(format!(
+            "up {:?} and down {:?} do not multiply",
+            up.dims(),
+            down.dims()
+        )));
+    }
+    let dim = down.dim(0)?;
+    if let Some(d) = dyn_dim.filter(|&d| d < dim) {
+        up = up.narrow(1, 0, d)?;
+        down = down.narrow(0, 0, d)?;
+    }
+    let scale = match (scalar(parts, Part::Scale)?, scalar(parts, Part::Alpha)?) {
+        (Some(scale), _) => scale,
+        (None, Some(alpha)) if dim > 0 => alpha / dim as f64,
+        _ => 1.0,
+    };
+    Ok(Some((up.contiguous()?, down.contiguous()?, scale)))
+}
+
 /// The change of the layer's bias, `diff_b` (unscaled, as A1111 adds it), checked against
 /// the bias length `len`.
 pub(crate) fn bias_delta(parts: &Parts, len: usize) -> Result<Option<Tensor>> {

@@ -17,6 +17,7 @@
 mod delta;
 mod file;
 mod library;
+mod merge;
 mod tag;
 mod targets;
 
@@ -31,6 +32,7 @@ pub use library::{LoraEntry, LoraLibrary};
 pub use tag::{strip_tags, LoraTag, Stripped};
 
 pub(crate) use file::{LayerKey, LoraLayers, Network};
+pub(crate) use merge::Layout;
 pub(crate) use targets::{network_of, Targets};
 
 use crate::{Error, Result};
@@ -84,6 +86,43 @@ impl Patches {
             .map(|(_, layer)| layer.as_str())
     }
 
+    /// The parts each LoRA of this set has for `layer` of `network`, with its multiplier,
+    /// its `dyn` and what to say when they do not fit.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn parts_of(
+        &self,
+        network: Network,
+        layer: &str,
+    ) -> Result<
+        Vec<(
+            &file::Parts,
+            f32,
+            Option<usize>,
+            Box<dyn Fn(Error) -> Error + '_>,
+        )>,
+    > {
+        let Some(terms) = self.terms.get(&(network, layer.to_string())) else {
+            return Ok(Vec::new());
+        };
+        terms
+            .iter()
+            .map(|term| {
+                let parts = term.layers.layers.get(&term.key).ok_or_else(|| {
+                    Error::InvalidRequest(format!("{}: a layer went missing", term.file.display()))
+                })?;
+                let layer = layer.to_string();
+                let unfit: Box<dyn Fn(Error) -> Error + '_> = Box::new(move |e: Error| {
+                    Error::InvalidRequest(format!(
+                        "LoRA {} does not fit this model: at layer {layer} ({}), {e}",
+                        term.file.display(),
+                        term.key.flat
+                    ))
+                });
+                Ok((parts, term.multiplier, term.dyn_dim, unfit))
+            })
+            .collect()
+    }
+
     /// Σ multiplier · ΔW of `layer` of `network`, shaped `shape`, in f32, and the same for
     /// its bias of `bias_len` values; `None` where this set leaves them alone.
     pub(crate) fn delta(
@@ -93,9 +132,6 @@ impl Patches {
         shape: &[usize],
         bias_len: Option<usize>,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some(terms) = self.terms.get(&(network, layer.to_string())) else {
-            return Ok((None, None));
-        };
         let (mut weight, mut bias): (Option<Tensor>, Option<Tensor>) = (None, None);
         let add = |sum: &mut Option<Tensor>, d: Tensor, m: f32| -> Result<()> {
             let d = (d * m as f64)?;
@@ -105,29 +141,19 @@ impl Patches {
             });
             Ok(())
         };
-        for term in terms {
-            let unfit = |e: Error| {
-                Error::InvalidRequest(format!(
-                    "LoRA {} does not fit this model: at layer {layer} ({}), {e}",
-                    term.file.display(),
-                    term.key.flat
-                ))
-            };
-            let parts = term.layers.layers.get(&term.key).ok_or_else(|| {
-                Error::InvalidRequest(format!("{}: a layer went missing", term.file.display()))
-            })?;
-            if let Some(d) = delta::delta(parts, shape, term.dyn_dim).map_err(unfit)? {
-                add(&mut weight, d, term.multiplier)?;
+        for (parts, multiplier, dyn_dim, unfit) in self.parts_of(network, layer)? {
+            if let Some(d) = delta::delta(parts, shape, dyn_dim).map_err(&unfit)? {
+                add(&mut weight, d, multiplier)?;
             }
             let b = match bias_len {
-                Some(len) => delta::bias_delta(parts, len).map_err(unfit)?,
+                Some(len) => delta::bias_delta(parts, len).map_err(&unfit)?,
                 None if parts.contains_key(&file::Part::DiffB) => {
                     return Err(unfit(Error::InvalidRequest("the layer has no bias".into())))
                 }
                 None => None,
             };
             if let Some(b) = b {
-                add(&mut bias, b, term.multiplier)?;
+                add(&mut bias, b, multiplier)?;
             }
         }
         Ok((weight, bias))

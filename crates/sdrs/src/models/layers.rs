@@ -264,10 +264,28 @@ impl Patchable<'_> {
         })
     }
 
+    /// Whether the layer keeps its weight as the file does or, as our convolutions do,
+    /// `[out, k, k, in]`.
+    pub(crate) fn layout(&self) -> crate::lora::Layout {
+        match self {
+            Patchable::Conv(_) => crate::lora::Layout::Taps,
+            _ => crate::lora::Layout::File,
+        }
+    }
+
     /// Replaces the weight by `weight` (f32, shaped as [`Patchable::shape`] says) and, when
     /// given, the bias by `bias` (f32), kept the way the layer keeps them: in their dtype, or
     /// packed again for the fast mode.
     pub(crate) fn set(&mut self, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        let weight = match self.layout() {
+            crate::lora::Layout::Taps => weight.permute((0, 2, 3, 1))?.contiguous()?,
+            crate::lora::Layout::File => weight.clone(),
+        };
+        self.set_stored(&weight, bias)
+    }
+
+    /// [`Patchable::set`] with `weight` already in the layer's [`Patchable::layout`].
+    pub(crate) fn set_stored(&mut self, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
         let like = |new: &Tensor, old: &Tensor| new.to_dtype(old.dtype());
         match self {
             Patchable::Linear(Linear::Exact { weight: w, bias: b }) => {
@@ -280,17 +298,13 @@ impl Patchable<'_> {
                 *l = Arc::new(l.with_weight(&weight.to_dtype(DType::BF16)?, bias)?);
             }
             Patchable::Conv(Conv2d::Exact { taps, bias: b, .. }) => {
-                *taps = like(weight, taps)?.permute((0, 2, 3, 1))?.contiguous()?;
+                *taps = like(weight, taps)?;
                 if let (Some(new), Some(old)) = (bias, b.as_mut()) {
                     *old = like(new, old)?;
                 }
             }
             Patchable::Conv(Conv2d::Bf16(c)) => {
-                let taps = weight
-                    .to_dtype(DType::BF16)?
-                    .permute((0, 2, 3, 1))?
-                    .contiguous()?;
-                *c = Arc::new(c.with_taps(&taps, bias)?);
+                *c = Arc::new(c.with_taps(&weight.to_dtype(DType::BF16)?, bias)?);
             }
             Patchable::Candle(l) => {
                 let w = like(weight, l.weight())?;

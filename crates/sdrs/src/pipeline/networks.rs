@@ -220,8 +220,12 @@ impl Networks {
                 .layers(network)
                 .chain(patches.layers(network))
                 .collect();
-            let resident = lock(slot).clone();
-            let (Some(mut net), false) = (resident, layers.is_empty()) else {
+            if layers.is_empty() {
+                continue;
+            }
+            // Taken out of its slot, so that the copy below happens only when a generation in
+            // flight still holds the network, and the old weights are freed layer by layer.
+            let Some(mut net) = lock(slot).take() else {
                 continue;
             };
             let outcome = self.patch(&mut net, *role, network, &layers, &patches);
@@ -256,9 +260,25 @@ impl Networks {
                 return Ok(());
             }
             let shape = layer.shape()?;
-            let weight = base.get(shape.as_slice(), &format!("{name}.weight"))?;
             let bias_name = format!("{name}.bias");
-            let bias = if base.contains_tensor(&bias_name) {
+            let has_bias = base.contains_tensor(&bias_name);
+            if self.device.is_cpu() {
+                let stored = self.checkpoint.stored(role, &format!("{name}.weight"))?;
+                if let Some(weight) =
+                    patches.merged_weight(network, name, &stored, &shape, layer.layout())?
+                {
+                    let bias = if has_bias {
+                        let stored = self.checkpoint.stored(role, &bias_name)?;
+                        Some(patches.merged_bias(network, name, stored)?)
+                    } else {
+                        patches.refuse_bias(network, name)?;
+                        None
+                    };
+                    return layer.set_stored(&weight, bias.as_ref());
+                }
+            }
+            let weight = base.get(shape.as_slice(), &format!("{name}.weight"))?;
+            let bias = if has_bias {
                 Some(base.get(shape[0], &bias_name)?)
             } else {
                 None

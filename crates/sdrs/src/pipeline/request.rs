@@ -139,6 +139,9 @@ impl GenerationRequest {
         }
         let prompt = strip_tags("prompt", &self.prompt)?;
         let negative = strip_tags("negative prompt", &self.negative_prompt)?;
+        for kind in prompt.ignored.iter().chain(&negative.ignored) {
+            tracing::warn!("<{kind}:…> is not a kind of extra network sdrs has; it is left out");
+        }
         let loras: Vec<LoraTag> = prompt.loras.into_iter().chain(negative.loras).collect();
         if loras.len() > MAX_LORAS {
             return Err(exceeded("LoRA tags", loras.len(), "MAX_LORAS", MAX_LORAS));

@@ -90,6 +90,16 @@ impl Component {
             .collect()
     }
 
+    /// The tensor of diffusers name `name` as the file stores it (its dtype; a fused tensor's
+    /// band of rows), on the CPU.
+    pub(crate) fn stored(&self, name: &str) -> Result<Tensor> {
+        let backend = Renamed {
+            file: self.file.clone(),
+            renames: self.renames.clone(),
+        };
+        Ok(backend.stored(name, &Device::Cpu)?)
+    }
+
     /// A `VarBuilder` over these tensors, or the full list of diffusers names the file lacks.
     pub(crate) fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         if !self.missing.is_empty() {
@@ -114,6 +124,10 @@ struct Renamed {
 
 impl Renamed {
     fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        self.stored(name, device)?.to_dtype(dtype)
+    }
+
+    fn stored(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let stored =
             self.renames
                 .get(name)
@@ -125,7 +139,7 @@ impl Renamed {
             Some((first, rows)) => tensor.narrow(0, first, rows)?.contiguous()?,
             None => tensor,
         };
-        tensor.to_dtype(dtype)
+        Ok(tensor)
     }
 }
 

@@ -134,6 +134,19 @@ impl Checkpoint {
         }
     }
 
+    /// The tensor `name` (a diffusers name) of the network of `role`, in the dtype the file
+    /// stores it in, on the CPU.
+    pub(crate) fn stored(&self, role: Role, name: &str) -> Result<candle_core::Tensor> {
+        match role {
+            Role::TextEncoder(0) => self.text_encoder.stored(name),
+            Role::Unet => self.unet.stored(name),
+            Role::Vae => self.vae.stored(name),
+            other => Err(Error::UnsupportedCheckpoint {
+                detected: format!("a model with a {other:?} network"),
+            }),
+        }
+    }
+
     /// The UNet's `(diffusers, CompVis)` tensor names (CompVis relative to
     /// `model.diffusion_model.`), whatever layout the checkpoint itself has.
     pub(crate) fn unet_names(&self) -> Vec<(String, String)> {
