@@ -295,7 +295,7 @@ impl Patchable<'_> {
                 }
             }
             Patchable::Linear(Linear::Bf16(l)) => {
-                *l = Arc::new(l.with_weight(&weight.to_dtype(DType::BF16)?, bias)?);
+                *l = Arc::new(l.with_weight(&bf16_values(weight)?, f32_values(bias)?)?);
             }
             Patchable::Conv(Conv2d::Exact { taps, bias: b, .. }) => {
                 *taps = like(weight, taps)?;
@@ -304,7 +304,7 @@ impl Patchable<'_> {
                 }
             }
             Patchable::Conv(Conv2d::Bf16(c)) => {
-                *c = Arc::new(c.with_taps(&weight.to_dtype(DType::BF16)?, bias)?);
+                *c = Arc::new(c.with_taps(&bf16_values(weight)?, f32_values(bias)?)?);
             }
             Patchable::Candle(l) => {
                 let w = like(weight, l.weight())?;
@@ -317,6 +317,27 @@ impl Patchable<'_> {
         }
         Ok(())
     }
+}
+
+/// `weight`'s values rounded to bf16 (and kept as f32), as a bf16 `VarBuilder` gives them to
+/// the fast mode's layers at load: the same packed weights come out.
+fn bf16_values(weight: &Tensor) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let mut values = weight
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    values
+        .par_iter_mut()
+        .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+    Ok(values)
+}
+
+/// `bias` as f32 values.
+fn f32_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    Ok(bias
+        .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+        .transpose()?)
 }
 
 /// What a layer holds, to compare bit for bit (tests of merging and restoring).

@@ -29,6 +29,23 @@ impl Bf16Conv {
             return Ok(None);
         }
         let w = taps.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        Ok(Self::from_f32(
+            &w,
+            [out_channels, kernel, in_channels],
+            bias,
+        ))
+    }
+
+    /// Packs `w`, taps `[Cout, k, k, Cin]` with `dims` = `[Cout, k, Cin]`, for `k` = 1 or 3
+    /// (`None` otherwise, or when `w` has another length).
+    pub fn from_f32(w: &[f32], dims: [usize; 3], bias: Option<Vec<f32>>) -> Option<Self> {
+        let [out_channels, kernel, in_channels] = dims;
+        if !matches!(kernel, 1 | 3) || w.len() != out_channels * kernel * kernel * in_channels {
+            return None;
+        }
         let (panels, winograd) = if kernel == 3 {
             let weights = winograd::Weights::new(&w, out_channels, in_channels);
             (Vec::new(), Some(weights))
@@ -38,16 +55,13 @@ impl Bf16Conv {
                 None,
             )
         };
-        let bias = bias
-            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-            .transpose()?;
-        Ok(Some(Bf16Conv {
+        Some(Bf16Conv {
             panels,
             winograd,
             out_channels,
             in_channels,
             bias,
-        }))
+        })
     }
 
     /// `(out channels, in channels, kernel size)`.
@@ -56,18 +70,15 @@ impl Bf16Conv {
         (self.out_channels, self.in_channels, k)
     }
 
-    /// The same convolution with `taps` [Cout, k, k, Cin] packed instead, and `bias` when
-    /// given (else its own).
-    pub fn with_taps(&self, taps: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let own = self
-            .bias
-            .as_ref()
-            .map(|b| Tensor::new(b.as_slice(), taps.device()));
-        let own = own.transpose()?;
-        Self::new(taps, bias.or(own.as_ref()))?.ok_or_else(|| {
+    /// The same convolution with `taps` [Cout, k, k, Cin] (f32) packed instead, and `bias`
+    /// when given (else its own).
+    pub fn with_taps(&self, taps: &[f32], bias: Option<Vec<f32>>) -> Result<Self> {
+        let (out, inp, k) = self.dims();
+        let bias = bias.or_else(|| self.bias.clone());
+        Self::from_f32(taps, [out, k, inp], bias).ok_or_else(|| {
             crate::Error::InvalidConfig(format!(
-                "the fast mode has no kernel for taps {:?}",
-                taps.dims()
+                "{} values are no [{out}, {k}, {k}, {inp}] kernel",
+                taps.len()
             ))
         })
     }
@@ -161,6 +172,14 @@ impl Bf16Linear {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        Ok(Self::from_f32(&w, out_dim, in_dim, bias))
+    }
+
+    /// Packs `w` [out, in] (row-major, `out_dim · in_dim` values).
+    fn from_f32(w: &[f32], out_dim: usize, in_dim: usize, bias: Option<Vec<f32>>) -> Self {
         let kp = in_dim.div_ceil(2);
         let mut packed = vec![0u32; kp * out_dim + NR];
         packed[..kp * out_dim]
@@ -176,15 +195,12 @@ impl Bf16Linear {
                     *d = super::pair(w[o * in_dim + 2 * j], hi);
                 }
             });
-        let bias = bias
-            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-            .transpose()?;
-        Ok(Bf16Linear {
+        Bf16Linear {
             packed,
             in_dim,
             out_dim,
             bias,
-        })
+        }
     }
 
     /// `(out, in)`.
@@ -192,15 +208,18 @@ impl Bf16Linear {
         (self.out_dim, self.in_dim)
     }
 
-    /// The same layer with `weight` [out, in] packed instead, and `bias` when given (else
-    /// its own).
-    pub fn with_weight(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let own = self
-            .bias
-            .as_ref()
-            .map(|b| Tensor::new(b.as_slice(), weight.device()));
-        let own = own.transpose()?;
-        Self::new(weight, bias.or(own.as_ref()))
+    /// The same layer with `weight` [out, in] (f32, row-major) packed instead, and `bias`
+    /// when given (else its own).
+    pub fn with_weight(&self, weight: &[f32], bias: Option<Vec<f32>>) -> Result<Self> {
+        let (out, inp) = self.dims();
+        if weight.len() != out * inp {
+            return Err(crate::Error::InvalidConfig(format!(
+                "{} values are no [{out}, {inp}] weight",
+                weight.len()
+            )));
+        }
+        let bias = bias.or_else(|| self.bias.clone());
+        Ok(Self::from_f32(weight, out, inp, bias))
     }
 
     /// `x` [..., in] (f32 on the CPU) → [..., out].
