@@ -17,6 +17,7 @@
 mod delta;
 mod file;
 mod library;
+mod products;
 mod tag;
 mod targets;
 
@@ -107,8 +108,12 @@ impl Patches {
         };
         for term in terms {
             let unfit = |e: Error| {
+                let why = match e {
+                    Error::InvalidRequest(why) => why,
+                    other => other.to_string(),
+                };
                 Error::InvalidRequest(format!(
-                    "LoRA {} does not fit this model: at layer {layer} ({}), {e}",
+                    "LoRA {} does not fit this model: at layer {layer} ({}), {why}",
                     term.file.display(),
                     term.key.flat
                 ))
@@ -128,6 +133,21 @@ impl Patches {
             };
             if let Some(b) = b {
                 add(&mut bias, b, term.multiplier)?;
+            }
+        }
+        // Finite parts can still overflow f32 (a huge alpha, scale or multiplier); a NaN or an
+        // infinity merged into a weight would spoil every image after it.
+        for (sum, what) in [(&weight, "weight"), (&bias, "bias")] {
+            if let Some(sum) = sum {
+                if !file::all_finite(sum)? {
+                    let files: Vec<String> =
+                        terms.iter().map(|t| t.file.display().to_string()).collect();
+                    return Err(Error::InvalidRequest(format!(
+                        "LoRA {} would make the {what} of layer {layer} NaN or infinite \
+                         (too large an alpha, scale or multiplier)",
+                        files.join(", ")
+                    )));
+                }
             }
         }
         Ok((weight, bias))
