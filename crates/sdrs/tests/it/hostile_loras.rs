@@ -163,6 +163,23 @@ fn refuse_each(test: &str, cases: Vec<(&str, Vec<u8>, &[&str])>) {
     }
 }
 
+/// A torch zip whose `lora_down` is `[0, 2⁴⁰, 2⁴⁰]` over an empty storage.
+fn empty_huge_pickle() -> Vec<u8> {
+    let mut p = Pickle::new();
+    p.op(b'}').op(b'(');
+    p.str(&format!("{UNET_Q}.lora_down.weight"))
+        .tensor(&TensorSpec {
+            class: "FloatStorage",
+            key: "0".into(),
+            numel: 0,
+            offset: 0,
+            shape: vec![0, 1 << 40, 1 << 40],
+            stride: vec![0, 0, 1],
+        });
+    let pickle = p.op(b'u').finish();
+    torch_zip(&pickle, &[("0", &[])])
+}
+
 #[test]
 fn lora_layers_of_impossible_shapes_are_refused_before_merging() {
     let up = |layer: &str, shape: &[u64]| {
@@ -219,6 +236,25 @@ fn lora_layers_of_impossible_shapes_are_refused_before_merging() {
                     ),
                 ]),
                 &["overflowing_dims"],
+            ),
+            (
+                // No values, but sides whose strides overflow 64 bits (a panic in candle
+                // with overflow checks on, found by the lora fuzz target).
+                "empty_with_huge_sides.safetensors",
+                with_good(vec![
+                    up(UNET_Q, &[64, 4]),
+                    t(
+                        format!("{UNET_Q}.lora_down.weight"),
+                        &[0, 1 << 40, 1 << 40],
+                        vec![],
+                    ),
+                ]),
+                &["multiply past 64 bits"],
+            ),
+            (
+                "empty_with_huge_sides_pickle.pt",
+                empty_huge_pickle(),
+                &["reaches past its storage"],
             ),
             (
                 "tucker_core_3d.safetensors",
