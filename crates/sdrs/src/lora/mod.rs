@@ -16,6 +16,8 @@
 
 mod delta;
 mod file;
+#[doc(hidden)]
+pub mod fuzzing;
 mod library;
 mod products;
 mod tag;
