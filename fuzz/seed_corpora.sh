@@ -39,6 +39,21 @@ for t in checkpoint pickle safetensors_header; do
     echo "$t: $(ls "$here/corpus/$t" | wc -l) seeds"
 done
 
+# lora: the fixture LoRAs (the big ones cut to their header and first tensors) behind the
+# five bytes that pick a weight of [64, 64], [32, 32] or [32, 32, 3, 3]; and a few layers in the
+# shape mode's layout (part, number of sides, sides): up [4, 2] and down [2, 4]; LoHa; LoKr.
+mkdir -p "$here/corpus/lora"
+for f in "$fixtures"/lora/*; do
+    name=$(basename "$f")
+    for target in '\002\077\077\000\000' '\002\037\037\000\000' '\006\037\037\002\002'; do
+        { printf "$target"; head -c $max "$f"; } > "$here/corpus/lora/$name-$(printf "$target" | od -An -tx1 | tr -d ' \n')"
+    done
+done
+printf '\003\003\003\000\000\000\002\004\002\001\002\002\004\003\000' > "$here/corpus/lora/shape-lora"
+printf '\003\003\003\000\000\005\002\004\002\006\002\002\004\007\002\004\002\010\002\002\004' > "$here/corpus/lora/shape-loha"
+printf '\003\003\003\000\000\013\002\002\002\016\002\002\002' > "$here/corpus/lora/shape-lokr"
+echo "lora: $(ls "$here/corpus/lora" | wc -l) seeds"
+
 # The prompt, image and request targets: fixture prompts and pictures (JPEGs made by the sdrs
 # binary, $SDRS or target/debug/sdrs), and a few A1111 request bodies.
 python3 "$here/seed.py" "${SDRS:-$here/../target/debug/sdrs}"

@@ -1,4 +1,5 @@
-//! `sdrs tokenize`: the CLIP token ids of a prompt and how the prompt language reads it, as JSON.
+//! `sdrs tokenize`: the CLIP token ids of a prompt and how the prompt language reads it, as JSON;
+//! its `<lora:…>` tags (taken out first, as generation does) listed apart.
 
 use std::path::PathBuf;
 
@@ -32,7 +33,11 @@ pub struct TokenizeArgs {
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
     let tokenizer = Tokenizer::new()?;
-    let ids = tokenizer.encode(&args.prompt);
+    // `<lora:…>` and the other extra-network tags come out first, as generation takes them
+    // out: the text encoder never sees them.
+    let stripped = sdrs::lora::strip_tags("prompt", &args.prompt)?;
+    let text = stripped.text.as_str();
+    let ids = tokenizer.encode(text);
     let tokens: Vec<&str> = ids
         .iter()
         .map(|&id| tokenizer.token(id).unwrap_or(""))
@@ -52,13 +57,16 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
     let parsed = report(
         &tokenizer,
         &embeddings,
-        &args.prompt,
+        text,
         args.prompt_syntax,
         EditClock::new(args.steps, args.edit_timeline),
         EOS,
     )?;
     let out = serde_json::json!({
         "prompt": args.prompt,
+        "text": text,
+        "loras": stripped.loras,
+        "ignored_tags": stripped.ignored,
         "ids": ids,
         "tokens": tokens,
         "count": ids.len(),

@@ -144,3 +144,7 @@ pub const MAX_ADDON_FILES: usize = 10_000;
 pub const MAX_ADDON_DEPTH: usize = 4;
 /// Largest LoRA file read, in bytes (full-weight `diff` files of SD 1.5 are ~2 GB in f16).
 pub const MAX_LORA_BYTES: u64 = 8 << 30;
+/// Largest rank of a LoRA layer (the inner side of `up · down`, of a LoHa or LoKr product, each
+/// side of a Tucker core): trained LoRAs use 4–256, full-rank extractions of SD's widest layers
+/// 1,280. With it the products' intermediates stay near the size of the layer they change.
+pub const MAX_LORA_RANK: usize = 4096;

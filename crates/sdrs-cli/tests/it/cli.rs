@@ -260,6 +260,35 @@ fn tokenize_prints_ids_and_tokens_as_json() {
     assert_eq!(edits(&["--edit-timeline", "old"]), Some(2));
 }
 
+#[test]
+fn tokenize_takes_lora_tags_out_and_lists_them() {
+    let r = sdrs(&[
+        "tokenize",
+        "a fox <lora:detail:0.5:0.2>, snow <lyco:loha:unet=0.3> <hypernet:h:1>",
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+    assert_eq!(v["text"], "a fox , snow  ");
+    // The same ids as the prompt without its tags: no `<`, `lora` or `:` token.
+    let plain: serde_json::Value =
+        serde_json::from_slice(&sdrs(&["tokenize", "a fox , snow  "]).stdout).expect("json");
+    assert_eq!(v["ids"], plain["ids"]);
+    assert_eq!(v["parsed"], plain["parsed"]);
+    let loras = v["loras"].as_array().expect("loras");
+    assert_eq!(loras.len(), 2);
+    assert_eq!(loras[0]["name"], "detail");
+    assert_eq!(loras[0]["te"], 0.5);
+    assert!((loras[0]["unet"].as_f64().unwrap() - 0.2).abs() < 1e-6);
+    assert_eq!(loras[1]["name"], "loha");
+    assert_eq!(loras[1]["te"], 1.0);
+    assert!((loras[1]["unet"].as_f64().unwrap() - 0.3).abs() < 1e-6);
+    assert_eq!(v["ignored_tags"], serde_json::json!(["hypernet"]));
+    // A bad tag is the same error generation gives.
+    let r = sdrs(&["tokenize", "a fox <lora:x:abc>"]);
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("<lora:x:abc>"), "{}", stderr(&r));
+}
+
 /// Writes a `w`×`h` RGBA PNG with a transparent left half and returns its path.
 fn write_init_png(dir: &std::path::Path, w: u32, h: u32) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();

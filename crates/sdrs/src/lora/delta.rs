@@ -6,6 +6,7 @@
 use candle_core::Tensor;
 
 use super::file::{Part, Parts};
+use super::products::{cp, cp_shape, kron, product, product_dims, product_of, rows};
 use crate::{Error, Result};
 
 /// What kind of layer change the parts make.
@@ -42,16 +43,35 @@ pub(crate) fn kind(parts: &Parts) -> Option<Kind> {
     }
 }
 
+fn invalid(message: String) -> Error {
+    Error::InvalidRequest(message)
+}
+
 fn part(parts: &Parts, p: Part) -> Result<&Tensor> {
     parts
         .get(&p)
-        .ok_or_else(|| Error::InvalidRequest(format!("a layer lacks its {p:?} part")))
+        .ok_or_else(|| invalid(format!("a layer lacks its {} part", p.label())))
 }
 
-/// `t` as a matrix of `t.dim(0)` rows (A1111's `reshape(size(0), -1)`).
-fn rows(t: &Tensor) -> Result<Tensor> {
-    let first = t.dims().first().copied().unwrap_or(1);
-    Ok(t.reshape((first, t.elem_count() / first.max(1)))?)
+/// Refuses a layer whose parts have ranks no trainer writes (above 4-D; `up`, `down` neither
+/// a matrix nor a kernel; cores that are not 4-D).
+fn check_ranks(parts: &Parts) -> Result<()> {
+    for (p, t) in parts {
+        let n = t.rank();
+        let fits = match p {
+            Part::Up | Part::Down => n == 2 || n == 4,
+            Part::Mid | Part::HadaT1 | Part::HadaT2 | Part::LokrT2 => n == 4,
+            _ => n <= 4,
+        };
+        if !fits {
+            return Err(invalid(format!(
+                "its {} is {n}-D {:?}",
+                p.label(),
+                t.dims()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A scalar part (`alpha`, `scale`) as f64.
@@ -60,8 +80,9 @@ fn scalar(parts: &Parts, p: Part) -> Result<Option<f64>> {
         .get(&p)
         .map(|t| {
             if t.elem_count() != 1 {
-                return Err(Error::InvalidRequest(format!(
-                    "{p:?} holds {} values, not one",
+                return Err(invalid(format!(
+                    "its {} holds {} values, not one",
+                    p.label(),
                     t.elem_count()
                 )));
             }
@@ -70,85 +91,10 @@ fn scalar(parts: &Parts, p: Part) -> Result<Option<f64>> {
         .transpose()
 }
 
-/// LyCORIS' CP rebuild `einsum('i j k l, i r, j p -> r p k l', t, wa, wb)`: for each kernel
-/// tap, `waᵀ · t[:, :, k, l] · wb`.
-fn cp(t: &Tensor, wa: &Tensor, wb: &Tensor) -> Result<Tensor> {
-    let (r1, r2, kh, kw) = t.dims4()?;
-    let wa = rows(wa)?;
-    let wb = rows(wb)?;
-    if wa.dim(0)? != r1 || wb.dim(0)? != r2 {
-        return Err(Error::InvalidRequest(format!(
-            "a Tucker core {:?} does not fit its factors {:?} and {:?}",
-            t.dims(),
-            wa.dims(),
-            wb.dims()
-        )));
-    }
-    let taps = t.permute((2, 3, 0, 1))?.reshape((kh * kw, r1, r2))?;
-    let (out, inp) = (wa.dim(1)?, wb.dim(1)?);
-    let left = wa
-        .t()?
-        .contiguous()?
-        .unsqueeze(0)?
-        .broadcast_as((kh * kw, out, r1))?;
-    let right = wb.unsqueeze(0)?.broadcast_as((kh * kw, r2, inp))?;
-    let y = left
-        .contiguous()?
-        .matmul(&taps.contiguous()?)?
-        .matmul(&right.contiguous()?)?;
-    Ok(y.reshape((kh, kw, out, inp))?
-        .permute((2, 3, 0, 1))?
-        .contiguous()?)
-}
-
-/// The Kronecker product of matrices or of a matrix and a 4-D kernel (A1111's `make_kron`,
-/// before its reshape).
-fn kron(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (p, q) = a.dims2()?;
-    match *b.dims() {
-        [m, n] => Ok(a
-            .reshape((p, 1, q, 1))?
-            .broadcast_mul(&b.reshape((1, m, 1, n))?)?
-            .reshape((p * m, q * n))?),
-        [m, n, kh, kw] => Ok(a
-            .reshape((p, 1, q, 1, 1))?
-            .broadcast_mul(&b.reshape((1, m, 1, n, kh * kw))?)?
-            .reshape((p * m, q * n, kh, kw))?),
-        _ => Err(Error::InvalidRequest(format!(
-            "a LoKr factor of shape {:?}",
-            b.dims()
-        ))),
-    }
-}
-
-/// The number of values `up · down` has, from shapes alone (checked before multiplying).
-fn product_len(a: &Tensor, b: &Tensor) -> usize {
-    let rows = a.dims().first().copied().unwrap_or(1);
-    let cols = b.elem_count() / b.dims().first().copied().unwrap_or(1).max(1);
-    rows.saturating_mul(cols)
-}
-
-/// `up · down`, with `dyn` keeping the first ranks only.
-fn product(up: &Tensor, down: &Tensor, dyn_dim: Option<usize>) -> Result<Tensor> {
-    let (mut up, mut down) = (rows(up)?, rows(down)?);
-    if up.dim(1)? != down.dim(0)? {
-        return Err(Error::InvalidRequest(format!(
-            "up {:?} and down {:?} do not multiply",
-            up.dims(),
-            down.dims()
-        )));
-    }
-    if let Some(d) = dyn_dim.filter(|&d| d < down.dim(0).unwrap_or(0)) {
-        up = up.narrow(1, 0, d)?;
-        down = down.narrow(0, 0, d)?;
-    }
-    Ok(up.contiguous()?.matmul(&down.contiguous()?)?)
-}
-
 /// A plain LoRA layer's change as its two factors: `(up [out, r], down [r, in·k·k], scale)`
 /// with `dyn` applied, so that ΔW = scale · up · down can be added by one matrix product;
-/// `None` for every other kind (and LoRA through a Tucker core). Sizes are checked as in
-/// [`delta`].
+/// `None` for every other kind (and LoRA through a Tucker core). Shapes, ranks and sizes are
+/// checked as in [`delta`].
 pub(crate) fn factors(
     parts: &Parts,
     target: &[usize],
@@ -157,22 +103,16 @@ pub(crate) fn factors(
     if kind(parts) != Some(Kind::Lora) || parts.contains_key(&Part::Mid) {
         return Ok(None);
     }
+    check_ranks(parts)?;
     let (up, down) = (part(parts, Part::Up)?, part(parts, Part::Down)?);
-    let want: usize = target.iter().product();
-    if product_len(up, down) != want {
-        return Err(Error::InvalidRequest(format!(
+    let (out, inp) = product_dims(up, down, "lora_up · lora_down")?;
+    if product_of(&[out, inp]) != product_of(target) {
+        return Err(invalid(format!(
             "the change is {:?} and the model's weight is {target:?}",
-            [up.dim(0)?, rows(down)?.dim(1)?]
+            [out, inp]
         )));
     }
     let (mut up, mut down) = (rows(up)?, rows(down)?);
-    if up.dim(1)? != down.dim(0)? {
-        return Err(Error::InvalidRequest(format!(
-            "up {:?} and down {:?} do not multiply",
-            up.dims(),
-            down.dims()
-        )));
-    }
     let dim = down.dim(0)?;
     if let Some(d) = dyn_dim.filter(|&d| d < dim) {
         up = up.narrow(1, 0, d)?;
@@ -180,7 +120,7 @@ pub(crate) fn factors(
     }
     let scale = match (scalar(parts, Part::Scale)?, scalar(parts, Part::Alpha)?) {
         (Some(scale), _) => scale,
-        (None, Some(alpha)) if dim > 0 => alpha / dim as f64,
+        (None, Some(alpha)) => alpha / dim as f64,
         _ => 1.0,
     };
     Ok(Some((up.contiguous()?, down.contiguous()?, scale)))
@@ -193,7 +133,7 @@ pub(crate) fn bias_delta(parts: &Parts, len: usize) -> Result<Option<Tensor>> {
         return Ok(None);
     };
     if b.elem_count() != len {
-        return Err(Error::InvalidRequest(format!(
+        return Err(invalid(format!(
             "the bias change is {:?} and the model's bias is [{len}]",
             b.dims()
         )));
@@ -201,45 +141,72 @@ pub(crate) fn bias_delta(parts: &Parts, len: usize) -> Result<Option<Tensor>> {
     Ok(Some(b.flatten_all()?))
 }
 
+/// The size of a LoKr factor, from the shapes alone: whole (`whole`), a product (`a · b`) or,
+/// given `core`, a Tucker rebuild.
+fn lokr_factor_len(
+    parts: &Parts,
+    whole: Part,
+    a: Part,
+    b: Part,
+    core: Option<Part>,
+) -> Result<usize> {
+    if let Some(w) = parts.get(&whole) {
+        return product_of(w.dims())
+            .ok_or_else(|| invalid(format!("its {} has too many values", whole.label())));
+    }
+    let (wa, wb) = (part(parts, a)?, part(parts, b)?);
+    if let Some(t) = core.and_then(|c| parts.get(&c)) {
+        return Ok(product_of(&cp_shape(t, wa, wb)?).unwrap_or(usize::MAX));
+    }
+    let (rows, cols) = product_dims(wa, wb, &format!("{} · {}", a.label(), b.label()))?;
+    Ok(rows.saturating_mul(cols))
+}
+
 /// The layer's ΔW · scale, shaped as `target` (the model's weight), in f32; `None` for a
-/// layer whose only change is its bias. The sizes are checked from the parts' shapes before
-/// anything is multiplied.
+/// layer whose only change is its bias. Every part's shape, every rank and the size of the
+/// result are checked before anything is multiplied.
 pub(crate) fn delta(
     parts: &Parts,
     target: &[usize],
     dyn_dim: Option<usize>,
 ) -> Result<Option<Tensor>> {
     let kind = kind(parts).ok_or_else(|| {
-        Error::InvalidRequest(format!(
+        invalid(format!(
             "incomplete layer (parts {:?})",
-            parts.keys().collect::<Vec<_>>()
+            parts.keys().map(|p| p.label()).collect::<Vec<_>>()
         ))
     })?;
+    check_ranks(parts)?;
     let want: usize = target.iter().product();
     let mismatch = |got: &[usize]| {
-        Error::InvalidRequest(format!(
+        invalid(format!(
             "the change is {got:?} and the model's weight is {target:?}"
         ))
     };
-    let mut dim = None;
+    // The size a change of shape `dims` has, which must be the weight's.
+    let fits = |dims: &[usize]| -> Result<()> {
+        match product_of(dims) {
+            Some(n) if n == want => Ok(()),
+            _ => Err(mismatch(dims)),
+        }
+    };
+    let dim;
     let updown = match kind {
         Kind::Lora => {
             let (up, down) = (part(parts, Part::Up)?, part(parts, Part::Down)?);
-            dim = Some(down.dim(0)?);
             match parts.get(&Part::Mid) {
                 Some(mid) => {
-                    let (_, _, kh, kw) = mid.dims4()?;
-                    let len = product_len(up, &rows(down)?).saturating_mul(kh * kw);
-                    if len != want {
-                        return Err(mismatch(&[up.dim(0)?, rows(down)?.dim(1)?, kh, kw]));
-                    }
+                    // The core sits between up's columns and down's rows.
+                    let shape = cp_shape(mid, &rows(up)?.t()?, down)?;
+                    fits(&shape)?;
+                    dim = Some(down.dim(0)?);
                     cp(mid, &rows(up)?.t()?, down)?
                 }
                 None => {
-                    if product_len(up, down) != want {
-                        return Err(mismatch(&[up.dim(0)?, rows(down)?.dim(1)?]));
-                    }
-                    product(up, down, dyn_dim)?
+                    let (out, inp) = product_dims(up, down, "lora_up · lora_down")?;
+                    fits(&[out, inp])?;
+                    dim = Some(down.dim(0)?);
+                    product(up, down, dyn_dim, "lora_up · lora_down")?
                 }
             }
         }
@@ -248,34 +215,47 @@ pub(crate) fn delta(
             let w1b = part(parts, Part::HadaW1B)?;
             let w2a = part(parts, Part::HadaW2A)?;
             let w2b = part(parts, Part::HadaW2B)?;
-            dim = Some(w1b.dim(0)?);
-            let one = |wa: &Tensor, wb: &Tensor, t: Option<&Tensor>| -> Result<Tensor> {
+            // Both halves are checked before either is built.
+            let pairs = [
+                (w1a, w1b, parts.get(&Part::HadaT1), "hada_w1_a · hada_w1_b"),
+                (w2a, w2b, parts.get(&Part::HadaT2), "hada_w2_a · hada_w2_b"),
+            ];
+            for (wa, wb, t, what) in pairs {
                 match t {
-                    Some(t) => {
-                        let (_, _, kh, kw) = t.dims4()?;
-                        let len = rows(wa)?.dim(1)? * rows(wb)?.dim(1)? * kh * kw;
-                        if len != want {
-                            return Err(mismatch(&[rows(wa)?.dim(1)?, rows(wb)?.dim(1)?, kh, kw]));
-                        }
-                        cp(t, wa, wb)
-                    }
+                    Some(t) => fits(&cp_shape(t, wa, wb)?)?,
                     None => {
-                        if product_len(wa, wb) != want {
-                            return Err(mismatch(&[wa.dim(0)?, rows(wb)?.dim(1)?]));
-                        }
-                        Ok(product(wa, wb, None)?.reshape(target)?)
+                        let (out, inp) = product_dims(wa, wb, what)?;
+                        fits(&[out, inp])?;
                     }
                 }
-            };
-            let u1 = one(w1a, w1b, parts.get(&Part::HadaT1))?.reshape(target)?;
-            let u2 = one(w2a, w2b, parts.get(&Part::HadaT2))?.reshape(target)?;
-            (u1 * u2)?
+            }
+            dim = Some(w1b.dim(0)?);
+            let mut halves = Vec::with_capacity(2);
+            for (wa, wb, t, what) in pairs {
+                let half = match t {
+                    Some(t) => cp(t, wa, wb)?,
+                    None => product(wa, wb, None, what)?,
+                };
+                halves.push(half.reshape(target)?);
+            }
+            (&halves[0] * &halves[1])?
         }
         Kind::Lokr => {
+            let w1_len = lokr_factor_len(parts, Part::LokrW1, Part::LokrW1A, Part::LokrW1B, None)?;
+            let w2_len = lokr_factor_len(
+                parts,
+                Part::LokrW2,
+                Part::LokrW2A,
+                Part::LokrW2B,
+                Some(Part::LokrT2),
+            )?;
+            if w1_len.checked_mul(w2_len) != Some(want) {
+                return Err(mismatch(&[w1_len, w2_len]));
+            }
             let factor = |whole: Part, a: Part, b: Part| -> Result<Tensor> {
                 match parts.get(&whole) {
                     Some(w) => Ok(w.clone()),
-                    None => product(part(parts, a)?, part(parts, b)?, None),
+                    None => product(part(parts, a)?, part(parts, b)?, None, a.label()),
                 }
             };
             let w1 = factor(Part::LokrW1, Part::LokrW1A, Part::LokrW1B)?;
@@ -288,19 +268,14 @@ pub(crate) fn delta(
             dim = [Part::LokrW2B, Part::LokrW1B]
                 .into_iter()
                 .find_map(|p| parts.get(&p).and_then(|t| t.dims().first().copied()));
-            let w1 = rows(&w1)?;
-            if w1.elem_count().saturating_mul(w2.elem_count()) != want {
-                return Err(mismatch(&[w1.elem_count(), w2.elem_count()]));
-            }
-            kron(&w1, &w2)?
+            kron(&rows(&w1)?, &w2)?
         }
         Kind::Full => {
             let Some(diff) = parts.get(&Part::Diff) else {
                 return Ok(None);
             };
-            if diff.elem_count() != want {
-                return Err(mismatch(diff.dims()));
-            }
+            fits(diff.dims())?;
+            dim = None;
             diff.clone()
         }
     };
@@ -322,17 +297,6 @@ pub(crate) fn delta(
     } else {
         (updown * scale)?
     }))
-}
-
-/// The largest |value| of `t` (for tests and diagnostics).
-#[cfg(test)]
-fn max_abs(t: &Tensor) -> f32 {
-    use candle_core::D;
-    t.abs()
-        .and_then(|a| a.flatten_all())
-        .and_then(|a| a.max(D::Minus1))
-        .and_then(|m| m.to_scalar::<f32>())
-        .unwrap_or(f32::NAN)
 }
 
 #[cfg(test)]
@@ -395,29 +359,37 @@ mod tests {
     }
 
     #[test]
-    fn a_tucker_core_of_identity_taps_is_the_plain_product() {
-        // With t[:, :, k, l] = I for every tap, each tap of the result is waᵀ·wb.
-        let r = 2;
-        let mut core = vec![0.0f32; r * r * 9];
-        for i in 0..r {
-            for k in 0..9 {
-                core[(i * r + i) * 9 + k] = 1.0;
-            }
-        }
-        let wa = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
-        let wb = t(&[1.0, 0.0, 0.0, 1.0], &[2, 2]);
-        let y = cp(&t(&core, &[r, r, 3, 3]), &wa, &wb).unwrap();
-        assert_eq!(y.dims(), &[3, 2, 3, 3]);
-        let tap = y
-            .narrow(2, 1, 1)
-            .unwrap()
-            .narrow(3, 2, 1)
-            .unwrap()
-            .squeeze(3)
-            .unwrap()
-            .squeeze(2)
-            .unwrap();
-        let want = wa.t().unwrap().matmul(&wb).unwrap();
-        assert_eq!(max_abs(&(tap - want).unwrap()), 0.0);
+    fn sizes_are_checked_before_anything_is_built() {
+        // w1a · w1b would be 2³² values: refused from the shapes alone.
+        let p = parts(&[
+            (
+                Part::LokrW1A,
+                Tensor::zeros((1 << 16, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                Part::LokrW1B,
+                Tensor::zeros((1, 1 << 16), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (Part::LokrW2, t(&[1.0], &[1, 1])),
+        ]);
+        let e = delta(&p, &[64, 64], None).unwrap_err().to_string();
+        assert!(e.contains("[4294967296, 1]"), "{e}");
+        // A rank past the limit, and a rank of 0.
+        let r = crate::limits::MAX_LORA_RANK + 1;
+        let p = parts(&[
+            (
+                Part::Up,
+                Tensor::zeros((2, r), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                Part::Down,
+                Tensor::zeros((r, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            ),
+        ]);
+        let e = delta(&p, &[2, 2], None).unwrap_err().to_string();
+        assert!(e.contains("MAX_LORA_RANK"), "{e}");
+        let p = parts(&[(Part::Up, t(&[], &[2, 0])), (Part::Down, t(&[], &[0, 2]))]);
+        let e = delta(&p, &[2, 2], None).unwrap_err().to_string();
+        assert!(e.contains("rank of 0"), "{e}");
     }
 }

@@ -34,6 +34,34 @@ pub(crate) enum Part {
     DiffB,
 }
 
+impl Part {
+    /// The part as kohya and LyCORIS name it, for errors.
+    pub fn label(self) -> &'static str {
+        match self {
+            Part::Up => "lora_up",
+            Part::Down => "lora_down",
+            Part::Mid => "lora_mid",
+            Part::Alpha => "alpha",
+            Part::Scale => "scale",
+            Part::HadaW1A => "hada_w1_a",
+            Part::HadaW1B => "hada_w1_b",
+            Part::HadaW2A => "hada_w2_a",
+            Part::HadaW2B => "hada_w2_b",
+            Part::HadaT1 => "hada_t1",
+            Part::HadaT2 => "hada_t2",
+            Part::LokrW1 => "lokr_w1",
+            Part::LokrW1A => "lokr_w1_a",
+            Part::LokrW1B => "lokr_w1_b",
+            Part::LokrW2 => "lokr_w2",
+            Part::LokrW2A => "lokr_w2_a",
+            Part::LokrW2B => "lokr_w2_b",
+            Part::LokrT2 => "lokr_t2",
+            Part::Diff => "diff",
+            Part::DiffB => "diff_b",
+        }
+    }
+}
+
 /// Name endings and the part they mark, longest first where one ends another.
 const SUFFIXES: &[(&str, Part)] = &[
     (".lora_linear_layer.down.weight", Part::Down),
@@ -180,9 +208,26 @@ pub(crate) fn read(path: &Path) -> Result<LoraLayers> {
             .load(name, &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| Error::InvalidRequest(format!("{}: {name}: {e}", path.display())))?;
+        // A NaN or an infinity merged into a weight spoils every image after it.
+        if !all_finite(&tensor)? {
+            return Err(Error::InvalidRequest(format!(
+                "{}: {name} holds NaN or infinite values",
+                path.display()
+            )));
+        }
         layers.entry(key).or_default().insert(part, tensor);
     }
     Ok(LoraLayers { layers, unknown })
+}
+
+/// Whether every value of `t` is a finite number (0 · x is 0 exactly for those, NaN for the
+/// rest, and a NaN makes the sum NaN).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    if t.elem_count() == 0 {
+        return Ok(true);
+    }
+    let zeros = (t.to_dtype(DType::F32)? * 0.0)?.sum_all()?;
+    Ok(zeros.to_scalar::<f32>()?.is_finite())
 }
 
 #[cfg(test)]

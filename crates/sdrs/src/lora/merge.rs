@@ -161,6 +161,10 @@ impl Patches {
                 .zip(d.par_iter())
                 .for_each(|(o, d)| *o += m * d);
         }
+        // Finite changes can still overflow f32 (a huge alpha, scale or multiplier).
+        if !self.parts_of(network, layer)?.is_empty() && !out.par_iter().all(|v| v.is_finite()) {
+            return Err(self.not_finite(network, layer, "weight"));
+        }
         let dims: Vec<usize> = match layout {
             Layout::Taps => vec![out_dim, shape[2], shape[3], in_dim],
             Layout::File => shape.to_vec(),
@@ -191,6 +195,9 @@ impl Patches {
             if let Some(b) = delta::bias_delta(parts, len).map_err(&unfit)? {
                 bias = (bias + (b * multiplier as f64)?)?;
             }
+        }
+        if !super::file::all_finite(&bias)? {
+            return Err(self.not_finite(network, layer, "bias"));
         }
         Ok(bias)
     }

@@ -16,8 +16,11 @@
 
 mod delta;
 mod file;
+#[doc(hidden)]
+pub mod fuzzing;
 mod library;
 mod merge;
+mod products;
 mod tag;
 mod targets;
 
@@ -112,8 +115,12 @@ impl Patches {
                 })?;
                 let layer = layer.to_string();
                 let unfit: Box<dyn Fn(Error) -> Error + '_> = Box::new(move |e: Error| {
+                    let why = match e {
+                        Error::InvalidRequest(why) => why,
+                        other => other.to_string(),
+                    };
                     Error::InvalidRequest(format!(
-                        "LoRA {} does not fit this model: at layer {layer} ({}), {e}",
+                        "LoRA {} does not fit this model: at layer {layer} ({}), {why}",
                         term.file.display(),
                         term.key.flat
                     ))
@@ -121,6 +128,24 @@ impl Patches {
                 Ok((parts, term.multiplier, term.dyn_dim, unfit))
             })
             .collect()
+    }
+
+    /// The error for a merged `what` ("weight", "bias") of `layer` that came out NaN or
+    /// infinite: finite parts can still overflow f32 (a huge alpha, scale or multiplier), and
+    /// such a value merged into a weight would spoil every image after it.
+    pub(crate) fn not_finite(&self, network: Network, layer: &str, what: &str) -> Error {
+        let files: Vec<String> = self
+            .terms
+            .get(&(network, layer.to_string()))
+            .into_iter()
+            .flatten()
+            .map(|t| t.file.display().to_string())
+            .collect();
+        Error::InvalidRequest(format!(
+            "LoRA {} would make the {what} of layer {layer} NaN or infinite (too large an \
+             alpha, scale or multiplier)",
+            files.join(", ")
+        ))
     }
 
     /// Σ multiplier · ΔW of `layer` of `network`, shaped `shape`, in f32, and the same for
@@ -154,6 +179,13 @@ impl Patches {
             };
             if let Some(b) = b {
                 add(&mut bias, b, multiplier)?;
+            }
+        }
+        for (sum, what) in [(&weight, "weight"), (&bias, "bias")] {
+            if let Some(sum) = sum {
+                if !file::all_finite(sum)? {
+                    return Err(self.not_finite(network, layer, what));
+                }
             }
         }
         Ok((weight, bias))

@@ -205,21 +205,35 @@ impl Networks {
     /// one changes are touched: each gets the checkpoint's weight back, plus this set's change
     /// if it has one, kept as the layer keeps weights (f32, f16, or packed again for the fast
     /// mode). Nothing happens when the set is the one merged. On an error every layer either
-    /// set changes is given its checkpoint weight back, and no set is merged.
+    /// set changes, in every network (those merged before the failure too), is given its
+    /// checkpoint weight back, and no set is merged.
     pub(crate) fn set_patches(&self, patches: Arc<Patches>) -> Result<()> {
         let mut current = lock_patches(&self.patches);
         if current.same_as(&patches) {
             *current = patches;
             return Ok(());
         }
+        if let Err(e) = self.merge_resident([&current, &patches], &patches) {
+            // Best effort: a layer that cannot be read back keeps what it has.
+            let none = Patches::default();
+            let _ = self.merge_resident([&current, &patches], &none);
+            *current = Arc::new(none);
+            return Err(e);
+        }
+        *current = patches;
+        Ok(())
+    }
+
+    /// Gives the layers `touched` change, in every resident network, their checkpoint weight
+    /// plus `patches`' change. Every network is done even when one fails (so that putting the
+    /// checkpoint's weights back reaches them all); the first error is returned.
+    fn merge_resident(&self, touched: [&Patches; 2], patches: &Patches) -> Result<()> {
+        let mut outcome = Ok(());
         for (role, slot) in &self.slots {
             let Some(network) = network_of(*role) else {
                 continue;
             };
-            let layers: HashSet<&str> = current
-                .layers(network)
-                .chain(patches.layers(network))
-                .collect();
+            let layers: HashSet<&str> = touched.iter().flat_map(|p| p.layers(network)).collect();
             if layers.is_empty() {
                 continue;
             }
@@ -228,19 +242,14 @@ impl Networks {
             let Some(mut net) = lock(slot).take() else {
                 continue;
             };
-            let outcome = self.patch(&mut net, *role, network, &layers, &patches);
-            if let Err(e) = outcome {
-                let none = Patches::default();
-                // Best effort: a layer that cannot be read back keeps what it has.
-                let _ = self.patch(&mut net, *role, network, &layers, &none);
-                *lock(slot) = Some(net);
-                *current = Arc::new(none);
-                return Err(e);
-            }
+            let result = self.patch(&mut net, *role, network, &layers, patches);
+            // Stored even half-patched: the caller puts the checkpoint's weights back.
             *lock(slot) = Some(net);
+            if let (Err(e), true) = (result, outcome.is_ok()) {
+                outcome = Err(e);
+            }
         }
-        *current = patches;
-        Ok(())
+        outcome
     }
 
     /// Gives each of `layers` of `net` its checkpoint weight plus the change `patches` has for

@@ -42,6 +42,17 @@ pub mod fuzzing;
 
 pub(crate) use safetensors_header::metadata as safetensors_metadata;
 
+/// Whether the non-empty sides of a stored shape multiply within 64 bits: a tensor with a side
+/// of 0 holds nothing, but its strides (the products of the sides after each) are still
+/// computed, so `[0, 2⁴⁰, 2⁴⁰]` must be refused as well.
+pub(crate) fn sides_fit(shape: &[usize]) -> bool {
+    shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_some()
+}
+
 /// An opened checkpoint: its family, the three model configs, and lazy access to the weights.
 /// Clones share the open files.
 #[derive(Clone)]

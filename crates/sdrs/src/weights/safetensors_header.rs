@@ -223,6 +223,13 @@ fn check_entry(name: &str, entry: &Entry, data_len: u64) -> Result<()> {
                 entry.shape, entry.dtype
             ))
         })?;
+    if !super::sides_fit(&entry.shape) {
+        return Err(corrupt(format!(
+            "tensor {name}: the sides of shape {:?} multiply past 64 bits (an empty tensor too \
+             needs its strides)",
+            entry.shape
+        )));
+    }
     let (begin, end) = entry.data_offsets;
     if begin > end || end > data_len {
         return Err(corrupt(format!(

@@ -273,7 +273,7 @@ fn check_fits(record: &Record, numel: usize) -> std::result::Result<(), String> 
             .flatten()
     };
     match (elements, reach) {
-        (Some(_), Some(end)) if end <= numel => Ok(()),
+        (Some(_), Some(end)) if end <= numel && super::sides_fit(&record.shape) => Ok(()),
         _ => Err(format!(
             "shape {:?} (stride {:?}, offset {}) reaches past its storage of {numel} elements",
             record.shape, record.stride, record.offset

@@ -12,7 +12,7 @@ use sdrs::weights::fuzzing;
 use sdrs::weights::{Checkpoint, UpscalerFile};
 use sdrs::Error;
 
-mod writers;
+pub(crate) mod writers;
 use writers::{f32_bytes, good_checkpoint, safetensors, small_tensor, state_dict, torch_zip};
 use writers::{Pickle, TensorSpec, Zip};
 

@@ -9,6 +9,7 @@ mod embeddings;
 mod fast;
 mod hd;
 mod hostile_files;
+mod hostile_loras;
 mod hub;
 mod img2img;
 mod layers;

@@ -294,7 +294,7 @@ mod rounding_tests {
     fn bf16_bits_rounds_as_half_does() {
         // Every sign, exponent and the bits around the rounding point, NaNs and infinities.
         let mut x: u32 = 0x9e37_79b9;
-        let mut check = |bits: u32| {
+        let check = |bits: u32| {
             let v = f32::from_bits(bits);
             assert_eq!(
                 super::bf16_bits(v),
