@@ -47,7 +47,7 @@ impl Bf16Conv {
             return None;
         }
         let (panels, winograd) = if kernel == 3 {
-            let weights = winograd::Weights::new(&w, out_channels, in_channels);
+            let weights = winograd::Weights::new(w, out_channels, in_channels);
             (Vec::new(), Some(weights))
         } else {
             (
