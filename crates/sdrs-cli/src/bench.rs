@@ -132,20 +132,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let decode_flops = flops::vae_decode(checkpoint.vae_config(), latent_side, latent_side);
 
     let mut measure = |name, flops: f64, repeats, f: &mut dyn FnMut() -> Result<()>| {
-        reset_peak_rss();
-        let mut times = Vec::with_capacity(repeats);
-        for _ in 0..repeats {
-            let t = Instant::now();
-            f()?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        phases.push(Phase {
-            name,
-            seconds: times[times.len() / 2],
-            flops: Some(flops),
-            peak_rss: peak_rss(),
-        });
+        phases.push(median_phase(name, Some(flops), repeats, f)?);
         anyhow::Ok(())
     };
 
@@ -243,31 +230,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             });
         }
         sd.apply_loras(&merged)?;
-        let mut measure = |name, flops: f64, repeats, f: &mut dyn FnMut() -> Result<()>| {
-            let mut times = Vec::with_capacity(repeats);
-            for _ in 0..repeats {
-                let t = Instant::now();
-                f()?;
-                times.push(t.elapsed().as_secs_f64());
-            }
-            times.sort_by(f64::total_cmp);
-            phases.push(Phase {
-                name,
-                seconds: times[times.len() / 2],
-                flops: Some(flops),
-                peak_rss: None,
-            });
-            anyhow::Ok(())
-        };
-        measure(
+        phases.push(median_phase(
             "UNet step + LoRA",
-            step_flops.total(),
+            Some(step_flops.total()),
             args.repeats,
             &mut || {
                 CfgDenoiser::new(&sd, &cond, CFG_SCALE).denoise(&x, 1.0, 0)?;
                 Ok(())
             },
-        )?;
+        )?);
         sd.apply_loras(&plain)?;
     }
 
@@ -277,6 +248,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
         print_table(&args, path, &phases, per_phase_peaks, sd.fast());
     }
     Ok(())
+}
+
+/// The median time of `repeats` runs of `f`, with the peak memory they reached.
+fn median_phase(
+    name: &'static str,
+    flops: Option<f64>,
+    repeats: usize,
+    f: &mut dyn FnMut() -> Result<()>,
+) -> Result<Phase> {
+    reset_peak_rss();
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(Phase {
+        name,
+        seconds: times[times.len() / 2],
+        flops,
+        peak_rss: peak_rss(),
+    })
 }
 
 fn print_json(args: &BenchArgs, path: &Path, phases: &[Phase], per_phase_peaks: bool, fast: bool) {

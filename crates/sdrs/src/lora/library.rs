@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::file::{self, LoraLayers};
 use crate::limits::{exceeded, MAX_ADDON_DEPTH, MAX_ADDON_FILES};
@@ -167,20 +166,7 @@ fn file_hash(path: &Path) -> Result<String> {
     } else {
         f.seek(SeekFrom::Start(0)).map_err(io)?;
     }
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    crate::weights::file_hash::sha256_rest(f).map_err(io)
 }
 
 /// The LoRA files under `dir` (subfolders to [`MAX_ADDON_DEPTH`], at most

@@ -353,26 +353,21 @@ mod tests {
         Arc::new(p)
     }
 
-    /// Every changeable layer of the UNet, as stored, by name.
-    fn snapshot(networks: &Networks) -> HashMap<String, Stored> {
+    /// Every changeable layer of the text encoder (`te/…`) or the UNet (`unet/…`), as
+    /// stored, by name.
+    fn stored(networks: &Networks, unet: bool) -> HashMap<String, Stored> {
         let mut out = HashMap::new();
-        let mut unet = (*networks.unet().expect("unet")).clone();
-        unet.patch_each("", &mut |name, layer| {
-            out.insert(format!("unet/{name}"), layer.stored()?);
+        let mut keep = |prefix: &str, name: &str, layer: crate::models::layers::Patchable<'_>| {
+            out.insert(format!("{prefix}{name}"), layer.stored()?);
             Ok(())
-        })
-        .expect("visit");
-        out
-    }
-
-    /// The same of the text encoder.
-    fn te_snapshot(networks: &Networks) -> HashMap<String, Stored> {
-        let mut out = HashMap::new();
-        let mut te = (*networks.text_encoder().expect("te")).clone();
-        te.patch_each("", &mut |name, layer| {
-            out.insert(format!("te/{name}"), layer.stored()?);
-            Ok(())
-        })
+        };
+        if unet {
+            let mut net = (*networks.unet().expect("unet")).clone();
+            net.patch_each("", &mut |n, l| keep("unet/", n, l))
+        } else {
+            let mut net = (*networks.text_encoder().expect("te")).clone();
+            net.patch_each("", &mut |n, l| keep("te/", n, l))
+        }
         .expect("visit");
         out
     }
@@ -382,11 +377,11 @@ mod tests {
     fn merge_and_restore(options: NetworkOptions) {
         let checkpoint = open();
         let networks = Networks::load(&checkpoint, &Device::Cpu, options).expect("load");
-        let (te0, unet0) = (te_snapshot(&networks), snapshot(&networks));
+        let (te0, unet0) = (stored(&networks, false), stored(&networks, true));
         networks
             .set_patches(patches(&networks, &[("kohya_locon", 1.0)]))
             .expect("merge");
-        let (te1, unet1) = (te_snapshot(&networks), snapshot(&networks));
+        let (te1, unet1) = (stored(&networks, false), stored(&networks, true));
         let changed = unet1.iter().filter(|(k, v)| unet0[*k] != **v).count();
         let te_changed = te1.iter().filter(|(k, v)| te0[*k] != **v).count();
         assert!(changed > 100 && te_changed > 10, "{changed} {te_changed}");
@@ -396,8 +391,8 @@ mod tests {
         networks
             .set_patches(Arc::new(Patches::default()))
             .expect("remove");
-        assert!(te_snapshot(&networks) == te0, "text encoder restored");
-        assert!(snapshot(&networks) == unet0, "UNet restored");
+        assert!(stored(&networks, false) == te0, "text encoder restored");
+        assert!(stored(&networks, true) == unet0, "UNet restored");
     }
 
     #[test]
@@ -419,9 +414,9 @@ mod tests {
         networks
             .set_patches(patches(&networks, &[("kohya_locon", 0.7)]))
             .expect("merge");
-        let merged_resident = snapshot(&networks);
+        let merged_resident = stored(&networks, true);
         networks.vae().expect("vae, which drops the UNet");
-        assert!(snapshot(&networks) == merged_resident);
+        assert!(stored(&networks, true) == merged_resident);
     }
 
     #[test]
@@ -450,8 +445,8 @@ mod tests {
             networks
                 .set_patches(patches(&networks, &[(case, 1.0)]))
                 .expect("merge");
-            let mut merged = snapshot(&networks);
-            merged.extend(te_snapshot(&networks));
+            let mut merged = stored(&networks, true);
+            merged.extend(stored(&networks, false));
             let mut compared = 0;
             for (key, want) in &reference {
                 let Some(name) = key.strip_prefix(&format!("{case}/")) else {

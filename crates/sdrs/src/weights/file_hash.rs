@@ -12,7 +12,11 @@ use sha2::{Digest, Sha256};
 
 /// The SHA-256 of a file's contents, in lower-case hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    sha256_rest(std::fs::File::open(path)?)
+}
+
+/// The SHA-256 of what `file` holds from where it stands, in lower-case hex.
+pub fn sha256_rest(mut file: impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
