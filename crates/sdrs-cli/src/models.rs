@@ -119,6 +119,32 @@ fn list(hub: &Hub) -> Result<()> {
             None => println!("    {}", entry.name),
         }
     }
+    let embeddings = sdrs::addon_dir(&hub.model_dir, "embeddings");
+    println!(
+        "embeddings folder {} (by name in a prompt):",
+        embeddings.display()
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&embeddings)
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| sdrs::embeddings::EXTENSIONS.contains(&e))
+                })
+                .filter_map(|p| Some(p.file_stem()?.to_string_lossy().into_owned()))
+                .take(sdrs::limits::MAX_ADDON_FILES)
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        println!("    (none)");
+    }
+    for name in names {
+        println!("    {name}");
+    }
     Ok(())
 }
 

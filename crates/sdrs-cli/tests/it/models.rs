@@ -113,9 +113,28 @@ fn txt2img_without_a_model_downloads_sd_turbo_and_uses_its_settings() {
 fn models_list_pull_and_rm() {
     let server = serve_turbo();
     let root = temp_dir("manage");
+    // A LoRA and an embedding beside the model folder are listed by name.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    for (folder, file) in [
+        ("loras", "lora/loha.safetensors"),
+        ("embeddings", "embeddings/sdrsfox.pt"),
+    ] {
+        std::fs::create_dir_all(root.join(folder)).unwrap();
+        let name = Path::new(file).file_name().unwrap();
+        std::fs::copy(fixtures.join(file), root.join(folder).join(name)).unwrap();
+    }
     let list = sdrs(&root, &server.endpoint, &["models", "list"]);
     assert!(list.status.success(), "{}", text(&list.stderr));
     let listed = text(&list.stdout);
+    let loras = format!(
+        "LoRA folder {} (<lora:NAME:1>):\n    loha\n",
+        root.join("loras").display()
+    );
+    assert!(listed.contains(&loras), "{listed}");
+    assert!(
+        listed.contains("(by name in a prompt):\n    sdrsfox\n"),
+        "{listed}"
+    );
     assert!(listed.contains("sd-turbo (default)"), "{listed}");
     assert!(
         listed.contains("stable-diffusion-v1-5/stable-diffusion-v1-5"),
