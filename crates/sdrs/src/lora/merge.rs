@@ -28,6 +28,43 @@ enum Source<'a> {
     Bf16(&'a [bf16]),
 }
 
+/// A layer's weight as the checkpoint stores it.
+pub(crate) enum Base<'a> {
+    /// Its bytes in the mapped file (read without a copy).
+    Bytes(DType, &'a [u8]),
+    /// Read into a tensor (pickles, other devices).
+    Tensor(&'a Tensor),
+}
+
+impl<'a> Source<'a> {
+    /// `bytes` as values of `dtype`, when they are aligned for them.
+    fn of_bytes(dtype: DType, bytes: &'a [u8]) -> Option<Self> {
+        use half::slice::HalfBitsSliceExt;
+        Some(match dtype {
+            DType::F32 => Source::F32(bytemuck::try_cast_slice(bytes).ok()?),
+            DType::F16 => Source::F16(
+                bytemuck::try_cast_slice::<u8, u16>(bytes)
+                    .ok()?
+                    .reinterpret_cast(),
+            ),
+            DType::BF16 => Source::Bf16(
+                bytemuck::try_cast_slice::<u8, u16>(bytes)
+                    .ok()?
+                    .reinterpret_cast(),
+            ),
+            _ => return None,
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Source::F32(s) => s.len(),
+            Source::F16(s) => s.len(),
+            Source::Bf16(s) => s.len(),
+        }
+    }
+}
+
 impl Source<'_> {
     /// Values `start..start + dst.len()` into `dst`, by the vectorised slice conversions.
     fn copy(&self, start: usize, dst: &mut [f32]) {
@@ -53,14 +90,11 @@ impl Patches {
         &self,
         network: Network,
         layer: &str,
-        base: &Tensor,
+        base: Base<'_>,
         shape: &[usize],
         layout: Layout,
     ) -> Result<Option<Tensor>> {
         let n: usize = shape.iter().product();
-        if base.elem_count() != n || !base.is_contiguous() || !base.device().is_cpu() {
-            return Ok(None);
-        }
         let (out_dim, in_dim, taps) = match *shape {
             [o, i, kh, kw] if layout == Layout::Taps => (o, i, kh * kw),
             [o, ..] => (o, n / o.max(1), 1),
@@ -68,20 +102,7 @@ impl Patches {
         };
         let row = in_dim * taps;
         let mut out = vec![0f32; n];
-        {
-            let (storage, l) = base.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                return Ok(None);
-            };
-            let Some((start, end)) = l.contiguous_offsets() else {
-                return Ok(None);
-            };
-            let source = match cpu {
-                candle_core::CpuStorage::F32(v) => Source::F32(&v[start..end]),
-                candle_core::CpuStorage::F16(v) => Source::F16(&v[start..end]),
-                candle_core::CpuStorage::BF16(v) => Source::Bf16(&v[start..end]),
-                _ => return Ok(None),
-            };
+        let fill = |out: &mut [f32], source: &Source<'_>| {
             out.par_chunks_mut(row.max(1)).enumerate().for_each_init(
                 Vec::new,
                 |file_row, (o, dst)| {
@@ -99,7 +120,37 @@ impl Patches {
                     }
                 },
             );
+        };
+        match base {
+            Base::Bytes(dtype, bytes) => {
+                let Some(source) = Source::of_bytes(dtype, bytes).filter(|s| s.len() == n) else {
+                    return Ok(None);
+                };
+                fill(&mut out, &source);
+            }
+            Base::Tensor(base) => {
+                if base.elem_count() != n || !base.is_contiguous() || !base.device().is_cpu() {
+                    return Ok(None);
+                }
+                let (storage, l) = base.storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else {
+                    return Ok(None);
+                };
+                let Some((start, end)) = l.contiguous_offsets() else {
+                    return Ok(None);
+                };
+                let source = match cpu {
+                    candle_core::CpuStorage::F32(v) => Source::F32(&v[start..end]),
+                    candle_core::CpuStorage::F16(v) => Source::F16(&v[start..end]),
+                    candle_core::CpuStorage::BF16(v) => Source::Bf16(&v[start..end]),
+                    _ => return Ok(None),
+                };
+                fill(&mut out, &source);
+            }
         }
+        // The largest |change| any value can get: when the changes cannot reach f32's range,
+        // the sum with a finite weight stays finite and the scan after them is not needed.
+        let mut reach = 0f64;
         for (parts, multiplier, dyn_dim, unfit) in self.parts_of(network, layer)? {
             let m = multiplier as f64;
             if let Some((up, down, scale)) =
@@ -115,6 +166,8 @@ impl Patches {
                 };
                 let up = up.flatten_all()?.to_vec1::<f32>()?;
                 let down = down.flatten_all()?.to_vec1::<f32>()?;
+                let largest = |v: &[f32]| v.iter().fold(0f64, |a, x| a.max(x.abs() as f64));
+                reach += (scale * m).abs() * rank as f64 * largest(&up) * largest(&down);
                 if up.len() != out_dim * rank || down.len() != rank * row {
                     return Err(unfit(Error::InvalidRequest(
                         "factors of another size".into(),
@@ -157,12 +210,17 @@ impl Patches {
             };
             let d = d.flatten_all()?.to_vec1::<f32>()?;
             let m = multiplier;
+            reach += (m as f64).abs()
+                * d.par_iter()
+                    .map(|x| x.abs() as f64)
+                    .reduce(|| 0.0, f64::max);
             out.par_iter_mut()
                 .zip(d.par_iter())
                 .for_each(|(o, d)| *o += m * d);
         }
         // Finite changes can still overflow f32 (a huge alpha, scale or multiplier).
-        if !self.parts_of(network, layer)?.is_empty() && !out.par_iter().all(|v| v.is_finite()) {
+        let safe = reach < 1e30;
+        if !safe && !out.par_iter().all(|v| v.is_finite()) {
             return Err(self.not_finite(network, layer, "weight"));
         }
         let dims: Vec<usize> = match layout {

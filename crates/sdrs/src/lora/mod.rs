@@ -35,7 +35,7 @@ pub use library::{LoraEntry, LoraLibrary};
 pub use tag::{strip_tags, LoraTag, Stripped};
 
 pub(crate) use file::{LayerKey, LoraLayers, Network};
-pub(crate) use merge::Layout;
+pub(crate) use merge::{Base, Layout};
 pub(crate) use targets::{network_of, Targets};
 
 use crate::{Error, Result};

@@ -5,13 +5,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::lora::{network_of, Network as LoraNetwork, Patches, Targets};
+use crate::lora::{network_of, Base, Network as LoraNetwork, Patches, Targets};
 use crate::models::clip::ClipTextTransformer;
 use crate::models::layers::Patch;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::models::ModelOptions;
-use crate::weights::{Checkpoint, Role};
+use crate::weights::{release_pages, Checkpoint, Role};
 use crate::{Error, Result};
 
 /// How a model's networks are kept in memory.
@@ -272,10 +272,30 @@ impl Networks {
             let bias_name = format!("{name}.bias");
             let has_bias = base.contains_tensor(&bias_name);
             if self.device.is_cpu() {
-                let stored = self.checkpoint.stored(role, &format!("{name}.weight"))?;
-                if let Some(weight) =
-                    patches.merged_weight(network, name, &stored, &shape, layer.layout())?
-                {
+                let weight_name = format!("{name}.weight");
+                let merged = match self.checkpoint.stored_bytes(role, &weight_name) {
+                    Some((dtype, bytes)) => {
+                        let merged = patches.merged_weight(
+                            network,
+                            name,
+                            Base::Bytes(dtype, bytes),
+                            &shape,
+                            layer.layout(),
+                        );
+                        release_pages(bytes);
+                        merged?
+                    }
+                    None => None,
+                };
+                let merged = match merged {
+                    Some(m) => Some(m),
+                    None => {
+                        let stored = self.checkpoint.stored(role, &weight_name)?;
+                        let base = Base::Tensor(&stored);
+                        patches.merged_weight(network, name, base, &shape, layer.layout())?
+                    }
+                };
+                if let Some(weight) = merged {
                     let bias = if has_bias {
                         let stored = self.checkpoint.stored(role, &bias_name)?;
                         Some(patches.merged_bias(network, name, stored)?)

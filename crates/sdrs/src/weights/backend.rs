@@ -100,6 +100,23 @@ impl Component {
         Ok(backend.stored(name, &Device::Cpu)?)
     }
 
+    /// The stored bytes of diffusers name `name` (a fused tensor's band of rows) and their
+    /// dtype, where the file is mapped (see [`TensorFile::bytes`]).
+    pub(crate) fn stored_bytes(&self, name: &str) -> Option<(DType, &[u8])> {
+        let stored = self.renames.get(name)?;
+        let (dtype, bytes) = self.file.bytes(&stored.name)?;
+        match stored.rows {
+            None => Some((dtype, bytes)),
+            Some((first, rows)) => {
+                let shape = self.file.shape(&stored.name)?;
+                let row: usize = shape.iter().skip(1).product::<usize>() * dtype.size_in_bytes();
+                bytes
+                    .get(first.checked_mul(row)?..first.checked_add(rows)?.checked_mul(row)?)
+                    .map(|b| (dtype, b))
+            }
+        }
+    }
+
     /// A `VarBuilder` over these tensors, or the full list of diffusers names the file lacks.
     pub(crate) fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         if !self.missing.is_empty() {

@@ -34,7 +34,7 @@ use backend::Component;
 use compvis::TensorName;
 use detect::VaeNaming;
 pub use family::{ModelFamily, Role, UnetInputs};
-pub(crate) use tensor_file::TensorFile;
+pub(crate) use tensor_file::{release_pages, TensorFile};
 pub use upscaler::UpscalerFile;
 
 #[doc(hidden)]
@@ -155,6 +155,17 @@ impl Checkpoint {
             other => Err(Error::UnsupportedCheckpoint {
                 detected: format!("a model with a {other:?} network"),
             }),
+        }
+    }
+
+    /// The stored bytes of tensor `name` of the network of `role` and their dtype, where the
+    /// file is a mapped safetensors file; `None` otherwise (then [`Checkpoint::stored`]).
+    pub(crate) fn stored_bytes(&self, role: Role, name: &str) -> Option<(DType, &[u8])> {
+        match role {
+            Role::TextEncoder(0) => self.text_encoder.stored_bytes(name),
+            Role::Unet => self.unet.stored_bytes(name),
+            Role::Vae => self.vae.stored_bytes(name),
+            _ => None,
         }
     }
 

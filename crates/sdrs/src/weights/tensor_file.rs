@@ -96,6 +96,19 @@ impl TensorFile {
         self.index.contains_key(name)
     }
 
+    /// The stored bytes of `name` and their dtype, where the file is a mapped safetensors file
+    /// (pickles are read through [`TensorFile::load`]). [`release_pages`] drops them from
+    /// memory once read.
+    pub(crate) fn bytes(&self, name: &str) -> Option<(candle_core::DType, &[u8])> {
+        let (part, _) = self.index.get(name)?;
+        let Part::Safetensors(st) = &self.parts[*part] else {
+            return None;
+        };
+        let view = st.get(name).ok()?;
+        let dtype = candle_core::DType::try_from(view.dtype()).ok()?;
+        Some((dtype, view.data()))
+    }
+
     /// Reads one tensor, in its stored dtype, onto `device`.
     pub(crate) fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let not_found = || candle_core::Error::CannotFindTensor {
@@ -122,7 +135,7 @@ impl TensorFile {
 /// counted in the process's memory next to the converted weights until it is unmapped, which
 /// doubles the peak while a model loads. The pages stay in the page cache, and a later read of
 /// the same bytes maps them back in unchanged.
-pub(super) fn release_pages(data: &[u8]) {
+pub(crate) fn release_pages(data: &[u8]) {
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;
