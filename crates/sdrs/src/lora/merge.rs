@@ -21,7 +21,7 @@ pub(crate) enum Layout {
     Taps,
 }
 
-/// Element `i` of a stored weight as f32.
+/// A stored weight's values.
 enum Source<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
@@ -37,9 +37,13 @@ pub(crate) enum Base<'a> {
 }
 
 impl<'a> Source<'a> {
-    /// `bytes` as values of `dtype`, when they are aligned for them.
+    /// `bytes` (little-endian, as safetensors stores them) as values of `dtype`, when they
+    /// are aligned for them and this machine is little-endian.
     fn of_bytes(dtype: DType, bytes: &'a [u8]) -> Option<Self> {
         use half::slice::HalfBitsSliceExt;
+        if cfg!(target_endian = "big") {
+            return None;
+        }
         Some(match dtype {
             DType::F32 => Source::F32(bytemuck::try_cast_slice(bytes).ok()?),
             DType::F16 => Source::F16(
