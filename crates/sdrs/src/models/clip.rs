@@ -244,6 +244,48 @@ impl ClipTextTransformer {
                 "clip_skip must be between 1 and {n_layers} (the encoder's layer count), got {clip_skip}"
             )));
         }
+        let x = self.layers_out(input_ids, replacements, n_layers + 1 - clip_skip)?;
+        Ok(self.final_layer_norm.forward(&x)?)
+    }
+
+    /// The hidden states after the first `layers` encoder layers, without the final LayerNorm
+    /// (transformers' `hidden_states[layers]`): SDXL conditions on the penultimate ones so.
+    pub fn hidden_states(&self, input_ids: &Tensor, layers: usize) -> Result<Tensor> {
+        if layers > self.layers.len() {
+            return Err(Error::InvalidRequest(format!(
+                "{layers} layers asked of a text encoder of {}",
+                self.layers.len()
+            )));
+        }
+        self.layers_out(input_ids, &[], layers)
+    }
+
+    /// The pooled output `[B, hidden]`: the last layer's states after the final LayerNorm at
+    /// each row's first EOS (transformers' `pooler_output` when `eos_token_id` is EOS).
+    pub fn pooled(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let x = self.layers_out(input_ids, &[], self.layers.len())?;
+        let x = self.final_layer_norm.forward(&x)?;
+        let rows = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let picked = rows
+            .iter()
+            .enumerate()
+            .map(|(b, ids)| {
+                let eos = ids.iter().position(|&id| id == crate::tokenizer::EOS);
+                let at = eos.unwrap_or(ids.len().saturating_sub(1));
+                Ok(x.get(b)?.get(at)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&picked, 0)?)
+    }
+
+    /// The token and position embeddings (with `replacements`) through the first `layers`
+    /// encoder layers.
+    fn layers_out(
+        &self,
+        input_ids: &Tensor,
+        replacements: &[(usize, &Tensor)],
+        layers: usize,
+    ) -> Result<Tensor> {
         let (_, tokens) = input_ids.dims2()?;
         let max_tokens = self.position_embedding.dim(0)?;
         if tokens > max_tokens {
@@ -258,10 +300,33 @@ impl ClipTextTransformer {
         }
         let mut x = x.broadcast_add(&positions)?;
         let causal_mask = causal_mask(tokens, x.dtype(), x.device())?;
-        for layer in &self.layers[..n_layers + 1 - clip_skip] {
+        for layer in &self.layers[..layers] {
             x = layer.forward(&x, &causal_mask)?;
         }
-        Ok(self.final_layer_norm.forward(&x)?)
+        Ok(x)
+    }
+}
+
+/// CLIP's text projection (transformers' `CLIPTextModelWithProjection.text_projection`,
+/// OpenCLIP's `text_projection` transposed): the pooled output into the embedding SDXL's UNet
+/// adds to its time embedding.
+#[derive(Debug, Clone)]
+pub struct TextProjection {
+    weight: Tensor,
+}
+
+impl TextProjection {
+    /// `weight` `[projection, hidden]` from `vb`, no bias.
+    pub fn new(vb: VarBuilder, hidden: usize, projection: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((projection, hidden), "weight")?,
+        })
+    }
+
+    /// `pooled` `[B, hidden]` → `[B, projection]`.
+    pub fn forward(&self, pooled: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dtype(pooled.dtype())?;
+        Ok(pooled.matmul(&w.t()?)?)
     }
 }
 

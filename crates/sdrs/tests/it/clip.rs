@@ -75,3 +75,55 @@ fn too_many_tokens_is_an_error_not_a_panic() {
     let err = model.forward(&ids, 1).expect_err("78 tokens");
     assert!(err.to_string().contains("78 tokens"), "{err}");
 }
+
+/// SDXL's two encoders (tools/make_sdxl_fixtures.py): penultimate hidden states without the
+/// final LayerNorm for both, and the second's pooled output through its text projection,
+/// against transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`.
+#[test]
+fn sdxl_encoders_give_transformers_penultimate_states_and_projected_pooled_output() {
+    let reference = common::reference("sdxl.safetensors");
+    for (dir, ids, want) in [
+        ("tiny-sdxl/text_encoder", "te1_input_ids", "te1_penultimate"),
+        (
+            "tiny-sdxl/text_encoder_2",
+            "te2_input_ids",
+            "te2_penultimate",
+        ),
+    ] {
+        let path = common::fixtures().join(dir);
+        let config = std::fs::read_to_string(path.join("config.json")).expect("config.json");
+        let cfg: ClipConfig = serde_json::from_str(&config).expect("CLIP config");
+        // SAFETY: the fixture file is not modified while the test runs.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[path.join("model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )
+        }
+        .expect("weights");
+        let root = if vb.contains_tensor("text_model.final_layer_norm.weight") {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
+        let model = ClipTextTransformer::new(root, &cfg).expect("model");
+        let ids = reference[ids].to_dtype(DType::U32).unwrap();
+        let hidden = model
+            .hidden_states(&ids, cfg.num_hidden_layers - 1)
+            .expect("penultimate");
+        common::assert_close(dir, &hidden, &reference[want], 1e-5);
+        if dir.ends_with("_2") {
+            let projection = sdrs::models::clip::TextProjection::new(
+                vb.pp("text_projection"),
+                cfg.hidden_size,
+                6,
+            )
+            .expect("projection");
+            let pooled = projection
+                .forward(&model.pooled(&ids).expect("pooled"))
+                .expect("project");
+            common::assert_close("text_embeds", &pooled, &reference["te2_text_embeds"], 1e-5);
+        }
+    }
+}
