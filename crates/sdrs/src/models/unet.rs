@@ -4,7 +4,7 @@ mod blocks;
 mod resnet;
 mod transformer;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
@@ -110,6 +110,17 @@ pub struct UNetConfig {
     /// Padding of the stride-2 downsampling convolutions (1 in SD).
     #[serde(default = "one")]
     pub downsample_padding: usize,
+    /// `text_time` (SDXL): the time embedding gets the pooled text and the size ids added
+    /// through `add_embedding`; none in SD 1.x and 2.x.
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal embedding of each size id (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Width into `add_embedding`: the pooled text's plus six size ids' embeddings (SDXL:
+    /// 1280 + 6·256 = 2816).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
 }
 
 impl UNetConfig {
@@ -155,6 +166,9 @@ impl UNetConfig {
             use_linear_projection: false,
             transformer_layers_per_block: PerBlock::All(1),
             downsample_padding: 1,
+            addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
         }
     }
 }
@@ -193,6 +207,13 @@ fn timestep_embedding(
     freq_shift: usize,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
+    let row = sinusoid(t, dim, flip_sin_to_cos, freq_shift);
+    let width = row.len();
+    Ok(Tensor::from_vec(row, (1, width), device)?.repeat((batch, 1))?)
+}
+
+/// One value's sinusoidal embedding of `dim` (even) values.
+fn sinusoid(t: f64, dim: usize, flip_sin_to_cos: bool, freq_shift: usize) -> Vec<f32> {
     let half = dim / 2;
     let log_period = -(10000f64.ln() as f32);
     let divisor = half as f32 - freq_shift as f32;
@@ -200,12 +221,30 @@ fn timestep_embedding(
         .map(|i| (t as f32) * ((log_period * i as f32) / divisor).exp())
         .collect();
     let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
-    let row = if flip_sin_to_cos {
+    if flip_sin_to_cos {
         [cos, sin].concat()
     } else {
         [sin, cos].concat()
-    };
-    Ok(Tensor::from_vec(row, (1, 2 * half), device)?.repeat((batch, 1))?)
+    }
+}
+
+/// What SDXL's UNet adds to its time embedding: the pooled, projected text and the six size
+/// ids (original height and width, crop top and left, target height and width).
+#[derive(Debug, Clone)]
+pub struct AddedCondition {
+    /// `[B, projection]`.
+    pub text_embeds: Tensor,
+    /// `[B, 6]`.
+    pub time_ids: Tensor,
+}
+
+/// `add_embedding` ("text_time"): the size ids' sinusoids after the pooled text, through two
+/// linear layers, added to the time embedding.
+#[derive(Debug, Clone)]
+struct AddEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+    time_dim: usize,
 }
 
 /// The noise-predicting UNet: latent, timestep and text conditioning in, ε (or v) out.
@@ -219,6 +258,7 @@ pub struct UNet2DConditionModel {
     up: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    add_embedding: Option<AddEmbedding>,
     time_proj_dim: usize,
     flip_sin_to_cos: bool,
     freq_shift: usize,
@@ -314,6 +354,32 @@ impl UNet2DConditionModel {
                 vb.pp("conv_norm_out"),
             )?,
             conv_out: conv2d(boc[0], cfg.out_channels, 3, same, vb.pp("conv_out"))?,
+            add_embedding: match cfg.addition_embed_type.as_deref() {
+                None => None,
+                Some("text_time") => {
+                    let (Some(time_dim), Some(input)) = (
+                        cfg.addition_time_embed_dim,
+                        cfg.projection_class_embeddings_input_dim,
+                    ) else {
+                        return Err(Error::InvalidConfig(
+                            "a text_time UNet needs addition_time_embed_dim and \
+                             projection_class_embeddings_input_dim"
+                                .into(),
+                        ));
+                    };
+                    let vb = vb.pp("add_embedding");
+                    Some(AddEmbedding {
+                        linear_1: linear(input, temb, vb.pp("linear_1"))?,
+                        linear_2: linear(temb, temb, vb.pp("linear_2"))?,
+                        time_dim,
+                    })
+                }
+                Some(other) => {
+                    return Err(Error::InvalidConfig(format!(
+                        "UNet addition_embed_type {other:?} is not supported"
+                    )))
+                }
+            },
             time_proj_dim,
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,
@@ -327,6 +393,18 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`forward`](Self::forward) for a UNet that takes more than the text context (SDXL's
+    /// `text_time`: `added`, required exactly when the config has `addition_embed_type`).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCondition>,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let context = encoder_hidden_states.to_dtype(sample.dtype())?;
@@ -342,6 +420,41 @@ impl UNet2DConditionModel {
         let emb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        let emb = match (&self.add_embedding, added) {
+            (None, None) => emb,
+            (Some(add), Some(added)) => {
+                let ids = added.time_ids.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let mut rows = Vec::with_capacity(ids.len() * ids.first().map_or(0, Vec::len));
+                for row in &ids {
+                    for &id in row {
+                        rows.extend(sinusoid(
+                            id as f64,
+                            add.time_dim,
+                            self.flip_sin_to_cos,
+                            self.freq_shift,
+                        ));
+                    }
+                }
+                let width = rows.len() / ids.len().max(1);
+                let times = Tensor::from_vec(rows, (ids.len(), width), sample.device())?;
+                let text = added.text_embeds.to_dtype(sample.dtype())?;
+                let input = Tensor::cat(&[&text, &times.to_dtype(sample.dtype())?], 1)?;
+                let aug = add
+                    .linear_2
+                    .forward(&add.linear_1.forward(&input)?.silu()?)?;
+                (emb + aug)?
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidConfig(
+                    "this UNet (SDXL's text_time) needs the pooled text and the size ids".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidConfig(
+                    "this UNet takes no pooled text or size ids".into(),
+                ))
+            }
+        };
         let emb_silu = emb.silu()?;
 
         let mut x = self.conv_in.forward(sample)?;
@@ -370,6 +483,17 @@ impl Patch for UNet2DConditionModel {
             &join(&time, "linear_2"),
             Patchable::Linear(&mut self.time_linear_2),
         )?;
+        if let Some(add) = &mut self.add_embedding {
+            let add_prefix = join(prefix, "add_embedding");
+            f(
+                &join(&add_prefix, "linear_1"),
+                Patchable::Linear(&mut add.linear_1),
+            )?;
+            f(
+                &join(&add_prefix, "linear_2"),
+                Patchable::Linear(&mut add.linear_2),
+            )?;
+        }
         for (i, block) in self.down.iter_mut().enumerate() {
             block.patch_each(&join(prefix, &format!("down_blocks.{i}")), f)?;
         }
