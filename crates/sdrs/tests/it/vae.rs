@@ -100,3 +100,21 @@ fn separate_vae_file_decodes_like_diffusers() {
         1e-4,
     );
 }
+
+/// SDXL's VAE layout (tools/make_sdxl_fixtures.py): the raw decoder output against diffusers,
+/// and its own scaling factor, 0.13025, read from the config.
+#[test]
+fn sdxl_vae_decodes_as_diffusers_and_keeps_its_scaling_factor() {
+    let dir = common::fixtures().join("tiny-sdxl/vae");
+    let config = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let cfg: VaeConfig = serde_json::from_str(&config).expect("VAE config");
+    assert_eq!(cfg.scaling_factor, 0.13025);
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    // SAFETY: the fixture file is not modified while the test runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
+        .expect("weights");
+    let vae = AutoencoderKL::new(vb, &cfg).expect("model");
+    let reference = common::reference("sdxl.safetensors");
+    let decoded = vae.decode(&reference["vae_latent"]).expect("decode");
+    common::assert_close("SDXL decoded", &decoded, &reference["vae_decoded"], 1e-4);
+}
