@@ -84,7 +84,7 @@ impl LoraLibrary {
     /// came from gave one) the file with that short hash. Unknown names are an error listing
     /// the closest names.
     pub fn find(&self, name: &str, hash: Option<&str>) -> Result<LoraEntry> {
-        let entries = self.list();
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = entries.iter().find(|e| e.name == name) {
             return Ok(e.clone());
         }
@@ -92,7 +92,7 @@ impl LoraLibrary {
             return Ok(e.clone());
         }
         if let Some(hash) = hash {
-            for e in &entries {
+            for e in entries.iter() {
                 if self.short_hash(&e.path).ok().as_deref() == Some(hash) {
                     return Ok(e.clone());
                 }
