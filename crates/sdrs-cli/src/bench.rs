@@ -126,7 +126,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let latent_side = args.size / sd.vae_config().downscale_factor();
     let tokens = checkpoint.clip_config().max_position_embeddings;
-    let text_flops = flops::text_encode(checkpoint.clip_config(), tokens).times(2.0);
+    let text_flops = (0..)
+        .map_while(|i| checkpoint.text_encoder_config(i))
+        .map(|(config, _)| flops::text_encode(config, tokens).times(2.0))
+        .reduce(|a, b| a.plus(&b))
+        .unwrap_or_default();
     let step_flops =
         flops::unet_cfg_step(checkpoint.unet_config(), latent_side, latent_side, tokens);
     let decode_flops = flops::vae_decode(checkpoint.vae_config(), latent_side, latent_side);
@@ -136,8 +140,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         anyhow::Ok(())
     };
 
-    let conditioning =
-        |sd: &StableDiffusion| sd.conditioning(PROMPT, NEGATIVE, PromptSyntax::Auto, args.steps, 1);
+    let size = (args.size, args.size);
+    let conditioning = |sd: &StableDiffusion| {
+        sd.conditioning(PROMPT, NEGATIVE, PromptSyntax::Auto, args.steps, 1, size)
+    };
     measure("text encode", text_flops.total(), args.repeats, &mut || {
         conditioning(&sd)?;
         Ok(())

@@ -309,10 +309,12 @@ fn embeddings_listing(model: &std::path::Path, dir: &std::path::Path) -> Option<
     if !dir.is_dir() {
         return None;
     }
-    let width = sdrs::weights::Checkpoint::open(model)
-        .ok()?
-        .clip_config()
-        .hidden_size;
+    let checkpoint = sdrs::weights::Checkpoint::open(model).ok()?;
+    // Embeddings are read for one text encoder; SDXL's two use none (see `StableDiffusion`).
+    if checkpoint.family().unet_inputs().text_encoders != 1 {
+        return None;
+    }
+    let width = checkpoint.clip_config().hidden_size;
     let tokenizer = sdrs::tokenizer::Tokenizer::new().ok()?;
     let db = sdrs::embeddings::Embeddings::load_dir(dir, &tokenizer, width).ok()?;
     let entry = |i: &sdrs::embeddings::EmbeddingInfo| {

@@ -662,5 +662,91 @@ async fn options_list_and_switch_models() {
     std::fs::remove_dir_all(&models).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_between_sd1_and_sdxl_gives_each_models_images() {
+    let outdir = scratch("sdxl");
+    let models = scratch("sdxl-models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::copy(tiny_model(), models.join("a-sd1.safetensors")).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-sdxl.safetensors"),
+        models.join("b-xl.safetensors"),
+    )
+    .unwrap();
+    let mut cfg = config(&outdir);
+    cfg.model = None;
+    cfg.models_dir = Some(models.clone());
+    let server = Server::start(&cfg).unwrap();
+    let r = &server.router;
+    let list = send(r, Method::GET, "/sdapi/v1/sd-models", None)
+        .await
+        .json();
+    let titles: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].clone())
+        .collect();
+    assert_eq!(
+        titles,
+        [json!("a-sd1.safetensors"), json!("b-xl.safetensors")]
+    );
+    let sd1 = json!({"prompt": "p", "width": 64, "height": 64, "steps": 1, "seed": 3});
+    let before = post(r, "/sdapi/v1/txt2img", &sd1).await;
+    let switch = |name: &str| json!({ "sd_model_checkpoint": name });
+    let reply = post(r, "/sdapi/v1/options", &switch("b-xl")).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    // The reference case euler_a of tools/make_sdxl_fixtures.py, as an A1111 client asks.
+    let xl = json!({
+        "prompt": "a tiny red fox in the snow", "negative_prompt": "blurry",
+        "sampler_name": "Euler a", "steps": 8, "cfg_scale": 5, "seed": 42,
+        "width": 64, "height": 64,
+    });
+    let reply = post(r, "/sdapi/v1/txt2img", &xl).await;
+    let reply = ok_json(&reply);
+    let want = image::open(fixtures().join("reference/sdxl/euler_a_seed42.png"))
+        .unwrap()
+        .to_rgb8();
+    let got = decode_png(reply["images"][0].as_str().unwrap());
+    let worst = got
+        .as_raw()
+        .iter()
+        .zip(want.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max();
+    assert!(worst <= Some(1), "SDXL through the API: {worst:?}/255 off");
+    let info: Value = serde_json::from_str(reply["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sd_model_name"], "b-xl");
+    // The infotext reads back into the same request.
+    let infotext = info["infotexts"][0].as_str().unwrap();
+    let back = sdrs::pipeline::infotext::parse(infotext).to_request();
+    assert_eq!(
+        (
+            back.seed,
+            back.steps,
+            back.cfg_scale,
+            back.width,
+            back.height
+        ),
+        (42, 8, 5.0, 64, 64)
+    );
+    assert_eq!(back.sampler_name, "Euler a");
+    assert_eq!(back.negative_prompt, "blurry");
+    // And back to SD 1: the same image as before the switch.
+    let reply = post(r, "/sdapi/v1/options", &switch("a-sd1.safetensors")).await;
+    assert_eq!(reply.status, 200);
+    let after = post(r, "/sdapi/v1/txt2img", &sd1).await;
+    let pixels = |reply: &Reply| decode_png(reply.json()["images"][0].as_str().unwrap());
+    assert_eq!(pixels(&before), pixels(&after));
+    server.shut_down();
+    std::fs::remove_dir_all(&outdir).unwrap();
+    std::fs::remove_dir_all(&models).unwrap();
+}
+
 mod hostile;
 mod loras;

@@ -65,6 +65,28 @@ const FP16_FOLDER: &[&str] = &[
 
 const FOLDER_EXTRAS: &[&str] = &["tokenizer/special_tokens_map.json"];
 
+/// An SDXL diffusers folder in half precision: [`FP16_FOLDER`] and the second text encoder
+/// with its tokenizer's config (which names its pad token, `!`).
+const SDXL_FP16_FOLDER: &[&str] = &[
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.fp16.safetensors",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer_2/tokenizer_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+];
+
+const SDXL_FOLDER_EXTRAS: &[&str] = &[
+    "tokenizer/special_tokens_map.json",
+    "tokenizer_2/special_tokens_map.json",
+];
+
 /// The models `sdrs models` knows by name.
 pub const CATALOGUE: &[CatalogueEntry] = &[
     CatalogueEntry {
@@ -100,6 +122,34 @@ pub const CATALOGUE: &[CatalogueEntry] = &[
             ..CLASSIC_DEFAULTS
         },
     },
+    CatalogueEntry {
+        name: "sdxl",
+        repo: "stabilityai/stable-diffusion-xl-base-1.0",
+        description: "SDXL base 1.0, 1024x1024",
+        files: SDXL_FP16_FOLDER,
+        optional_files: SDXL_FOLDER_EXTRAS,
+        defaults: ModelDefaults {
+            steps: 30,
+            cfg_scale: 7.0,
+            sampler: "DPM++ 2M",
+            schedule: SigmaSchedule::Karras,
+            size: 1024,
+        },
+    },
+    CatalogueEntry {
+        name: "sdxl-turbo",
+        repo: "stabilityai/sdxl-turbo",
+        description: "SDXL-Turbo: SDXL distilled to 1-4 steps without guidance, 512x512",
+        files: SDXL_FP16_FOLDER,
+        optional_files: SDXL_FOLDER_EXTRAS,
+        defaults: ModelDefaults {
+            steps: 1,
+            cfg_scale: 1.0,
+            sampler: "Euler a",
+            schedule: SigmaSchedule::SgmUniform,
+            size: 512,
+        },
+    },
 ];
 
 /// The catalogue entry called `name`.
@@ -118,6 +168,11 @@ mod tests {
             assert!(CATALOGUE[i + 1..].iter().all(|b| b.name != a.name));
         }
         assert_eq!(find("sd-2.1").unwrap().defaults.steps, 50);
+        let sdxl = find("sdxl").unwrap();
+        assert_eq!((sdxl.defaults.size, sdxl.defaults.steps), (1024, 30));
+        assert!(sdxl
+            .files
+            .contains(&"text_encoder_2/model.fp16.safetensors"));
         assert!(find("sd-3").is_none());
     }
 }

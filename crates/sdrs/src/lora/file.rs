@@ -97,7 +97,8 @@ const SUFFIXES: &[(&str, Part)] = &[
 /// Which network a layer belongs to, as the file's names say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Network {
-    TextEncoder,
+    /// Text encoder n (SDXL's second is 1).
+    TextEncoder(usize),
     Unet,
 }
 
@@ -158,19 +159,24 @@ fn layer_key(module: &str) -> Option<LayerKey> {
     if let Some(rest) = module.strip_prefix("lora_unet_") {
         return key(Network::Unet, rest);
     }
-    if let Some(rest) = module.strip_prefix("lora_te_") {
-        return key(Network::TextEncoder, rest);
+    // kohya: `lora_te_` for SD 1/2's one encoder, `lora_te1_` and `lora_te2_` for SDXL's two.
+    for (prefix, n) in [("lora_te_", 0), ("lora_te1_", 0), ("lora_te2_", 1)] {
+        if let Some(rest) = module.strip_prefix(prefix) {
+            return key(Network::TextEncoder(n), rest);
+        }
     }
     for prefix in ["unet.", "base_model.model."] {
         if let Some(rest) = module.strip_prefix(prefix) {
             return key(Network::Unet, rest);
         }
     }
-    if let Some(rest) = module.strip_prefix("text_encoder.") {
-        return key(Network::TextEncoder, rest);
+    for (prefix, n) in [("text_encoder.", 0), ("text_encoder_2.", 1)] {
+        if let Some(rest) = module.strip_prefix(prefix) {
+            return key(Network::TextEncoder(n), rest);
+        }
     }
     if module.starts_with("text_model.") {
-        return key(Network::TextEncoder, &module);
+        return key(Network::TextEncoder(0), &module);
     }
     if UNET_ROOTS.iter().any(|r| module.starts_with(r)) {
         return key(Network::Unet, &module);
@@ -283,11 +289,17 @@ mod tests {
         );
         let te = key("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight")
             .unwrap();
-        assert_eq!(te.0.network, Network::TextEncoder);
+        assert_eq!(te.0.network, Network::TextEncoder(0));
         assert_eq!(te.0.flat, "text_model_encoder_layers_0_self_attn_q_proj");
-        assert!(
-            key("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight").is_none()
-        );
+        // SDXL's second text encoder, in kohya's and diffusers' names.
+        for name in [
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight",
+        ] {
+            let te2 = key(name).unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(te2.0.network, Network::TextEncoder(1), "{name}");
+            assert_eq!(te2.0.flat, "text_model_encoder_layers_0_self_attn_q_proj");
+        }
         assert!(key("something.else").is_none());
     }
 }

@@ -221,7 +221,7 @@ pub(crate) fn resolve(
             }
             matched += 1;
             let multiplier = match key.network {
-                Network::TextEncoder => tag.te,
+                Network::TextEncoder(_) => tag.te,
                 Network::Unet => tag.unet,
             };
             if multiplier == 0.0 {

@@ -19,7 +19,7 @@ pub(crate) struct Target {
 /// The network a role's layers are named under in LoRA files.
 pub(crate) fn network_of(role: Role) -> Option<Network> {
     match role {
-        Role::TextEncoder(0) => Some(Network::TextEncoder),
+        Role::TextEncoder(n) => Some(Network::TextEncoder(n)),
         Role::Unet => Some(Network::Unet),
         _ => None,
     }
@@ -52,7 +52,10 @@ impl Targets {
                 .shapes(role)
                 .into_iter()
                 .filter(|(name, shape)| {
-                    matches!(shape.len(), 2 | 4) && !name.starts_with("embeddings.")
+                    // SDXL's text projection is not a layer LoRAs train (nor one merged).
+                    matches!(shape.len(), 2 | 4)
+                        && !name.starts_with("embeddings.")
+                        && name != "text_projection.weight"
                 })
                 .filter_map(|(name, shape)| {
                     let layer = name.strip_suffix(".weight")?.to_string();
@@ -60,10 +63,13 @@ impl Targets {
                 })
                 .collect::<Vec<_>>()
         };
-        for target in layers(Role::TextEncoder(0)) {
-            let f = flat(&target.layer);
-            add(Network::TextEncoder, format!("text_model_{f}"), &target);
-            add(Network::TextEncoder, f, &target);
+        let encoders = checkpoint.family().unet_inputs().text_encoders;
+        for n in 0..encoders {
+            for target in layers(Role::TextEncoder(n)) {
+                let f = flat(&target.layer);
+                add(Network::TextEncoder(n), format!("text_model_{f}"), &target);
+                add(Network::TextEncoder(n), f, &target);
+            }
         }
         let unet = layers(Role::Unet);
         let compvis: HashMap<String, String> = checkpoint.unet_names().into_iter().collect();

@@ -188,6 +188,7 @@ pub struct ClipTextTransformer {
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    projection: Option<TextProjection>,
 }
 
 impl ClipTextTransformer {
@@ -220,7 +221,38 @@ impl ClipTextTransformer {
             position_embedding,
             layers,
             final_layer_norm,
+            projection: None,
         })
+    }
+
+    /// transformers' `CLIPTextModelWithProjection` (SDXL's second encoder): the encoder and a
+    /// `text_projection.weight` of `projection` rows beside its layers in `vb`.
+    pub fn with_projection(vb: VarBuilder, cfg: &ClipConfig, projection: usize) -> Result<Self> {
+        let mut model = Self::new(vb.clone(), cfg)?;
+        model.projection = Some(TextProjection::new(
+            vb.pp("text_projection"),
+            cfg.hidden_size,
+            projection,
+        )?);
+        Ok(model)
+    }
+
+    /// The number of encoder layers.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether the encoder has a text projection (its pooled output conditions SDXL's UNet).
+    pub fn has_projection(&self) -> bool {
+        self.projection.is_some()
+    }
+
+    /// `pooled` through the text projection, when the encoder has one; else as it is.
+    pub fn project(&self, pooled: &Tensor) -> Result<Tensor> {
+        match &self.projection {
+            Some(p) => p.forward(pooled),
+            None => Ok(pooled.clone()),
+        }
     }
 
     /// Hidden states `[B,T,hidden]` for token ids `[B,T]` (u32): `clip_skip` 1 = last layer,
@@ -249,22 +281,56 @@ impl ClipTextTransformer {
     }
 
     /// The hidden states after the first `layers` encoder layers, without the final LayerNorm
-    /// (transformers' `hidden_states[layers]`): SDXL conditions on the penultimate ones so.
-    pub fn hidden_states(&self, input_ids: &Tensor, layers: usize) -> Result<Tensor> {
+    /// (transformers' `hidden_states[layers]`), with `replacements` as in
+    /// [`forward_replacing`](Self::forward_replacing): SDXL conditions on the penultimate ones so.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        replacements: &[(usize, &Tensor)],
+        layers: usize,
+    ) -> Result<Tensor> {
+        self.check_depth(layers)?;
+        self.layers_out(input_ids, replacements, layers)
+    }
+
+    /// [`hidden_states`](Self::hidden_states) after `layers` layers, and the pooled output of
+    /// the same pass (see [`pooled`](Self::pooled)), the encoder run once.
+    pub fn hidden_and_pooled(
+        &self,
+        input_ids: &Tensor,
+        replacements: &[(usize, &Tensor)],
+        layers: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        self.check_depth(layers)?;
+        let hidden = self.layers_out(input_ids, replacements, layers)?;
+        let mut x = hidden.clone();
+        let causal_mask = causal_mask(x.dim(1)?, x.dtype(), x.device())?;
+        for layer in &self.layers[layers..] {
+            x = layer.forward(&x, &causal_mask)?;
+        }
+        Ok((hidden, self.pool(input_ids, &x)?))
+    }
+
+    fn check_depth(&self, layers: usize) -> Result<()> {
         if layers > self.layers.len() {
             return Err(Error::InvalidRequest(format!(
                 "{layers} layers asked of a text encoder of {}",
                 self.layers.len()
             )));
         }
-        self.layers_out(input_ids, &[], layers)
+        Ok(())
     }
 
     /// The pooled output `[B, hidden]`: the last layer's states after the final LayerNorm at
     /// each row's first EOS (transformers' `pooler_output` when `eos_token_id` is EOS).
     pub fn pooled(&self, input_ids: &Tensor) -> Result<Tensor> {
         let x = self.layers_out(input_ids, &[], self.layers.len())?;
-        let x = self.final_layer_norm.forward(&x)?;
+        self.pool(input_ids, &x)
+    }
+
+    /// The final LayerNorm of the last layer's states `x`, at each row's first EOS.
+    fn pool(&self, input_ids: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let x = self.final_layer_norm.forward(x)?;
         let rows = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
         let picked = rows
             .iter()

@@ -8,10 +8,11 @@ use candle_core::Tensor;
 
 use super::{Generation, StableDiffusion};
 use crate::embeddings::Embedding;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::clip::ClipTextTransformer;
+use crate::models::unet::{AddedCondition, UNet2DConditionModel};
 use crate::prompt::{
-    chunks, encode_batch, encode_blend, plan_with, EditClock, EditTimeline, EmbeddingFix,
-    PromptPlan, PromptSyntax,
+    chunks, encode_batch, encode_blend, plan_with, EditClock, EditTimeline, EmbeddingFix, Encoded,
+    EncoderOutput, PromptPlan, PromptSyntax,
 };
 use crate::{Error, Result};
 
@@ -24,22 +25,39 @@ use crate::{Error, Result};
 pub struct UnetCondition {
     /// The cross-attention context, `[batch, tokens, width]`.
     pub context: Tensor,
+    /// SDXL's pooled text and size ids; none for SD 1 and 2.
+    pub added: Option<AddedCondition>,
 }
 
 impl UnetCondition {
     /// Whether `conditions` can go through the UNet as one batch (prompts of different chunk
     /// counts cannot).
     pub(super) fn batchable(conditions: &[&Self]) -> bool {
-        conditions
-            .windows(2)
-            .all(|w| w[0].context.dims() == w[1].context.dims())
+        conditions.windows(2).all(|w| {
+            w[0].context.dims() == w[1].context.dims()
+                && w[0].added.is_some() == w[1].added.is_some()
+        })
     }
 
     /// `conditions` stacked along the batch, in order.
     pub(super) fn cat(conditions: &[&Self]) -> Result<Self> {
         let contexts: Vec<&Tensor> = conditions.iter().map(|c| &c.context).collect();
+        let added: Option<Vec<&AddedCondition>> =
+            conditions.iter().map(|c| c.added.as_ref()).collect();
+        let added = match added {
+            Some(added) => {
+                let texts: Vec<&Tensor> = added.iter().map(|a| &a.text_embeds).collect();
+                let ids: Vec<&Tensor> = added.iter().map(|a| &a.time_ids).collect();
+                Some(AddedCondition {
+                    text_embeds: Tensor::cat(&texts, 0)?,
+                    time_ids: Tensor::cat(&ids, 0)?,
+                })
+            }
+            None => None,
+        };
         Ok(Self {
             context: Tensor::cat(&contexts, 0)?,
+            added,
         })
     }
 
@@ -50,8 +68,77 @@ impl UnetCondition {
         x: &Tensor,
         t: f64,
     ) -> Result<Tensor> {
-        unet.forward(x, t, &self.context)
+        unet.forward_with(x, t, &self.context, self.added.as_ref())
     }
+}
+
+/// SDXL's size ids for an image of `(width, height)` pixels, as A1111 gives them: the original
+/// and the target size are the image's, `(height, width)` each, and the crop is at the top
+/// left corner (diffusers' defaults as well).
+fn size_ids((width, height): (usize, usize), device: &candle_core::Device) -> Result<Tensor> {
+    let (w, h) = (width as f32, height as f32);
+    Ok(Tensor::from_vec(
+        vec![h, w, 0.0, 0.0, h, w],
+        (1, 6),
+        device,
+    )?)
+}
+
+/// Chunk ids padded with another token after their first EOS (SDXL's second encoder pads
+/// with 0, its first with EOS).
+fn repad(ids: &Tensor, pad: u32) -> Result<Tensor> {
+    let mut rows = ids.to_dtype(candle_core::DType::U32)?.to_vec2::<u32>()?;
+    for row in &mut rows {
+        if let Some(eos) = row.iter().position(|&id| id == crate::tokenizer::EOS) {
+            for id in &mut row[eos + 1..] {
+                *id = pad;
+            }
+        }
+    }
+    let (batch, tokens) = ids.dims2()?;
+    let flat: Vec<u32> = rows.into_iter().flatten().collect();
+    Ok(Tensor::from_vec(flat, (batch, tokens), ids.device())?)
+}
+
+/// Runs a family's text encoders on one chunk. One encoder (SD 1, 2): its states at the clip
+/// skip, after the final LayerNorm. Several (SDXL, as A1111 and diffusers run them): each
+/// one's penultimate states without the final LayerNorm, clip skip not applying, and the
+/// projected pooled output of the one with a projection.
+fn run_encoders(
+    encoders: &[(Arc<ClipTextTransformer>, u32)],
+    ids: &Tensor,
+    fixes: &[EmbeddingFix],
+    clip_skip: usize,
+    device: &candle_core::Device,
+) -> Result<EncoderOutput> {
+    // A fix's offset does not count BOS.
+    let replacements: Vec<(usize, &Tensor)> = fixes
+        .iter()
+        .map(|f| (f.offset + 1, &f.embedding.vectors))
+        .collect();
+    if let [(encoder, _)] = encoders {
+        let ids = ids.to_device(device)?;
+        return Ok(encoder
+            .forward_replacing(&ids, &replacements, clip_skip)?
+            .into());
+    }
+    let mut out = EncoderOutput {
+        states: Vec::with_capacity(encoders.len()),
+        pooled: None,
+    };
+    for (encoder, pad) in encoders {
+        let ids = repad(ids, *pad)?.to_device(device)?;
+        let penultimate = encoder.layer_count().saturating_sub(1);
+        if encoder.has_projection() {
+            let (states, pooled) = encoder.hidden_and_pooled(&ids, &replacements, penultimate)?;
+            out.states.push(states);
+            out.pooled = Some(encoder.project(&pooled)?);
+        } else {
+            out.states
+                .push(encoder.hidden_states(&ids, &replacements, penultimate)?);
+        }
+    }
+    Ok(out)
 }
 
 /// One encoded prompt part: its AND weight and its condition for each stretch of steps.
@@ -92,17 +179,19 @@ fn encode_plan(
     plan: &PromptPlan,
     syntax: PromptSyntax,
     clip_skip: usize,
+    size: (usize, usize),
 ) -> Result<Vec<EncodedPart>> {
-    let text_encoder = sd.text_encoder()?;
+    let encoders = sd
+        .pad_tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &pad)| Ok((sd.text_encoder_at(i)?, pad)))
+        .collect::<Result<Vec<_>>>()?;
     let embeddings = sd.embeddings();
     let mut encoder = |ids: &Tensor, fixes: &[EmbeddingFix]| {
-        // A fix's offset does not count BOS.
-        let replacements: Vec<(usize, &Tensor)> = fixes
-            .iter()
-            .map(|f| (f.offset + 1, &f.embedding.vectors))
-            .collect();
-        text_encoder.forward_replacing(&ids.to_device(&sd.device)?, &replacements, clip_skip)
+        run_encoders(&encoders, ids, fixes, clip_skip, &sd.device)
     };
+    let pad = sd.pad_token;
     plan.parts
         .iter()
         .map(|part| {
@@ -110,7 +199,7 @@ fn encode_plan(
                 .edits
                 .iter()
                 .all(|s| matches!(s.blend.as_slice(), [(_, w)] if *w == 1.0));
-            let contexts = if plain {
+            let encoded = if plain {
                 // A1111 encodes one part's edited texts as a batch (shared emphasis means).
                 let texts: Vec<&str> = part.edits.iter().map(|s| s.blend[0].0.as_str()).collect();
                 encode_batch(
@@ -118,7 +207,7 @@ fn encode_plan(
                     &embeddings,
                     &texts,
                     syntax,
-                    sd.pad_token,
+                    pad,
                     &mut encoder,
                 )?
             } else {
@@ -130,43 +219,99 @@ fn encode_plan(
                             &embeddings,
                             &s.blend,
                             syntax,
-                            sd.pad_token,
+                            pad,
                             &mut encoder,
                         )
                     })
                     .collect::<Result<Vec<_>>>()?
             };
+            let edits = part
+                .edits
+                .iter()
+                .zip(encoded)
+                .map(|(s, e)| Ok((s.until_step, condition(e, size, &sd.device)?)))
+                .collect::<Result<Vec<_>>>()?;
             Ok(EncodedPart {
                 weight: part.weight,
-                edits: part
-                    .edits
-                    .iter()
-                    .map(|s| s.until_step)
-                    .zip(
-                        contexts
-                            .into_iter()
-                            .map(|context| UnetCondition { context }),
-                    )
-                    .collect(),
+                edits,
             })
         })
         .collect()
 }
 
+/// The UNet condition of an encoded text for an image of `size` (width, height): the size ids
+/// go with a pooled embedding.
+fn condition(
+    encoded: Encoded,
+    size: (usize, usize),
+    device: &candle_core::Device,
+) -> Result<UnetCondition> {
+    let added = match encoded.pooled {
+        Some(text_embeds) => Some(AddedCondition {
+            text_embeds,
+            time_ids: size_ids(size, device)?,
+        }),
+        None => None,
+    };
+    Ok(UnetCondition {
+        context: encoded.context,
+        added,
+    })
+}
+
+/// `part` with every condition's text zeroed, its size ids kept: what A1111's SDXL
+/// conditioner (`force_zero_embeddings`) gives an empty negative prompt.
+fn zeroed(part: EncodedPart) -> Result<EncodedPart> {
+    let edits = part
+        .edits
+        .into_iter()
+        .map(|(until, c)| {
+            let added = match c.added {
+                Some(a) => Some(AddedCondition {
+                    text_embeds: a.text_embeds.zeros_like()?,
+                    time_ids: a.time_ids,
+                }),
+                None => None,
+            };
+            Ok((
+                until,
+                UnetCondition {
+                    context: c.context.zeros_like()?,
+                    added,
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(EncodedPart {
+        weight: part.weight,
+        edits,
+    })
+}
+
 impl StableDiffusion {
-    /// The conditioning of `gen`'s prompts for the pass `clock` describes.
+    /// The conditioning of `gen`'s prompts for the pass `clock` describes, which makes an
+    /// image of `size` (width, height) pixels.
     pub(super) fn conditioning_for(
         &self,
         gen: &Generation,
         clock: EditClock,
+        size: (usize, usize),
     ) -> Result<Conditioning> {
         let req = &gen.request;
         self.apply_loras(gen)?;
         let (prompt, negative) = &gen.texts;
-        self.conditioning_with(prompt, negative, req.prompt_syntax, clock, req.clip_skip)
+        self.conditioning_with(
+            prompt,
+            negative,
+            req.prompt_syntax,
+            clock,
+            req.clip_skip,
+            size,
+        )
     }
 
-    /// Parses and encodes a prompt and its negative for a run of `steps` steps.
+    /// Parses and encodes a prompt and its negative for a run of `steps` steps making an image
+    /// of `size` (width, height) pixels (which SDXL's UNet is told).
     pub fn conditioning(
         &self,
         prompt: &str,
@@ -174,12 +319,16 @@ impl StableDiffusion {
         syntax: PromptSyntax,
         steps: usize,
         clip_skip: usize,
+        size: (usize, usize),
     ) -> Result<Conditioning> {
         let clock = EditClock::new(steps, EditTimeline::Current);
-        self.conditioning_with(prompt, negative_prompt, syntax, clock, clip_skip)
+        self.conditioning_with(prompt, negative_prompt, syntax, clock, clip_skip, size)
     }
 
-    /// Parses and encodes a prompt and its negative for the pass `clock` describes.
+    /// Parses and encodes a prompt and its negative for the pass `clock` describes, making an
+    /// image of `size` (width, height) pixels. For SDXL an empty negative prompt is zeros
+    /// (text and pooled text, not the size ids), as A1111 conditions it; diffusers does the
+    /// same for `negative_prompt=None`, and encodes `""` only when given it.
     pub fn conditioning_with(
         &self,
         prompt: &str,
@@ -187,8 +336,10 @@ impl StableDiffusion {
         syntax: PromptSyntax,
         clock: EditClock,
         clip_skip: usize,
+        size: (usize, usize),
     ) -> Result<Conditioning> {
-        let parts = encode_plan(self, &plan_with(prompt, syntax, clock)?, syntax, clip_skip)?;
+        let plan = plan_with(prompt, syntax, clock)?;
+        let parts = encode_plan(self, &plan, syntax, clip_skip, size)?;
         let negative = plan_with(negative_prompt, syntax, clock)?;
         if negative.parts.len() != 1 {
             return Err(Error::InvalidRequest(
@@ -196,7 +347,16 @@ impl StableDiffusion {
                     .into(),
             ));
         }
-        let uncond = encode_plan(self, &negative, syntax, clip_skip)?.remove(0);
+        let empty = negative.parts[0]
+            .edits
+            .iter()
+            .all(|e| e.blend.iter().all(|(text, _)| text.is_empty()));
+        let uncond = encode_plan(self, &negative, syntax, clip_skip, size)?.remove(0);
+        let uncond = if empty && self.unet_inputs.pooled_text_and_size {
+            zeroed(uncond)?
+        } else {
+            uncond
+        };
         Ok(Conditioning { parts, uncond })
     }
 

@@ -33,6 +33,15 @@ impl Flops {
         }
     }
 
+    /// The counts of two passes together (SDXL's two text encoders).
+    pub fn plus(&self, other: &Self) -> Self {
+        Self {
+            conv: self.conv + other.conv,
+            linear: self.linear + other.linear,
+            attention: self.attention + other.attention,
+        }
+    }
+
     fn conv(&mut self, kernel: usize, c_in: usize, c_out: usize, h: usize, w: usize) {
         self.conv += 2.0 * (kernel * kernel * c_in * c_out * h * w) as f64;
     }

@@ -148,7 +148,10 @@ impl HiresPass {
             let sigmas = full[full.len() - plan.steps - 1..].to_vec();
             let req = &gen.request;
             let clock = EditClock::second_pass(req.steps, plan.steps, req.edit_timeline);
-            (sigmas, Some(sd.conditioning_for(gen, clock)?))
+            (
+                sigmas,
+                Some(sd.conditioning_for(gen, clock, (plan.width, plan.height))?),
+            )
         } else {
             (Vec::new(), None)
         };

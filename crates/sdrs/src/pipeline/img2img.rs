@@ -66,7 +66,7 @@ pub fn img2img(
     let full = gen.sigmas(&sd.schedule, req.steps);
     let sigmas = img2img_sigmas(gen.sampler, &full, req.steps, req.denoising_strength);
     let clock = EditClock::new(req.steps, req.edit_timeline);
-    let conditioning = sd.conditioning_for(gen, clock)?;
+    let conditioning = sd.conditioning_for(gen, clock, (req.width, req.height))?;
     let steps = sigmas.map_or(0, |s| s.len() - 1);
     generate(sd, gen, Source::Picture, steps, on_event, &mut |run| {
         let mut noise = run.generator();

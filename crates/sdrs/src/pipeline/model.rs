@@ -14,7 +14,7 @@ use crate::models::unet::{Prediction, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::sampling::NoiseSchedule;
 use crate::tokenizer::Tokenizer;
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, UnetInputs};
 use crate::Result;
 
 /// How a model is loaded and run, beyond its checkpoint: chosen once, at load.
@@ -64,6 +64,10 @@ pub struct StableDiffusion {
     pub(crate) model_hash: Option<String>,
     /// The id that pads prompts after their EOS (SD 2: 0).
     pub(crate) pad_token: u32,
+    /// Each text encoder's padding id, in role order.
+    pub(crate) pad_tokens: Vec<u32>,
+    /// What the family's UNet is conditioned on.
+    pub(crate) unet_inputs: UnetInputs,
     pub(crate) prediction: Prediction,
     pub(crate) vae_tiling: VaeTiling,
     pub(crate) nan_check: bool,
@@ -89,7 +93,22 @@ impl StableDiffusion {
     ) -> Result<Self> {
         let tokenizer = Tokenizer::new()?;
         let text_width = checkpoint.clip_config().hidden_size;
-        let embeddings = match &options.embeddings_dir {
+        let unet_inputs = checkpoint.family().unet_inputs();
+        let embeddings_dir = if unet_inputs.text_encoders == 1 {
+            options.embeddings_dir
+        } else {
+            if let Some(dir) = &options.embeddings_dir {
+                tracing::warn!(
+                    "embeddings in {} are not used: sdrs reads embeddings for one text encoder, \
+                     and {} has {}",
+                    dir.display(),
+                    checkpoint.family(),
+                    unet_inputs.text_encoders
+                );
+            }
+            None
+        };
+        let embeddings = match &embeddings_dir {
             Some(dir) => Embeddings::load_dir(dir, &tokenizer, text_width)?,
             None => Embeddings::default(),
         };
@@ -102,6 +121,8 @@ impl StableDiffusion {
             model_name: options.name.unwrap_or_else(|| checkpoint.name()),
             model_hash: checkpoint.hash().ok(),
             pad_token: checkpoint.pad_token(),
+            pad_tokens: checkpoint.pad_tokens(),
+            unet_inputs,
             prediction: options
                 .prediction
                 .unwrap_or_else(|| checkpoint.prediction()),
@@ -109,7 +130,7 @@ impl StableDiffusion {
             nan_check: options.nan_check,
             loras: LoraLibrary::new(options.lora_dir),
             embeddings: RwLock::new(Arc::new(embeddings)),
-            embeddings_dir: options.embeddings_dir,
+            embeddings_dir,
             text_width,
         })
     }
@@ -140,9 +161,15 @@ impl StableDiffusion {
         self.networks.patches().hashes().to_vec()
     }
 
-    /// The text encoder (built first when networks are resident one at a time).
+    /// The (first) text encoder (built first when networks are resident one at a time).
     pub fn text_encoder(&self) -> Result<Arc<ClipTextTransformer>> {
         self.networks.text_encoder()
+    }
+
+    /// Text encoder `index` (SDXL has two; built first when networks are resident one at a
+    /// time).
+    pub fn text_encoder_at(&self, index: usize) -> Result<Arc<ClipTextTransformer>> {
+        self.networks.text_encoder_at(index)
     }
 
     /// The UNet (built first when networks are resident one at a time).

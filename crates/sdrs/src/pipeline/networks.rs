@@ -96,9 +96,15 @@ impl Networks {
 
     /// The (first) text encoder, built first if it is not resident.
     pub fn text_encoder(&self) -> Result<Arc<ClipTextTransformer>> {
-        match self.turn(Role::TextEncoder(0))? {
+        self.text_encoder_at(0)
+    }
+
+    /// Text encoder `index` (SDXL has two), built first if it is not resident.
+    pub fn text_encoder_at(&self, index: usize) -> Result<Arc<ClipTextTransformer>> {
+        let role = Role::TextEncoder(index);
+        match self.turn(role)? {
             Network::TextEncoder(net) => Ok(net),
-            _ => Err(misfiled(Role::TextEncoder(0))),
+            _ => Err(misfiled(role)),
         }
     }
 
@@ -135,10 +141,19 @@ impl Networks {
     fn build(&self, checkpoint: &Checkpoint, role: Role, half: bool) -> Result<Network> {
         let device = &self.device;
         Ok(match role {
-            Role::TextEncoder(0) => Network::TextEncoder(Arc::new(ClipTextTransformer::new(
-                checkpoint.text_encoder(DType::F32, device)?,
-                checkpoint.clip_config(),
-            )?)),
+            Role::TextEncoder(i) => {
+                let (config, projection) =
+                    checkpoint
+                        .text_encoder_config(i)
+                        .ok_or(Error::UnsupportedCheckpoint {
+                            detected: format!("a model without a {role:?} network"),
+                        })?;
+                let weights = checkpoint.text_encoder_at(i, DType::F32, device)?;
+                Network::TextEncoder(Arc::new(match projection {
+                    Some(width) => ClipTextTransformer::with_projection(weights, config, width)?,
+                    None => ClipTextTransformer::new(weights, config)?,
+                }))
+            }
             Role::Unet => Network::Unet(Arc::new(UNet2DConditionModel::new_with(
                 checkpoint.unet(DType::F32, device)?,
                 checkpoint.unet_config(),
@@ -149,11 +164,6 @@ impl Networks {
                 checkpoint.vae_config(),
                 self.options(half),
             )?)),
-            other => {
-                return Err(Error::UnsupportedCheckpoint {
-                    detected: format!("a model with a {other:?} network"),
-                })
-            }
         })
     }
 
@@ -376,17 +386,28 @@ mod tests {
     /// Every changeable layer of the text encoder (`te/…`) or the UNet (`unet/…`), as
     /// stored, by name.
     fn stored(networks: &Networks, unet: bool) -> HashMap<String, Stored> {
+        if unet {
+            stored_of(networks, Role::Unet, "unet/")
+        } else {
+            stored_of(networks, Role::TextEncoder(0), "te/")
+        }
+    }
+
+    /// Every changeable layer of the network of `role`, as stored, by `prefix` and name.
+    fn stored_of(networks: &Networks, role: Role, prefix: &str) -> HashMap<String, Stored> {
         let mut out = HashMap::new();
-        let mut keep = |prefix: &str, name: &str, layer: crate::models::layers::Patchable<'_>| {
+        let mut keep = |name: &str, layer: crate::models::layers::Patchable<'_>| {
             out.insert(format!("{prefix}{name}"), layer.stored()?);
             Ok(())
         };
-        if unet {
-            let mut net = (*networks.unet().expect("unet")).clone();
-            net.patch_each("", &mut |n, l| keep("unet/", n, l))
-        } else {
-            let mut net = (*networks.text_encoder().expect("te")).clone();
-            net.patch_each("", &mut |n, l| keep("te/", n, l))
+        match role {
+            Role::Unet => (*networks.unet().expect("unet"))
+                .clone()
+                .patch_each("", &mut keep),
+            Role::TextEncoder(i) => (*networks.text_encoder_at(i).expect("te"))
+                .clone()
+                .patch_each("", &mut keep),
+            Role::Vae => Ok(()),
         }
         .expect("visit");
         out
@@ -507,5 +528,55 @@ mod tests {
             }
             assert!(compared > 0, "{case}: no reference weights");
         }
+    }
+
+    #[test]
+    fn sdxl_merges_into_both_text_encoders_and_the_unet_as_the_reference_does() {
+        let checkpoint = Checkpoint::open(&fixtures().join("tiny-sdxl")).expect("tiny SDXL");
+        let networks =
+            Networks::load(&checkpoint, &Device::Cpu, NetworkOptions::default()).expect("load");
+        let library = LoraLibrary::new(Some(fixtures().join("lora-sdxl")));
+        let tag = LoraTag {
+            name: "sdxl_kohya".into(),
+            te: 1.0,
+            unet: 1.0,
+            dyn_dim: None,
+        };
+        let patches =
+            resolve(&library, networks.targets(), &[tag], &BTreeMap::new()).expect("resolve");
+        networks.set_patches(Arc::new(patches)).expect("merge");
+        let mut merged = stored_of(&networks, Role::TextEncoder(0), "te1/");
+        merged.extend(stored_of(&networks, Role::TextEncoder(1), "te2/"));
+        merged.extend(stored_of(&networks, Role::Unet, "unet/"));
+        let reference = candle_core::safetensors::load(
+            fixtures().join("reference/lora_sdxl_weights.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("reference");
+        let mut per_network = HashMap::new();
+        for (key, want) in &reference {
+            let layer = key.strip_suffix(".weight").expect("weights only");
+            let Some(Stored::Values(_, got, _)) = merged.get(layer) else {
+                panic!("no layer {layer}");
+            };
+            let mut want = want.to_dtype(DType::F32).unwrap();
+            if want.rank() == 4 {
+                want = want.permute((0, 2, 3, 1)).unwrap();
+            }
+            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got.len(), want.len(), "{key}");
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (f32::from_bits(*g) - w).abs() / w.abs().max(1e-3))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{key}: relative error {worst}");
+            *per_network
+                .entry(key.split('/').next().unwrap())
+                .or_insert(0) += 1;
+        }
+        assert_eq!(per_network["te1"], 18);
+        assert_eq!(per_network["te2"], 18);
+        assert_eq!(per_network["unet"], 31);
     }
 }

@@ -25,7 +25,8 @@ pub fn txt2img(
         req.width / factor,
     ];
     let start_scale = gen.sampler.initial_noise_scale(sigmas[0]);
-    let conditioning = sd.conditioning_for(gen, EditClock::new(req.steps, req.edit_timeline))?;
+    let clock = EditClock::new(req.steps, req.edit_timeline);
+    let conditioning = sd.conditioning_for(gen, clock, (req.width, req.height))?;
     let hires = HiresPass::prepare(sd, gen)?;
     let steps = req.steps + hires.as_ref().map_or(0, |h| h.steps());
     let pass = Pass {

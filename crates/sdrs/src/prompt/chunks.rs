@@ -203,18 +203,51 @@ fn chunk_segments(
     out
 }
 
-/// Encodes one text: each chunk through `encoder` (`[1, 77]` u32 ids on the CPU and the
-/// chunk's embeddings → `[1, 77, H]`),
-/// emphasis applied as `z *= w`, then `z *= mean_before / mean_after`, chunks concatenated on
-/// the token axis → `[1, 77·k, H]`, in the encoder's dtype.
+/// What the text encoders give for one chunk of 77 ids.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// Each text encoder's hidden states `[1, 77, width]`, in role order; emphasis is applied
+    /// to each on its own, as A1111 does per encoder, and they are then concatenated.
+    pub states: Vec<Tensor>,
+    /// The pooled (and projected) embedding `[1, width]` SDXL's UNet also takes, if any.
+    pub pooled: Option<Tensor>,
+}
+
+impl From<Tensor> for EncoderOutput {
+    /// One text encoder's hidden states, without a pooled embedding (SD 1 and 2).
+    fn from(states: Tensor) -> Self {
+        Self {
+            states: vec![states],
+            pooled: None,
+        }
+    }
+}
+
+/// One text encoded: its context, and the pooled embedding of its first chunk (A1111 takes
+/// the pooled output of the first chunk).
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// `[1, 77·k, width]`: the encoders' states side by side, chunks one after another.
+    pub context: Tensor,
+    /// `[1, width]`, when the encoders give one.
+    pub pooled: Option<Tensor>,
+}
+
+/// The callback that runs the text encoders on one chunk: `[1, 77]` u32 ids on the CPU (padded
+/// with the first encoder's pad token) and the chunk's embeddings.
+pub type ChunkEncoder<'a> = dyn FnMut(&Tensor, &[EmbeddingFix]) -> Result<EncoderOutput> + 'a;
+
+/// Encodes one text: each chunk through `encoder`, emphasis applied to each encoder's states
+/// as `z *= w`, then `z *= mean_before / mean_after`, the encoders' states concatenated on the
+/// width and chunks on the token axis → `[1, 77·k, H]`, in the encoder's dtype.
 pub fn encode(
     tokenizer: &Tokenizer,
     embeddings: &Embeddings,
     text: &str,
     syntax: PromptSyntax,
     pad: u32,
-    encoder: &mut dyn FnMut(&Tensor, &[EmbeddingFix]) -> Result<Tensor>,
-) -> Result<Tensor> {
+    encoder: &mut ChunkEncoder,
+) -> Result<Encoded> {
     let mut out = encode_batch(tokenizer, embeddings, &[text], syntax, pad, encoder)?;
     out.pop()
         .ok_or_else(|| Error::InvalidRequest("no text to encode".into()))
@@ -230,8 +263,8 @@ pub fn encode_batch(
     texts: &[&str],
     syntax: PromptSyntax,
     pad: u32,
-    encoder: &mut dyn FnMut(&Tensor, &[EmbeddingFix]) -> Result<Tensor>,
-) -> Result<Vec<Tensor>> {
+    encoder: &mut ChunkEncoder,
+) -> Result<Vec<Encoded>> {
     let all = texts
         .iter()
         .map(|t| chunks(tokenizer, embeddings, t, syntax, pad))
@@ -239,75 +272,106 @@ pub fn encode_batch(
     let count = all.iter().map(Vec::len).max().unwrap_or(0);
     let empty = WeightedChunk::empty(pad);
     let mut per_text: Vec<Vec<Tensor>> = vec![Vec::with_capacity(count); texts.len()];
+    let mut pooled: Vec<Option<Tensor>> = vec![None; texts.len()];
     for i in 0..count {
         let batch: Vec<&WeightedChunk> = all.iter().map(|c| c.get(i).unwrap_or(&empty)).collect();
-        let mut zs = Vec::with_capacity(batch.len());
+        let mut outputs = Vec::with_capacity(batch.len());
         for chunk in &batch {
             let ids = Tensor::from_vec(chunk.ids.clone(), (1, chunk.ids.len()), &Device::Cpu)?;
-            zs.push(encoder(&ids, &chunk.fixes)?);
+            outputs.push(encoder(&ids, &chunk.fixes)?);
         }
-        let z = Tensor::cat(&zs, 0)?;
-        let dtype = z.dtype();
-        let z = z.to_dtype(DType::F32)?;
+        let encoders = outputs.first().map_or(0, |o| o.states.len());
+        if encoders == 0 || outputs.iter().any(|o| o.states.len() != encoders) {
+            return Err(Error::InvalidConfig(
+                "the text encoders gave no states, or a different number per chunk".into(),
+            ));
+        }
         let weights: Vec<f32> = batch
             .iter()
             .flat_map(|c| c.weights.iter().copied())
             .collect();
-        let weights = Tensor::from_vec(weights, (batch.len(), CHUNK_TOKENS + 2, 1), z.device())?;
-        let before = mean(&z)?;
-        let z = z.broadcast_mul(&weights)?;
-        let after = mean(&z)?;
-        let z = (z * (before / after) as f32 as f64)?.to_dtype(dtype)?;
+        let weights = Tensor::from_vec(weights, (batch.len(), CHUNK_TOKENS + 2, 1), &Device::Cpu)?;
+        let mut emphasised = Vec::with_capacity(encoders);
+        for e in 0..encoders {
+            let zs: Vec<&Tensor> = outputs.iter().map(|o| &o.states[e]).collect();
+            let z = Tensor::cat(&zs, 0)?;
+            emphasised.push(emphasis(&z, &weights.to_device(z.device())?)?);
+        }
+        let z = Tensor::cat(&emphasised, 2)?;
         for (t, out) in per_text.iter_mut().enumerate() {
             out.push(z.narrow(0, t, 1)?);
+        }
+        if i == 0 {
+            for (slot, output) in pooled.iter_mut().zip(&mut outputs) {
+                *slot = output.pooled.take();
+            }
         }
     }
     per_text
         .into_iter()
-        .map(|zs| Ok(Tensor::cat(&zs, 1)?))
+        .zip(pooled)
+        .map(|(zs, pooled)| {
+            Ok(Encoded {
+                context: Tensor::cat(&zs, 1)?,
+                pooled,
+            })
+        })
         .collect()
 }
 
+/// A1111's "Original" emphasis on one encoder's states `z` `[B, 77, H]` with `weights`
+/// `[B, 77, 1]`: `z · w`, rescaled to the mean `z` had, in `z`'s dtype.
+fn emphasis(z: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let dtype = z.dtype();
+    let z = z.to_dtype(DType::F32)?;
+    let before = mean(&z)?;
+    let z = z.broadcast_mul(weights)?;
+    let after = mean(&z)?;
+    Ok((z * (before / after) as f32 as f64)?.to_dtype(dtype)?)
+}
+
 /// The optimizedSD blend `Σ w_i · encode(text_i)` (weights as given; [`super::plan`] has
-/// normalised them). Each text is encoded on its own; shorter encodings are extended with the
-/// encoding of an empty chunk, as A1111 extends a batch. One text of weight 1 is just encoded.
+/// normalised them), pooled embeddings blended alike. Each text is encoded on its own;
+/// shorter encodings are extended with the encoding of an empty chunk, as A1111 extends a
+/// batch. One text of weight 1 is just encoded.
 pub fn encode_blend(
     tokenizer: &Tokenizer,
     embeddings: &Embeddings,
     blend: &[(String, f32)],
     syntax: PromptSyntax,
     pad: u32,
-    encoder: &mut dyn FnMut(&Tensor, &[EmbeddingFix]) -> Result<Tensor>,
-) -> Result<Tensor> {
+    encoder: &mut ChunkEncoder,
+) -> Result<Encoded> {
     if let [(text, w)] = blend {
         if *w == 1.0 {
             return encode(tokenizer, embeddings, text, syntax, pad, encoder);
         }
     }
-    let zs = blend
+    let encoded = blend
         .iter()
         .map(|(text, _)| encode(tokenizer, embeddings, text, syntax, pad, encoder))
         .collect::<Result<Vec<_>>>()?;
-    let Some(first) = zs.first() else {
+    let Some(first) = encoded.first() else {
         return Err(Error::InvalidRequest("a blend of no sub-prompts".into()));
     };
-    let dtype = first.dtype();
-    let lengths = zs
+    let dtype = first.context.dtype();
+    let lengths = encoded
         .iter()
-        .map(|z| z.dim(1))
+        .map(|e| e.context.dim(1))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let longest = lengths.into_iter().max().unwrap_or(0);
     let mut empty: Option<Tensor> = None;
     let mut sum: Option<Tensor> = None;
-    for (z, (_, w)) in zs.iter().zip(blend) {
-        let mut z = z.to_dtype(DType::F32)?;
+    let mut pooled_sum: Option<Tensor> = None;
+    for (e, (_, w)) in encoded.iter().zip(blend) {
+        let mut z = e.context.to_dtype(DType::F32)?;
         let missing = (longest - z.dim(1)?) / (CHUNK_TOKENS + 2);
         if missing > 0 {
             let e = match &empty {
                 Some(e) => e.clone(),
                 None => {
                     let e = encode(tokenizer, embeddings, "", PromptSyntax::Plain, pad, encoder)?;
-                    empty.insert(e.to_dtype(DType::F32)?).clone()
+                    empty.insert(e.context.to_dtype(DType::F32)?).clone()
                 }
             };
             let mut pieces = vec![z];
@@ -315,14 +379,25 @@ pub fn encode_blend(
             z = Tensor::cat(&pieces, 1)?;
         }
         // optimizedSD starts from zeros and adds `alpha · z` sub-prompt by sub-prompt.
-        let acc = match sum {
-            Some(acc) => acc,
-            None => z.zeros_like()?,
-        };
-        sum = Some((acc + (z * *w as f64)?)?);
+        sum = Some(weighted_add(sum, &z, *w)?);
+        if let Some(p) = &e.pooled {
+            pooled_sum = Some(weighted_add(pooled_sum, &p.to_dtype(DType::F32)?, *w)?);
+        }
     }
     let sum = sum.ok_or_else(|| Error::InvalidRequest("a blend of no sub-prompts".into()))?;
-    Ok(sum.to_dtype(dtype)?)
+    Ok(Encoded {
+        context: sum.to_dtype(dtype)?,
+        pooled: pooled_sum.map(|p| p.to_dtype(dtype)).transpose()?,
+    })
+}
+
+/// `acc + w · z`, starting from zeros.
+fn weighted_add(acc: Option<Tensor>, z: &Tensor, w: f32) -> Result<Tensor> {
+    let acc = match acc {
+        Some(acc) => acc,
+        None => z.zeros_like()?,
+    };
+    Ok((acc + (z * w as f64)?)?)
 }
 
 /// Mean of all elements, summed in f64.

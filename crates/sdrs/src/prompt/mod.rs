@@ -51,7 +51,8 @@ use crate::{Error, Result};
 
 pub use blend::split_weighted_subprompts;
 pub use chunks::{
-    chunks, encode, encode_batch, encode_blend, EmbeddingFix, WeightedChunk, CHUNK_TOKENS,
+    chunks, encode, encode_batch, encode_blend, ChunkEncoder, EmbeddingFix, Encoded, EncoderOutput,
+    WeightedChunk, CHUNK_TOKENS,
 };
 pub use editing::{prompt_edits, prompt_edits_with, EditClock, EditTimeline};
 pub use emphasis::{parse_attention, Segment};

@@ -19,6 +19,9 @@ pub(crate) struct Stored {
     pub name: String,
     /// `(first row, rows)` along dimension 0, or the whole tensor.
     pub rows: Option<(usize, usize)>,
+    /// Whether the matrix is stored transposed (OpenCLIP's `text_projection`, used as
+    /// `x @ W`, against transformers' linear weight).
+    pub transposed: bool,
 }
 
 /// One model's tensors: diffusers name → where it is in the file, with the names that could
@@ -45,6 +48,7 @@ impl Component {
                     let stored = Stored {
                         name: found,
                         rows: None,
+                        transposed: false,
                     };
                     renames.insert(name.diffusers.clone(), stored);
                 }
@@ -85,6 +89,9 @@ impl Component {
                 if let (Some((_, rows)), Some(first)) = (stored.rows, shape.first_mut()) {
                     *first = rows;
                 }
+                if stored.transposed {
+                    shape.reverse();
+                }
                 Some((name.clone(), shape))
             })
             .collect()
@@ -103,7 +110,7 @@ impl Component {
     /// The stored bytes of diffusers name `name` (a fused tensor's band of rows) and their
     /// dtype, where the file is mapped (see [`TensorFile::bytes`]).
     pub(crate) fn stored_bytes(&self, name: &str) -> Option<(DType, &[u8])> {
-        let stored = self.renames.get(name)?;
+        let stored = self.renames.get(name).filter(|s| !s.transposed)?;
         let (dtype, bytes) = self.file.bytes(&stored.name)?;
         match stored.rows {
             None => Some((dtype, bytes)),
@@ -156,6 +163,9 @@ impl Renamed {
             Some((first, rows)) => tensor.narrow(0, first, rows)?.contiguous()?,
             None => tensor,
         };
+        if stored.transposed {
+            return tensor.t()?.contiguous();
+        }
         Ok(tensor)
     }
 }

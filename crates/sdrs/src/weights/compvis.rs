@@ -147,6 +147,10 @@ pub(crate) fn unet_names(cfg: &UNetConfig) -> Vec<TensorName> {
     t.module("conv_in", "input_blocks.0.0", WEIGHT_BIAS);
     t.module("time_embedding.linear_1", "time_embed.0", WEIGHT_BIAS);
     t.module("time_embedding.linear_2", "time_embed.2", WEIGHT_BIAS);
+    if cfg.addition_embed_type.is_some() {
+        t.module("add_embedding.linear_1", "label_emb.0.0", WEIGHT_BIAS);
+        t.module("add_embedding.linear_2", "label_emb.0.2", WEIGHT_BIAS);
+    }
 
     let mut in_ch = channels[0];
     for (i, &out_ch) in channels.iter().enumerate() {

@@ -19,7 +19,7 @@ pub(crate) const CLIP_PREFIXES: [&str; 2] = [
     "cond_stage_model.transformer.text_model.",
     "cond_stage_model.transformer.",
 ];
-const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+const OPEN_CLIP_PREFIX: &str = super::openclip::PREFIX;
 const CLIP_LAYERS: Limit = ("MAX_CLIP_LAYERS", MAX_CLIP_LAYERS);
 
 /// The family of a CompVis single-file checkpoint.
@@ -102,20 +102,26 @@ pub(crate) fn clip_config(file: &TensorFile, prefix: &str) -> Result<ClipConfig>
     Ok(config)
 }
 
-/// SD2's OpenCLIP text encoder config (`cond_stage_model.model.*`).
-pub(crate) fn open_clip_config(file: &TensorFile) -> Result<ClipConfig> {
-    let s = Shapes {
-        file,
-        prefix: OPEN_CLIP_PREFIX,
-    };
+/// The config of an OpenCLIP text encoder under `prefix`: SD 2's (`cond_stage_model.model.`),
+/// which stops at the penultimate layer (`drop_last`, see `weights::openclip`), or SDXL's
+/// second (`conditioner.embedders.1.model.`), whose last layer makes the pooled output.
+pub(crate) fn open_clip_config(
+    file: &TensorFile,
+    prefix: &str,
+    drop_last: bool,
+) -> Result<ClipConfig> {
+    let s = Shapes { file, prefix };
     let hidden_size = s.dim("token_embedding.weight", 1)?;
     let layers = s.count("transformer.resblocks.", "OpenCLIP layers", CLIP_LAYERS)?;
     let config = ClipConfig {
         vocab_size: s.dim("token_embedding.weight", 0)?,
         hidden_size,
         intermediate_size: s.dim("transformer.resblocks.0.mlp.c_fc.weight", 0)?,
-        // SD 2 stops at the penultimate layer (see `weights::openclip`).
-        num_hidden_layers: layers.saturating_sub(1).max(1),
+        num_hidden_layers: if drop_last {
+            layers.saturating_sub(1).max(1)
+        } else {
+            layers
+        },
         num_attention_heads: (hidden_size / 64).max(1),
         max_position_embeddings: s.dim("positional_embedding", 0)?,
         hidden_act: Activation::Gelu,
@@ -130,8 +136,13 @@ pub(crate) fn has_open_clip(file: &TensorFile) -> bool {
     file.names().any(|n| n.starts_with(OPEN_CLIP_PREFIX))
 }
 
-/// The UNet config of a CompVis checkpoint.
-pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
+/// The UNet config of a CompVis checkpoint of `family`; SDXL's `projection` is the width of
+/// the pooled text that goes into its `add_embedding` with the six size ids.
+pub(crate) fn unet_config(
+    file: &TensorFile,
+    family: ModelFamily,
+    projection: Option<usize>,
+) -> Result<UNetConfig> {
     let s = Shapes {
         file,
         prefix: UNET_PREFIX,
@@ -165,17 +176,20 @@ pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
         )?);
         let proj_in = format!("input_blocks.{}.1.proj_in.weight", first(i));
         attention.push(s.has(&proj_in));
-        if s.has(&proj_in) {
-            depths.push(s.count(
-                &format!("input_blocks.{}.1.transformer_blocks.", first(i)),
-                "UNet transformer blocks",
-                ("MAX_TRANSFORMER_DEPTH", MAX_TRANSFORMER_DEPTH),
-            )?);
+        // A level without attention counts as depth 1, as diffusers' configs write it.
+        depths.push(if s.has(&proj_in) {
             linear_projection = file
                 .shape(&format!("{UNET_PREFIX}{proj_in}"))
                 .map(<[usize]>::len)
                 == Some(2);
-        }
+            s.count(
+                &format!("input_blocks.{}.1.transformer_blocks.", first(i)),
+                "UNet transformer blocks",
+                ("MAX_TRANSFORMER_DEPTH", MAX_TRANSFORMER_DEPTH),
+            )?
+        } else {
+            1
+        });
     }
     let cross_attention_dim = context_dim(file)
         .ok_or_else(|| Error::InvalidConfig("the UNet has no cross-attention".into()))?;
@@ -195,10 +209,11 @@ pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
         .rev()
         .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string())
         .collect();
-    // SD2 fixes the head width at 64 (diffusers stores the head count per block in the
-    // misnamed `attention_head_dim`); SD1 fixes the head count at 8.
-    let attention_head_dim = if cross_attention_dim == 1024 {
-        PerBlock::Each(block_out_channels.iter().map(|c| c / 64).collect())
+    // SD2 and SDXL fix the head width at 64 (one head in narrower test models; diffusers
+    // stores the head count per block in the misnamed `attention_head_dim`); SD1 fixes the
+    // head count at 8.
+    let attention_head_dim = if cross_attention_dim == 1024 || family == ModelFamily::Sdxl {
+        PerBlock::Each(block_out_channels.iter().map(|c| (c / 64).max(1)).collect())
     } else {
         PerBlock::All(8)
     };
@@ -207,6 +222,7 @@ pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
         Some(_) => PerBlock::Each(depths),
         None => PerBlock::All(1),
     };
+    let text_time = text_time(&s, projection)?;
     let config = UNetConfig {
         in_channels: s.dim("input_blocks.0.0.weight", 1)?,
         out_channels: s.dim("out.2.weight", 0)?,
@@ -219,10 +235,35 @@ pub(crate) fn unet_config(file: &TensorFile) -> Result<UNetConfig> {
         cross_attention_dim,
         use_linear_projection: linear_projection,
         transformer_layers_per_block,
+        addition_embed_type: text_time.map(|_| "text_time".to_string()),
+        addition_time_embed_dim: text_time.map(|(_, size_width)| size_width),
+        projection_class_embeddings_input_dim: text_time.map(|(input, _)| input),
         ..UNetConfig::sd1()
     };
     config.validate()?;
     Ok(config)
+}
+
+/// SDXL's `add_embedding` (CompVis `label_emb.0`): its input width and the width of each size
+/// id's embedding, which is what is left of the input after the pooled text, in six.
+fn text_time(s: &Shapes, projection: Option<usize>) -> Result<Option<(usize, usize)>> {
+    if !s.has("label_emb.0.0.weight") {
+        return Ok(None);
+    }
+    let input = s.dim("label_emb.0.0.weight", 1)?;
+    let pooled = projection.ok_or_else(|| {
+        Error::InvalidConfig(
+            "the UNet takes pooled text (label_emb), but no text encoder has a text_projection"
+                .into(),
+        )
+    })?;
+    match input.checked_sub(pooled) {
+        Some(rest) if rest > 0 && rest % 6 == 0 => Ok(Some((input, rest / 6))),
+        _ => Err(Error::InvalidConfig(format!(
+            "label_emb takes {input} values, which is not the pooled text's {pooled} and six \
+             size embeddings"
+        ))),
+    }
 }
 
 /// How a VAE's tensors are named in a file.

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::models::vae::VaeConfig;
 use crate::{Error, Result};
 
 /// A network of a model, by the job it does.
@@ -40,7 +41,8 @@ pub enum ModelFamily {
     Sd1Inpainting,
     /// SD 2.x's inpainting UNet (9 input channels), which sdrs cannot run yet.
     Sd2Inpainting,
-    /// SDXL (a 2048-wide context), which sdrs cannot run yet.
+    /// SDXL: two text encoders (OpenAI CLIP ViT-L and OpenCLIP ViT-bigG) make a 2048-wide
+    /// context, and the pooled text and the image's size ids go into the UNet as well.
     Sdxl,
     /// Weights that match none of the above.
     Unknown,
@@ -101,13 +103,22 @@ impl ModelFamily {
         }
     }
 
-    /// Refuses the families the pipeline cannot condition yet: it feeds one text encoder's
-    /// context and nothing else.
+    /// The VAE a checkpoint of this family has when its shapes say nothing more (SDXL's
+    /// latents are scaled by 0.13025, SD's by 0.18215).
+    pub(crate) fn vae_config(self) -> VaeConfig {
+        match self {
+            ModelFamily::Sdxl => VaeConfig {
+                scaling_factor: 0.13025,
+                ..VaeConfig::sd()
+            },
+            _ => VaeConfig::sd(),
+        }
+    }
+
+    /// Refuses the families the pipeline cannot condition yet: the inpainting UNets' mask
+    /// channels.
     pub(crate) fn ensure_supported(self) -> Result<Self> {
-        let inputs = self.unet_inputs();
-        let runnable =
-            inputs.text_encoders == 1 && !inputs.pooled_text_and_size && inputs.extra_channels == 0;
-        if runnable && self != ModelFamily::Unknown {
+        if self.unet_inputs().extra_channels == 0 && self != ModelFamily::Unknown {
             return Ok(self);
         }
         Err(Error::UnsupportedCheckpoint {

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use super::backend::Component;
-use super::compvis::{clip_names, unet_names};
+use super::compvis::{clip_names, unet_names, TensorName};
 use super::detect::VaeNaming;
 use super::tensor_file::{with_path, TensorFile};
-use super::{vae_component, Checkpoint, ModelFamily};
+use super::{vae_component, Checkpoint, ModelFamily, TextEncoderWeights};
 use crate::models::clip::ClipConfig;
 use crate::models::unet::{Prediction, UNetConfig};
 use crate::models::vae::VaeConfig;
@@ -50,9 +50,13 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint> {
     }
     .ensure_supported()?;
 
-    let clip_json = dir.join("text_encoder").join("config.json");
-    let clip_config: ClipConfig = read_json(&clip_json)?;
-    clip_config.validate().map_err(in_file(&clip_json))?;
+    let text_encoders = match family {
+        ModelFamily::Sdxl => vec![
+            text_encoder(dir, "text_encoder", "tokenizer", false)?,
+            text_encoder(dir, "text_encoder_2", "tokenizer_2", true)?,
+        ],
+        _ => vec![text_encoder(dir, "text_encoder", "tokenizer", false)?],
+    };
     let vae_json = dir.join("vae").join("config.json");
     let vae_config: VaeConfig = read_json(&vae_json)?;
     vae_config.validate().map_err(in_file(&vae_json))?;
@@ -61,9 +65,6 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint> {
     let unet_files = weight_files(&dir.join("unet"))?;
     let hash_file = unet_files[0].clone();
     let unet_file = Arc::new(TensorFile::open_shards(&unet_files)?);
-    let clip_file = Arc::new(TensorFile::open_shards(&weight_files(
-        &dir.join("text_encoder"),
-    )?)?);
     let vae_file = Arc::new(TensorFile::open_shards(&weight_files(&dir.join("vae"))?)?);
 
     Ok(Checkpoint {
@@ -73,16 +74,56 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint> {
         unet: Component::resolve(unet_file, &unet_names(&unet_config), |n| {
             vec![n.diffusers.clone()]
         }),
-        // transformers 4 writes `text_model.*`; transformers 5 drops the prefix.
-        text_encoder: Component::resolve(clip_file, &clip_names(&clip_config), |n| {
-            vec![format!("text_model.{}", n.diffusers), n.diffusers.clone()]
-        }),
         vae: vae_component(vae_file, &vae_config, VaeNaming::Diffusers),
-        clip_config,
+        text_encoders,
         unet_config,
         vae_config,
-        pad_token: pad_token(dir),
         scheduler_prediction: prediction,
+    })
+}
+
+/// The text encoder in `dir/sub` with the pad token `dir/tokenizer` declares; `projected`
+/// for SDXL's second encoder (`CLIPTextModelWithProjection`), whose pooled output goes
+/// through its `text_projection` of `projection_dim`.
+fn text_encoder(
+    dir: &Path,
+    sub: &str,
+    tokenizer: &str,
+    projected: bool,
+) -> Result<TextEncoderWeights> {
+    let json = dir.join(sub).join("config.json");
+    let raw: serde_json::Value = read_json(&json)?;
+    let config: ClipConfig = from_value(&json, raw.clone())?;
+    config.validate().map_err(in_file(&json))?;
+    let projection = if projected {
+        let width = raw["projection_dim"].as_u64().filter(|&w| w > 0);
+        let width = width.and_then(|w| usize::try_from(w).ok()).ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "{}: SDXL's second text encoder needs a projection_dim",
+                json.display()
+            ))
+        })?;
+        Some(width)
+    } else {
+        None
+    };
+    let mut names = clip_names(&config);
+    if projected {
+        names.push(TensorName {
+            diffusers: "text_projection.weight".into(),
+            compvis: "text_projection.weight".into(),
+        });
+    }
+    let file = Arc::new(TensorFile::open_shards(&weight_files(&dir.join(sub))?)?);
+    Ok(TextEncoderWeights {
+        // transformers 4 writes `text_model.*`; transformers 5 drops the prefix (and the
+        // projection sits beside `text_model` in both).
+        weights: Component::resolve(file, &names, |n| {
+            vec![format!("text_model.{}", n.diffusers), n.diffusers.clone()]
+        }),
+        config,
+        pad_token: pad_token(&dir.join(tokenizer)),
+        projection,
     })
 }
 
@@ -118,11 +159,12 @@ fn in_file(path: &Path) -> impl Fn(Error) -> Error + '_ {
     }
 }
 
-/// The tokenizer's padding token: SD 2's folders say `"!"` (id 0); SD 1's pad with EOS.
+/// The padding token of the tokenizer in `dir`: SD 2's (and SDXL's second) say `"!"` (id 0);
+/// SD 1's pad with EOS.
 fn pad_token(dir: &Path) -> u32 {
     let declared = ["special_tokens_map.json", "tokenizer_config.json"]
         .iter()
-        .filter_map(|f| std::fs::read_to_string(dir.join("tokenizer").join(f)).ok())
+        .filter_map(|f| std::fs::read_to_string(dir.join(f)).ok())
         .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         .find_map(|v| {
             let pad = &v["pad_token"];

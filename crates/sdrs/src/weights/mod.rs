@@ -13,6 +13,7 @@ mod numbered;
 mod openclip;
 mod pickle;
 mod safetensors_header;
+mod sgm;
 mod tensor_file;
 mod torch_pickle;
 mod torch_zip;
@@ -53,6 +54,18 @@ pub(crate) fn sides_fit(shape: &[usize]) -> bool {
         .is_some()
 }
 
+/// A text encoder in a checkpoint: its architecture, its tensors, and how its prompts are padded.
+#[derive(Clone)]
+pub(crate) struct TextEncoderWeights {
+    config: ClipConfig,
+    weights: Component,
+    /// The padding id after a prompt's end: EOS for OpenAI's CLIP, 0 ("!") for OpenCLIP.
+    pad_token: u32,
+    /// The width of `text_projection` (SDXL's second encoder), which the pooled output goes
+    /// through; none for an encoder whose pooled output is not used.
+    projection: Option<usize>,
+}
+
 /// An opened checkpoint: its family, the three model configs, and lazy access to the weights.
 /// Clones share the open files.
 #[derive(Clone)]
@@ -61,14 +74,12 @@ pub struct Checkpoint {
     /// The file whose sha256 is the A1111 "Model hash".
     hash_file: PathBuf,
     family: ModelFamily,
-    clip_config: ClipConfig,
+    /// One per text encoder of the family, in role order.
+    text_encoders: Vec<TextEncoderWeights>,
     unet_config: UNetConfig,
     vae_config: VaeConfig,
-    text_encoder: Component,
     unet: Component,
     vae: Component,
-    /// The padding id after a prompt's end: EOS for SD 1's CLIP, 0 ("!") for SD 2's OpenCLIP.
-    pad_token: u32,
     /// A diffusers folder's `prediction_type`, read (and checked) when it opened.
     scheduler_prediction: Option<Prediction>,
 }
@@ -114,9 +125,16 @@ impl Checkpoint {
         }
     }
 
-    /// The text encoder's architecture.
+    /// The (first) text encoder's architecture.
     pub fn clip_config(&self) -> &ClipConfig {
-        &self.clip_config
+        &self.text_encoders[0].config
+    }
+
+    /// The architecture of text encoder `index` (SDXL has two), and the width of its text
+    /// projection when its pooled output conditions the UNet.
+    pub fn text_encoder_config(&self, index: usize) -> Option<(&ClipConfig, Option<usize>)> {
+        let encoder = self.text_encoders.get(index)?;
+        Some((&encoder.config, encoder.projection))
     }
 
     /// The UNet's architecture.
@@ -129,44 +147,55 @@ impl Checkpoint {
         &self.vae_config
     }
 
-    /// Text-encoder weights, rooted at transformers' `text_model`.
+    /// The (first) text encoder's weights, rooted at transformers' `text_model`.
     pub fn text_encoder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        self.text_encoder.var_builder(dtype, device)
+        self.text_encoder_at(0, dtype, device)
+    }
+
+    /// The weights of text encoder `index`, rooted at transformers' `text_model` (a text
+    /// projection is `text_projection.weight`).
+    pub fn text_encoder_at(
+        &self,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        self.text_encoders
+            .get(index)
+            .ok_or_else(|| no_network(Role::TextEncoder(index)))?
+            .weights
+            .var_builder(dtype, device)
+    }
+
+    /// The network of `role`'s tensors, if the checkpoint has that network.
+    fn component(&self, role: Role) -> Option<&Component> {
+        match role {
+            Role::TextEncoder(i) => self.text_encoders.get(i).map(|e| &e.weights),
+            Role::Unet => Some(&self.unet),
+            Role::Vae => Some(&self.vae),
+        }
     }
 
     /// The stored shape of every tensor of the network of `role`, under diffusers names
     /// (the text encoder's rooted at `text_model`); empty for a role the checkpoint lacks.
     pub(crate) fn shapes(&self, role: Role) -> Vec<(String, Vec<usize>)> {
-        match role {
-            Role::TextEncoder(0) => self.text_encoder.shapes(),
-            Role::Unet => self.unet.shapes(),
-            Role::Vae => self.vae.shapes(),
-            _ => Vec::new(),
-        }
+        self.component(role)
+            .map(Component::shapes)
+            .unwrap_or_default()
     }
 
     /// The tensor `name` (a diffusers name) of the network of `role`, in the dtype the file
     /// stores it in, on the CPU.
     pub(crate) fn stored(&self, role: Role, name: &str) -> Result<candle_core::Tensor> {
-        match role {
-            Role::TextEncoder(0) => self.text_encoder.stored(name),
-            Role::Unet => self.unet.stored(name),
-            Role::Vae => self.vae.stored(name),
-            other => Err(Error::UnsupportedCheckpoint {
-                detected: format!("a model with a {other:?} network"),
-            }),
-        }
+        self.component(role)
+            .ok_or_else(|| no_network(role))?
+            .stored(name)
     }
 
     /// The stored bytes of tensor `name` of the network of `role` and their dtype, where the
     /// file is a mapped safetensors file; `None` otherwise (then [`Checkpoint::stored`]).
     pub(crate) fn stored_bytes(&self, role: Role, name: &str) -> Option<(DType, &[u8])> {
-        match role {
-            Role::TextEncoder(0) => self.text_encoder.stored_bytes(name),
-            Role::Unet => self.unet.stored_bytes(name),
-            Role::Vae => self.vae.stored_bytes(name),
-            _ => None,
-        }
+        self.component(role)?.stored_bytes(name)
     }
 
     /// The UNet's `(diffusers, CompVis)` tensor names (CompVis relative to
@@ -185,19 +214,20 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>> {
-        match role {
-            Role::TextEncoder(0) => self.text_encoder(dtype, device),
-            Role::Unet => self.unet(dtype, device),
-            Role::Vae => self.vae(dtype, device),
-            other => Err(Error::UnsupportedCheckpoint {
-                detected: format!("a model with a {other:?} network"),
-            }),
-        }
+        self.component(role)
+            .ok_or_else(|| no_network(role))?
+            .var_builder(dtype, device)
     }
 
-    /// The token that pads a prompt after its EOS: EOS itself for SD 1, 0 (`!`) for SD 2.
+    /// The token that pads a prompt after its EOS for the (first) text encoder: EOS itself
+    /// for SD 1 (and SDXL's first), 0 (`!`) for SD 2.
     pub fn pad_token(&self) -> u32 {
-        self.pad_token
+        self.text_encoders[0].pad_token
+    }
+
+    /// The padding token of each text encoder, in role order (SDXL: EOS, then 0).
+    pub fn pad_tokens(&self) -> Vec<u32> {
+        self.text_encoders.iter().map(|e| e.pad_token).collect()
     }
 
     /// UNet weights under diffusers `UNet2DConditionModel` names.
@@ -250,6 +280,13 @@ impl Checkpoint {
     }
 }
 
+/// The error for a network the checkpoint's family does not have.
+fn no_network(role: Role) -> Error {
+    Error::UnsupportedCheckpoint {
+        detected: format!("a model without a {role:?} network"),
+    }
+}
+
 /// The VAE component for a file with the given naming.
 fn vae_component(file: Arc<TensorFile>, config: &VaeConfig, naming: VaeNaming) -> Component {
     Component::resolve(file, &compvis_vae::vae_names(config), |n| match naming {
@@ -282,34 +319,19 @@ fn open_single_file(path: &Path) -> Result<Checkpoint> {
         });
     }
     let family = family.ensure_supported()?;
-    let unet_config = detect::unet_config(&file)?;
-
-    let open_clip = detect::has_open_clip(&file);
-    let clip_prefix = detect::CLIP_PREFIXES
-        .into_iter()
-        .find(|p| file.contains(&format!("{p}embeddings.token_embedding.weight")));
-    let clip_config = match (open_clip, clip_prefix) {
-        (true, _) => detect::open_clip_config(&file)?,
-        (false, Some(prefix)) => detect::clip_config(&file, prefix)?,
-        // No text encoder inside: SD1's, so that the error names what is missing.
-        (false, None) => ClipConfig::sd1(),
+    let text_encoders = match family {
+        ModelFamily::Sdxl => sgm::text_encoders(&file)?,
+        _ => vec![compvis_text_encoder(&file)?],
     };
-    let text_encoder = if open_clip {
-        Component::from_places(file.clone(), openclip::places(&clip_config))
-    } else {
-        Component::resolve(
-            file.clone(),
-            &compvis::clip_names(&clip_config),
-            compvis_under(clip_prefix.unwrap_or(detect::CLIP_PREFIXES[0])),
-        )
-    };
+    let projection = text_encoders.iter().find_map(|e| e.projection);
+    let unet_config = detect::unet_config(&file, family, projection)?;
 
     let vae_naming = VaeNaming::CompVis(detect::VAE_PREFIX);
     let vae_config = if detect::vae_naming(&file) == Some(vae_naming) {
-        detect::vae_config(&file, vae_naming, &VaeConfig::sd())?
+        detect::vae_config(&file, vae_naming, &family.vae_config())?
     } else {
         // A checkpoint without its VAE still opens; `set_vae_file` supplies one.
-        VaeConfig::sd()
+        family.vae_config()
     };
     Ok(Checkpoint {
         path: path.to_path_buf(),
@@ -321,11 +343,41 @@ fn open_single_file(path: &Path) -> Result<Checkpoint> {
             compvis_under(detect::UNET_PREFIX),
         ),
         vae: vae_component(file, &vae_config, vae_naming),
-        text_encoder,
-        clip_config,
+        text_encoders,
         unet_config,
         vae_config,
-        pad_token: if open_clip { 0 } else { crate::tokenizer::EOS },
         scheduler_prediction: None,
+    })
+}
+
+/// The one text encoder of an SD 1 (OpenAI CLIP) or SD 2 (OpenCLIP) single file.
+fn compvis_text_encoder(file: &Arc<TensorFile>) -> Result<TextEncoderWeights> {
+    let open_clip = detect::has_open_clip(file);
+    let clip_prefix = detect::CLIP_PREFIXES
+        .into_iter()
+        .find(|p| file.contains(&format!("{p}embeddings.token_embedding.weight")));
+    let config = match (open_clip, clip_prefix) {
+        (true, _) => detect::open_clip_config(file, openclip::PREFIX, true)?,
+        (false, Some(prefix)) => detect::clip_config(file, prefix)?,
+        // No text encoder inside: SD1's, so that the error names what is missing.
+        (false, None) => ClipConfig::sd1(),
+    };
+    let weights = if open_clip {
+        Component::from_places(
+            file.clone(),
+            openclip::places(&config, openclip::PREFIX, false),
+        )
+    } else {
+        Component::resolve(
+            file.clone(),
+            &compvis::clip_names(&config),
+            compvis_under(clip_prefix.unwrap_or(detect::CLIP_PREFIXES[0])),
+        )
+    };
+    Ok(TextEncoderWeights {
+        config,
+        weights,
+        pad_token: if open_clip { 0 } else { crate::tokenizer::EOS },
+        projection: None,
     })
 }

@@ -6,20 +6,28 @@
 //! the final layer norm (CompVis' `FrozenOpenCLIPEmbedder(layer="penultimate")`), which is a
 //! CLIP encoder one layer shorter — what diffusers' SD 2 text encoders ship (23 of 24 layers) —
 //! so the config this file's shapes give drops the last resblock and it is never read.
+//!
+//! SDXL's second text encoder is OpenCLIP ViT-bigG under `conditioner.embedders.1.model.`,
+//! read whole: its last layer makes the pooled output, which goes through `text_projection`
+//! (stored `[hidden, projection]`, served transposed as transformers' linear weight).
 
 use super::backend::Stored;
 use crate::models::clip::ClipConfig;
 
-/// Where OpenCLIP single files keep the text encoder.
+/// Where SD 2 single files keep the text encoder.
 pub(crate) const PREFIX: &str = "cond_stage_model.model.";
 
 fn whole(name: String) -> Stored {
-    Stored { name, rows: None }
+    Stored {
+        name,
+        rows: None,
+        transposed: false,
+    }
 }
 
-/// Every tensor of a CLIP text encoder with `cfg`, by transformers name, in an OpenCLIP file.
-pub(crate) fn places(cfg: &ClipConfig) -> Vec<(String, Stored)> {
-    let p = PREFIX;
+/// Every tensor of a CLIP text encoder with `cfg`, by transformers name, in an OpenCLIP file
+/// under `p`; with `projection`, its text projection too.
+pub(crate) fn places(cfg: &ClipConfig, p: &str, projection: bool) -> Vec<(String, Stored)> {
     let h = cfg.hidden_size;
     let mut out = vec![
         (
@@ -47,6 +55,7 @@ pub(crate) fn places(cfg: &ClipConfig) -> Vec<(String, Stored)> {
                     Stored {
                         name: format!("{theirs}.attn.in_proj_{kind}"),
                         rows: Some((band * h, h)),
+                        transposed: false,
                     },
                 ));
             }
@@ -63,6 +72,16 @@ pub(crate) fn places(cfg: &ClipConfig) -> Vec<(String, Stored)> {
                 ));
             }
         }
+    }
+    if projection {
+        out.push((
+            "text_projection.weight".to_string(),
+            Stored {
+                name: format!("{p}text_projection"),
+                rows: None,
+                transposed: true,
+            },
+        ));
     }
     out
 }

@@ -110,7 +110,7 @@ fn sdxl_encoders_give_transformers_penultimate_states_and_projected_pooled_outpu
         let model = ClipTextTransformer::new(root, &cfg).expect("model");
         let ids = reference[ids].to_dtype(DType::U32).unwrap();
         let hidden = model
-            .hidden_states(&ids, cfg.num_hidden_layers - 1)
+            .hidden_states(&ids, &[], cfg.num_hidden_layers - 1)
             .expect("penultimate");
         common::assert_close(dir, &hidden, &reference[want], 1e-5);
         if dir.ends_with("_2") {
@@ -124,6 +124,13 @@ fn sdxl_encoders_give_transformers_penultimate_states_and_projected_pooled_outpu
                 .forward(&model.pooled(&ids).expect("pooled"))
                 .expect("project");
             common::assert_close("text_embeds", &pooled, &reference["te2_text_embeds"], 1e-5);
+            // The same in one pass, as the conditioner runs it.
+            let (hidden, pooled) = model
+                .hidden_and_pooled(&ids, &[], cfg.num_hidden_layers - 1)
+                .expect("one pass");
+            common::assert_close("one pass", &hidden, &reference[want], 1e-5);
+            let pooled = projection.forward(&pooled).expect("project");
+            common::assert_close("one pass", &pooled, &reference["te2_text_embeds"], 1e-5);
         }
     }
 }

@@ -83,7 +83,14 @@ fn conditioning_matches_diffusers_load_textual_inversion() {
         let sd = with_embeddings(model.as_str().unwrap());
         for (i, prompt) in manifest["prompts"].as_array().unwrap().iter().enumerate() {
             let c = sd
-                .conditioning(prompt.as_str().unwrap(), "", PromptSyntax::A1111, 8, 1)
+                .conditioning(
+                    prompt.as_str().unwrap(),
+                    "",
+                    PromptSyntax::A1111,
+                    8,
+                    1,
+                    (64, 64),
+                )
                 .unwrap();
             let name = format!("{key}.{i}");
             common::assert_close(&name, &c.parts[0].at(0).context, &reference[&name], 1e-5);
@@ -201,10 +208,10 @@ fn emphasis_weighs_every_vector_of_an_embedding() {
     // Emphasis on an embedding changes the conditioning as on any token.
     let sd = with_embeddings("tiny-sd1");
     let plain = sd
-        .conditioning("sdrsfox", "", PromptSyntax::A1111, 8, 1)
+        .conditioning("sdrsfox", "", PromptSyntax::A1111, 8, 1, (64, 64))
         .unwrap();
     let strong = sd
-        .conditioning("(sdrsfox:1.5)", "", PromptSyntax::A1111, 8, 1)
+        .conditioning("(sdrsfox:1.5)", "", PromptSyntax::A1111, 8, 1, (64, 64))
         .unwrap();
     let diff = (plain.parts[0].at(0).context.clone() - strong.parts[0].at(0).context.clone())
         .unwrap()

@@ -20,6 +20,7 @@ mod prompt_pipeline;
 mod rng;
 mod schedules;
 mod sd2;
+mod sdxl;
 mod tokenizer;
 mod txt2img;
 mod unet;

@@ -9,7 +9,7 @@ use sdrs::embeddings::Embeddings;
 use sdrs::models::clip::{ClipConfig, ClipTextTransformer};
 use sdrs::prompt::{
     chunks, encode_batch, encode_blend, parse_attention, plan, report, EditClock, EditTimeline,
-    EmbeddingFix, PromptSyntax,
+    EmbeddingFix, EncoderOutput, PromptSyntax,
 };
 use sdrs::tokenizer::{Tokenizer, EOS};
 use serde_json::Value;
@@ -30,7 +30,7 @@ fn load_clip() -> ClipTextTransformer {
 /// output the non-zero mean that A1111's emphasis restores (the tiny model's averages to ~0).
 fn text_encoder(
     model: &ClipTextTransformer,
-) -> impl FnMut(&Tensor, &[EmbeddingFix]) -> sdrs::Result<Tensor> + '_ {
+) -> impl FnMut(&Tensor, &[EmbeddingFix]) -> sdrs::Result<EncoderOutput> + '_ {
     let hidden = 32;
     let scale: Vec<f32> = (0..hidden).map(|i| 1.0 + (i % 5) as f32 / 8.0).collect();
     let shift: Vec<f32> = (0..hidden).map(|i| ((i % 7) as f32 - 2.0) / 16.0).collect();
@@ -38,7 +38,7 @@ fn text_encoder(
     let shift = Tensor::from_vec(shift, (1, 1, hidden), &Device::Cpu).unwrap();
     move |ids: &Tensor, _: &[EmbeddingFix]| {
         let z = model.forward(ids, 1)?;
-        Ok(z.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+        Ok(z.broadcast_mul(&scale)?.broadcast_add(&shift)?.into())
     }
 }
 
@@ -152,7 +152,7 @@ fn weighted_long_break_and_batched_conditioning_match_a1111() {
         for (i, z) in got.iter().enumerate() {
             check(
                 &format!("{name}.{i}"),
-                z,
+                &z.context,
                 &reference[&format!("{name}.{i}")],
             );
         }
@@ -192,7 +192,7 @@ fn blended_conditioning_matches_optimized_sd() {
             &mut encoder,
         )
         .unwrap();
-        check(name, &z, &reference[name]);
+        check(name, &z.context, &reference[name]);
         // A short blend without emphasis reads the same in Auto as in optimizedSD.
         if name == "blend" {
             let auto = encode_blend(
@@ -204,7 +204,7 @@ fn blended_conditioning_matches_optimized_sd() {
                 &mut encoder,
             )
             .unwrap();
-            check("blend (auto)", &auto, &reference[name]);
+            check("blend (auto)", &auto.context, &reference[name]);
         }
     }
 }
