@@ -140,7 +140,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         anyhow::Ok(())
     };
 
-    let size = (args.size, args.size);
+    let size = sdrs::pipeline::SizeIds::of(args.size, args.size);
     let conditioning = |sd: &StableDiffusion| {
         sd.conditioning(PROMPT, NEGATIVE, PromptSyntax::Auto, args.steps, 1, size)
     };

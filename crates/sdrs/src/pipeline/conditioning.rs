@@ -72,16 +72,57 @@ impl UnetCondition {
     }
 }
 
-/// SDXL's size ids for an image of `(width, height)` pixels, as A1111 gives them: the original
-/// and the target size are the image's, `(height, width)` each, and the crop is at the top
-/// left corner (diffusers' defaults as well).
-fn size_ids((width, height): (usize, usize), device: &candle_core::Device) -> Result<Tensor> {
-    let (w, h) = (width as f32, height as f32);
-    Ok(Tensor::from_vec(
-        vec![h, w, 0.0, 0.0, h, w],
-        (1, 6),
-        device,
-    )?)
+/// SDXL's micro-conditioning: the six size ids its UNet is told, in diffusers' order and
+/// names. Families without them ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeIds {
+    /// `[height, width]` the training image had.
+    pub original_size: [usize; 2],
+    /// `[top, left]` where it was cropped.
+    pub crops_coords_top_left: [usize; 2],
+    /// `[height, width]` to aim for.
+    pub target_size: [usize; 2],
+}
+
+impl SizeIds {
+    /// The ids A1111 (and diffusers by default) give an image of `width` × `height`: that size
+    /// as original and target, cropped at the top left corner.
+    pub fn of(width: usize, height: usize) -> Self {
+        Self {
+            original_size: [height, width],
+            crops_coords_top_left: [0, 0],
+            target_size: [height, width],
+        }
+    }
+
+    /// The ids for a pass of `request` making `width` × `height`: the request's where it sets
+    /// them, else [`SizeIds::of`].
+    pub(super) fn for_pass(
+        request: &super::GenerationRequest,
+        width: usize,
+        height: usize,
+    ) -> Self {
+        let image = Self::of(width, height);
+        Self {
+            original_size: request.original_size.unwrap_or(image.original_size),
+            crops_coords_top_left: request.crops_coords_top_left,
+            target_size: request.target_size.unwrap_or(image.target_size),
+        }
+    }
+
+    /// `[1, 6]`: original, crop, target.
+    fn tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let ids: Vec<f32> = [
+            self.original_size,
+            self.crops_coords_top_left,
+            self.target_size,
+        ]
+        .iter()
+        .flatten()
+        .map(|&v| v as f32)
+        .collect();
+        Ok(Tensor::from_vec(ids, (1, 6), device)?)
+    }
 }
 
 /// Chunk ids padded with another token after their first EOS (SDXL's second encoder pads
@@ -179,7 +220,7 @@ fn encode_plan(
     plan: &PromptPlan,
     syntax: PromptSyntax,
     clip_skip: usize,
-    size: (usize, usize),
+    size: SizeIds,
 ) -> Result<Vec<EncodedPart>> {
     let encoders = sd
         .pad_tokens
@@ -239,17 +280,16 @@ fn encode_plan(
         .collect()
 }
 
-/// The UNet condition of an encoded text for an image of `size` (width, height): the size ids
-/// go with a pooled embedding.
+/// The UNet condition of an encoded text: the size ids go with a pooled embedding.
 fn condition(
     encoded: Encoded,
-    size: (usize, usize),
+    size: SizeIds,
     device: &candle_core::Device,
 ) -> Result<UnetCondition> {
     let added = match encoded.pooled {
         Some(text_embeds) => Some(AddedCondition {
             text_embeds,
-            time_ids: size_ids(size, device)?,
+            time_ids: size.tensor(device)?,
         }),
         None => None,
     };
@@ -290,16 +330,17 @@ fn zeroed(part: EncodedPart) -> Result<EncodedPart> {
 
 impl StableDiffusion {
     /// The conditioning of `gen`'s prompts for the pass `clock` describes, which makes an
-    /// image of `size` (width, height) pixels.
+    /// image of `(width, height)` pixels.
     pub(super) fn conditioning_for(
         &self,
         gen: &Generation,
         clock: EditClock,
-        size: (usize, usize),
+        (width, height): (usize, usize),
     ) -> Result<Conditioning> {
         let req = &gen.request;
         self.apply_loras(gen)?;
         let (prompt, negative) = &gen.texts;
+        let size = SizeIds::for_pass(req, width, height);
         self.conditioning_with(
             prompt,
             negative,
@@ -310,8 +351,8 @@ impl StableDiffusion {
         )
     }
 
-    /// Parses and encodes a prompt and its negative for a run of `steps` steps making an image
-    /// of `size` (width, height) pixels (which SDXL's UNet is told).
+    /// Parses and encodes a prompt and its negative for a run of `steps` steps, with the size
+    /// ids SDXL's UNet is told.
     pub fn conditioning(
         &self,
         prompt: &str,
@@ -319,14 +360,14 @@ impl StableDiffusion {
         syntax: PromptSyntax,
         steps: usize,
         clip_skip: usize,
-        size: (usize, usize),
+        size: SizeIds,
     ) -> Result<Conditioning> {
         let clock = EditClock::new(steps, EditTimeline::Current);
         self.conditioning_with(prompt, negative_prompt, syntax, clock, clip_skip, size)
     }
 
-    /// Parses and encodes a prompt and its negative for the pass `clock` describes, making an
-    /// image of `size` (width, height) pixels. For SDXL an empty negative prompt is zeros
+    /// Parses and encodes a prompt and its negative for the pass `clock` describes, with the
+    /// size ids SDXL's UNet is told. For SDXL an empty negative prompt is zeros
     /// (text and pooled text, not the size ids), as A1111 conditions it; diffusers does the
     /// same for `negative_prompt=None`, and encodes `""` only when given it.
     pub fn conditioning_with(
@@ -336,7 +377,7 @@ impl StableDiffusion {
         syntax: PromptSyntax,
         clock: EditClock,
         clip_skip: usize,
-        size: (usize, usize),
+        size: SizeIds,
     ) -> Result<Conditioning> {
         let plan = plan_with(prompt, syntax, clock)?;
         let parts = encode_plan(self, &plan, syntax, clip_skip, size)?;

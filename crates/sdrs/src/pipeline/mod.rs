@@ -21,7 +21,7 @@ mod tiles;
 mod txt2img;
 pub mod vae_tiling;
 
-pub use conditioning::{Conditioning, EncodedPart, UnetCondition};
+pub use conditioning::{Conditioning, EncodedPart, SizeIds, UnetCondition};
 pub use denoiser::CfgDenoiser;
 pub use generate::{Event, GeneratedImage, Outcome};
 pub use generation::{signed_seed, Generation};

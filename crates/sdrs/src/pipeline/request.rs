@@ -72,6 +72,17 @@ pub struct GenerationRequest {
     pub hr_resize_x: usize,
     /// Hires fix target height (0 = from `hr_scale`, or from the width's aspect).
     pub hr_resize_y: usize,
+    /// SDXL micro-conditioning, `[height, width]` as diffusers orders it: the size the UNet
+    /// is told the training image had; unset, the image's (A1111 has no field for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_size: Option<[usize; 2]>,
+    /// SDXL micro-conditioning, `[top, left]`: where the UNet is told the image was cropped.
+    #[serde(skip_serializing_if = "is_origin")]
+    pub crops_coords_top_left: [usize; 2],
+    /// SDXL micro-conditioning, `[height, width]`: the size the UNet is told to aim for;
+    /// unset, the image's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_size: Option<[usize; 2]>,
     /// LoRA name → A1111 short hash, from an infotext's `Lora hashes`: a tag whose name the
     /// LoRA folder lacks is looked up by this hash.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -106,9 +117,16 @@ impl Default for GenerationRequest {
             hr_second_pass_steps: 0,
             hr_resize_x: 0,
             hr_resize_y: 0,
+            original_size: None,
+            crops_coords_top_left: [0, 0],
+            target_size: None,
             lora_hashes: BTreeMap::new(),
         }
     }
+}
+
+fn is_origin(corner: &[usize; 2]) -> bool {
+    *corner == [0, 0]
 }
 
 impl GenerationRequest {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::common;
 
 use sdrs::embeddings::Embeddings;
-use sdrs::pipeline::{infotext, txt2img, LoadOptions, StableDiffusion};
+use sdrs::pipeline::{infotext, txt2img, LoadOptions, SizeIds, StableDiffusion};
 use sdrs::prompt::{chunks, report, EditClock, EditTimeline, PromptSyntax};
 use sdrs::sampling::Flow;
 use sdrs::tokenizer::{Tokenizer, BOS, EOS};
@@ -89,7 +89,7 @@ fn conditioning_matches_diffusers_load_textual_inversion() {
                     PromptSyntax::A1111,
                     8,
                     1,
-                    (64, 64),
+                    SizeIds::of(64, 64),
                 )
                 .unwrap();
             let name = format!("{key}.{i}");
@@ -208,10 +208,24 @@ fn emphasis_weighs_every_vector_of_an_embedding() {
     // Emphasis on an embedding changes the conditioning as on any token.
     let sd = with_embeddings("tiny-sd1");
     let plain = sd
-        .conditioning("sdrsfox", "", PromptSyntax::A1111, 8, 1, (64, 64))
+        .conditioning(
+            "sdrsfox",
+            "",
+            PromptSyntax::A1111,
+            8,
+            1,
+            SizeIds::of(64, 64),
+        )
         .unwrap();
     let strong = sd
-        .conditioning("(sdrsfox:1.5)", "", PromptSyntax::A1111, 8, 1, (64, 64))
+        .conditioning(
+            "(sdrsfox:1.5)",
+            "",
+            PromptSyntax::A1111,
+            8,
+            1,
+            SizeIds::of(64, 64),
+        )
         .unwrap();
     let diff = (plain.parts[0].at(0).context.clone() - strong.parts[0].at(0).context.clone())
         .unwrap()

@@ -126,7 +126,7 @@ fn final_latent(sd: &StableDiffusion, req: &GenerationRequest) -> Tensor {
             req.prompt_syntax,
             req.steps,
             req.clip_skip,
-            (req.width, req.height),
+            sdrs::pipeline::SizeIds::of(req.width, req.height),
         )
         .expect("conditioning");
     let mut denoiser = CfgDenoiser::new(sd, &conditioning, req.cfg_scale);

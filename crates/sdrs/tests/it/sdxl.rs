@@ -100,3 +100,148 @@ fn an_sdxl_lora_changes_all_three_networks_as_the_reference_does() {
         assert!(images[0].infotext.contains("Lora hashes: \"sdxl_kohya: "));
     }
 }
+
+/// The size ids go into the UNet as asked (diffusers' order: original, crop, target), for the
+/// prompt and the negative alike; an empty negative has zero text but keeps them; a request's
+/// own ids reach the conditioning of its pass and survive its JSON.
+#[test]
+fn size_ids_and_the_empty_negative_are_conditioned_as_a1111_and_diffusers_do() {
+    use sdrs::pipeline::{GenerationRequest, SizeIds};
+    use sdrs::prompt::PromptSyntax;
+    let sd = common::load_model("tiny-sdxl.safetensors");
+    let ids = SizeIds {
+        original_size: [1024, 768],
+        crops_coords_top_left: [16, 8],
+        target_size: [512, 640],
+    };
+    let c = sd
+        .conditioning("a fox", "", PromptSyntax::A1111, 4, 1, ids)
+        .expect("conditioning");
+    let (cond, uncond) = (c.parts[0].at(0), c.uncond.at(0));
+    let want = [1024.0, 768.0, 16.0, 8.0, 512.0, 640.0];
+    for condition in [cond, uncond] {
+        let added = condition
+            .added
+            .as_ref()
+            .expect("SDXL conditions on size ids");
+        let got = added
+            .time_ids
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, want);
+    }
+    let zero = |t: &candle_core::Tensor| {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            == 0.0
+    };
+    let added = uncond.added.as_ref().unwrap();
+    assert!(zero(&uncond.context) && zero(&added.text_embeds));
+    assert!(!zero(&cond.context) && !zero(&cond.added.as_ref().unwrap().text_embeds));
+    assert_eq!(cond.context.dims(), [1, 77, 12]);
+
+    let request = GenerationRequest {
+        original_size: Some([1024, 768]),
+        crops_coords_top_left: [16, 8],
+        target_size: Some([512, 640]),
+        ..Default::default()
+    };
+    let json = serde_json::to_string(&request).unwrap();
+    let back: GenerationRequest = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, request);
+    assert!(json.contains("\"crops_coords_top_left\":[16,8]"), "{json}");
+}
+
+/// The hires fix, `sdrs hd` and the tiled VAE run on SDXL as on SD: the sizes they promise,
+/// and a tiled decode close to the whole one.
+#[test]
+fn hires_fix_hd_and_tiled_vae_work_on_sdxl() {
+    use sdrs::pipeline::{hd, GenerationRequest, HdOptions, LoadOptions, TilingMode, VaeTiling};
+    use sdrs::upscale::Upscaler;
+    let request = GenerationRequest {
+        prompt: "a tiny red fox in the snow".into(),
+        negative_prompt: "blurry".into(),
+        width: 64,
+        height: 64,
+        steps: 4,
+        cfg_scale: 5.0,
+        sampler_name: "Euler".into(),
+        seed: 42,
+        ..Default::default()
+    };
+    let sd = common::load_model("tiny-sdxl");
+    let hires = GenerationRequest {
+        enable_hr: true,
+        hr_scale: 2.0,
+        hr_second_pass_steps: 2,
+        denoising_strength: 0.5,
+        ..request.clone()
+    };
+    let gen = hires.validate().unwrap();
+    let image = txt2img(&sd, &gen, &mut |_| Flow::Continue).unwrap().images[0]
+        .image
+        .clone();
+    assert_eq!(image.dimensions(), (128, 128));
+    let opts = HdOptions {
+        passes: 1,
+        overlap: 16,
+        detail_steps: Some(4),
+        ..Default::default()
+    };
+    let gen = request.validate().unwrap();
+    let doubled = hd(&sd, &gen, None, &Upscaler::Lanczos, &opts, &mut |_| {
+        Flow::Continue
+    })
+    .unwrap()
+    .expect("not stopped")
+    .image;
+    assert_eq!(doubled.dimensions(), (128, 128));
+
+    let whole = txt2img(&sd, &gen, &mut |_| Flow::Continue).unwrap().images[0]
+        .image
+        .clone();
+    let tiled = common::load_model_with(
+        "tiny-sdxl",
+        LoadOptions {
+            vae_tiling: VaeTiling {
+                mode: TilingMode::Always,
+                tile: 4,
+                overlap: 2,
+            },
+            ..Default::default()
+        },
+    );
+    let image = txt2img(&tiled, &gen, &mut |_| Flow::Continue)
+        .unwrap()
+        .images[0]
+        .image
+        .clone();
+    // Tiles of 4 latent cells on a random VAE: close, not equal (as the SD test's bound).
+    let n = whole.as_raw().len() as f64;
+    let mean = whole.as_raw().iter().map(|&v| v as f64).sum::<f64>() / n;
+    let spread = whole
+        .as_raw()
+        .iter()
+        .map(|&v| (v as f64 - mean).abs())
+        .sum::<f64>()
+        / n;
+    let mad = image
+        .as_raw()
+        .iter()
+        .zip(whole.as_raw())
+        .map(|(a, b)| a.abs_diff(*b) as f64)
+        .sum::<f64>()
+        / n;
+    assert!(
+        mad > 0.0 && mad < 0.5 * spread,
+        "tiled decode {mad} levels from the whole one on average (spread {spread})"
+    );
+}
