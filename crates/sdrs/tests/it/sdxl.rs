@@ -245,3 +245,84 @@ fn hires_fix_hd_and_tiled_vae_work_on_sdxl() {
         "tiled decode {mad} levels from the whole one on average (spread {spread})"
     );
 }
+
+/// A copy of the tiny SDXL single file with `change` applied to its tensors, in a scratch file.
+fn altered(
+    name: &str,
+    change: impl FnOnce(&mut std::collections::HashMap<String, candle_core::Tensor>),
+) -> std::path::PathBuf {
+    let mut tensors = candle_core::safetensors::load(
+        common::fixtures().join("tiny-sdxl.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    change(&mut tensors);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdrs-sdxl-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
+/// SDXL files whose shapes do not add up are refused with a reason when they open, or fail
+/// their generation with one; nothing panics.
+#[test]
+fn inconsistent_sdxl_files_are_refused_with_a_reason() {
+    use candle_core::{DType, Device, Tensor};
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F16, &Device::Cpu).unwrap();
+    let projection = "conditioner.embedders.1.model.text_projection";
+    let label = "model.diffusion_model.label_emb.0.0.weight";
+    let cases: Vec<(&str, std::path::PathBuf, &str)> = vec![
+        (
+            "text_projection of the wrong width",
+            altered("projection.safetensors", |t| {
+                t.insert(projection.into(), zeros(&[5, 6]));
+            }),
+            "text_projection has shape",
+        ),
+        (
+            "text_projection that is not a matrix",
+            altered("projection-rank.safetensors", |t| {
+                t.insert(projection.into(), zeros(&[8]));
+            }),
+            "text_projection has shape",
+        ),
+        (
+            "label_emb narrower than the pooled text",
+            altered("label-narrow.safetensors", |t| {
+                t.insert(label.into(), zeros(&[32, 4]));
+            }),
+            "label_emb takes 4 values",
+        ),
+        (
+            "label_emb whose size ids do not come in six",
+            altered("label-odd.safetensors", |t| {
+                t.insert(label.into(), zeros(&[32, 13]));
+            }),
+            "six",
+        ),
+    ];
+    for (what, path, reason) in cases {
+        match Checkpoint::open(&path) {
+            Ok(_) => panic!("{what}: opened"),
+            Err(e) => assert!(e.to_string().contains(reason), "{what}: {e}"),
+        }
+    }
+    // Without label_emb the UNet takes no pooled text: the file opens, and its generation
+    // fails saying so.
+    let path = altered("no-label.safetensors", |t| {
+        t.retain(|k, _| !k.contains("label_emb"));
+    });
+    let ckpt = Checkpoint::open(&path).expect("opens");
+    let sd = sdrs::pipeline::StableDiffusion::load(&ckpt, &Device::Cpu).expect("loads");
+    let request = sdrs::pipeline::GenerationRequest {
+        prompt: "a fox".into(),
+        width: 64,
+        height: 64,
+        steps: 1,
+        ..Default::default()
+    };
+    let err = txt2img(&sd, &request.validate().unwrap(), &mut |_| Flow::Continue)
+        .expect_err("a UNet without add_embedding given pooled text");
+    assert!(err.to_string().contains("takes no pooled text"), "{err}");
+}
