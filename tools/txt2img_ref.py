@@ -56,7 +56,11 @@ class CfgModel(torch.nn.Module):
         return u + CFG * (c - u)
 
 
-def k_sample(ks, kext, unet, ac, uncond, cond, sampler, schedule, noise, gen):
+def k_sample(ks, kext, unet, ac, uncond, cond, sampler, schedule, noise, gen, randn=None):
+    """`randn(shape)` draws the ancestral samplers' noise; by default `torch.randn` from `gen`
+    (tools/make_philox_fixtures.py passes A1111's NV source instead)."""
+    if randn is None:
+        randn = lambda shape: torch.randn(shape, generator=gen)  # noqa: E731
     den = kext.CompVisDenoiser(CfgModel(unet, ac, uncond, cond), quantize=False)
     if schedule == "karras":
         sigmas = ks.get_sigmas_karras(STEPS, den.sigmas[0].item(), den.sigmas[-1].item(), rho=7.0)
@@ -66,7 +70,7 @@ def k_sample(ks, kext, unet, ac, uncond, cond, sampler, schedule, noise, gen):
     if sampler == "euler":
         return ks.sample_euler(den, x, sigmas, disable=True)
     if sampler == "euler_a":
-        ns = lambda s, sn: torch.randn(x.shape, generator=gen)  # noqa: E731
+        ns = lambda s, sn: randn(x.shape)  # noqa: E731
         return ks.sample_euler_ancestral(den, x, sigmas, disable=True, noise_sampler=ns)
     if sampler == "heun":
         return ks.sample_heun(den, x, sigmas, disable=True)

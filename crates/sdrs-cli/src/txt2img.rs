@@ -14,7 +14,7 @@ use sdrs::pipeline::{
     StableDiffusion, TilingMode, VaeTiling,
 };
 use sdrs::prompt::{EditTimeline, PromptSyntax};
-use sdrs::sampling::rng::NormalVariant;
+use sdrs::sampling::rng::{NormalVariant, RandnSource};
 use sdrs::sampling::{Flow, Sampler, SigmaSchedule};
 use sdrs::upscale::BuiltinUpscaler;
 use sdrs::weights::Checkpoint;
@@ -162,7 +162,11 @@ pub struct GenerationArgs {
     /// steps, 1 a step) or old (below 1 a fraction, else a step).
     #[arg(long = "edit-timeline", default_value = "current")]
     edit_timeline: EditTimeline,
-    /// Float math for the torch-compatible noise: avx2 (torch on x86-64) or scalar.
+    /// Where the noise comes from: cpu (torch's CPU generator) or nv (torch's CUDA generator,
+    /// A1111's default "GPU" noise, on any device).
+    #[arg(long = "rng", default_value = "cpu")]
+    rng: RandnSource,
+    /// Float math for the torch-compatible CPU noise: avx2 (torch on x86-64) or scalar.
     #[arg(long = "rng-math", default_value = "avx2")]
     rng_math: NormalVariant,
     /// Output folder [default: outputs/txt2img-samples or outputs/img2img-samples].
@@ -335,6 +339,7 @@ impl GenerationArgs {
             clip_skip: self.clip_skip,
             prompt_syntax: self.prompt_syntax,
             edit_timeline: self.edit_timeline,
+            randn_source: self.rng,
             rng_math: self.rng_math,
             ..Default::default()
         }

@@ -6,6 +6,7 @@ use image::RgbImage;
 use sdrs::image_io::decode_image;
 use sdrs::limits::{exceeded, MAX_PROMPT_BYTES_TIMES_IMAGES};
 use sdrs::pipeline::{Generation, GenerationRequest};
+use sdrs::sampling::rng::RandnSource;
 use sdrs::sampling::SigmaSchedule;
 use serde_json::{Map, Value};
 
@@ -21,12 +22,15 @@ pub struct ParsedRequest {
     pub parameters: Value,
 }
 
-/// A1111's API defaults where sdrs' CLI (CompVis') differ: 50 Euler steps at CFG 7.
+/// A1111's API defaults where sdrs' CLI (CompVis') differ: 50 Euler steps at CFG 7, and
+/// A1111's default noise ("GPU": torch's CUDA generator, which NV is on any device), so that
+/// the same request gives A1111's image.
 fn a1111_defaults() -> GenerationRequest {
     GenerationRequest {
         steps: 50,
         cfg_scale: 7.0,
         sampler_name: "Euler".into(),
+        randn_source: RandnSource::Nv,
         ..Default::default()
     }
 }
@@ -94,9 +98,28 @@ pub fn fuzz_parse(body: &[u8]) {
 }
 
 /// A1111's other spellings: `sampler_index` (deprecated) for `sampler_name`, scheduler
-/// labels ("Automatic", "Karras", "SGM Uniform") for sdrs' names, and the one per-request
-/// setting sdrs reads from `override_settings`: `use_old_scheduling` (the editing timeline).
+/// labels ("Automatic", "Karras", "SGM Uniform") for sdrs' names, and the per-request
+/// settings sdrs reads from `override_settings`: `use_old_scheduling` (the editing timeline)
+/// and `randn_source` (GPU, CPU or NV).
 fn normalise(fields: &mut Map<String, Value>) -> Result<(), ApiError> {
+    if let Some(Value::Object(settings)) = fields.get("override_settings") {
+        match settings.get("randn_source") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(source)) => {
+                let source: RandnSource = source.parse().map_err(|e: sdrs::Error| {
+                    ApiError::invalid(format!("override_settings.randn_source: {e}"))
+                })?;
+                fields
+                    .entry("randn_source")
+                    .or_insert_with(|| source.to_string().into());
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "override_settings.randn_source must be a string",
+                ))
+            }
+        }
+    }
     if let Some(Value::Object(settings)) = fields.get("override_settings") {
         match settings.get("use_old_scheduling") {
             None | Some(Value::Null) => {}

@@ -191,7 +191,8 @@ async fn txt2img_answers_as_a1111_does_with_the_pipelines_own_images_and_saves_t
     assert_eq!(answer["parameters"]["steps"], 4);
     assert_eq!(answer["parameters"]["prompt"], "a red boat");
 
-    // The same request through the library gives the same pixels and infotexts.
+    // The same request through the library gives the same pixels and infotexts, with
+    // A1111's default noise (GPU, which NV reproduces on any device).
     let checkpoint = sdrs::weights::Checkpoint::open(&tiny_model()).unwrap();
     let sd = StableDiffusion::load(&checkpoint, &candle_core::Device::Cpu).unwrap();
     let request = GenerationRequest {
@@ -204,6 +205,7 @@ async fn txt2img_answers_as_a1111_does_with_the_pipelines_own_images_and_saves_t
         sampler_name: "Euler a".into(),
         batch_size: 2,
         cfg_scale: 6.0,
+        randn_source: sdrs::sampling::rng::RandnSource::Nv,
         ..Default::default()
     };
     let generation = request.validate().unwrap();
@@ -216,6 +218,7 @@ async fn txt2img_answers_as_a1111_does_with_the_pipelines_own_images_and_saves_t
         let got = decode_png(images[i].as_str().unwrap());
         assert_eq!(got, want.image, "image {i}");
         assert_eq!(infotexts[i], want.infotext.as_str());
+        assert!(want.infotext.contains("RNG: NV"), "{}", want.infotext);
     }
     // Saved as the CLI saves them, with the infotext inside.
     let saved: Vec<_> = std::fs::read_dir(outdir.join("txt2img-samples"))
@@ -701,11 +704,12 @@ async fn switching_between_sd1_and_sdxl_gives_each_models_images() {
         "{}",
         String::from_utf8_lossy(&reply.body)
     );
-    // The reference case euler_a of tools/make_sdxl_fixtures.py, as an A1111 client asks.
+    // The reference case euler_a of tools/make_sdxl_fixtures.py, as an A1111 client asks
+    // for it (its noise from torch's CPU generator, A1111's "CPU" source).
     let xl = json!({
         "prompt": "a tiny red fox in the snow", "negative_prompt": "blurry",
         "sampler_name": "Euler a", "steps": 8, "cfg_scale": 5, "seed": 42,
-        "width": 64, "height": 64,
+        "width": 64, "height": 64, "override_settings": {"randn_source": "CPU"},
     });
     let reply = post(r, "/sdapi/v1/txt2img", &xl).await;
     let reply = ok_json(&reply);

@@ -7,7 +7,7 @@ use image::RgbImage;
 use super::conditioning::Conditioning;
 use super::infotext::{self, ImageFacts};
 use super::{CfgDenoiser, Generation, StableDiffusion};
-use crate::sampling::rng::TorchRng;
+use crate::sampling::rng::ImageNoise;
 use crate::sampling::{Flow, Sampled, SamplerContext, Step};
 use crate::Result;
 
@@ -84,10 +84,12 @@ pub(super) struct Pass<'a> {
 }
 
 impl ImageRun<'_> {
-    /// A fresh generator seeded with the image's seed (diffusers' per-image generator; the
-    /// hires fix's second pass starts another, as A1111 does).
-    pub fn generator(&self) -> TorchRng {
-        TorchRng::new(self.seed, self.gen.request.rng_math)
+    /// A fresh generator seeded with the image's seed, from the request's source (diffusers'
+    /// and A1111's per-image generator; the hires fix's second pass starts another, as A1111
+    /// does).
+    pub fn generator(&self) -> ImageNoise {
+        let req = &self.gen.request;
+        ImageNoise::new(self.seed, req.randn_source, req.rng_math)
     }
 
     /// Runs the request's sampler from `x` over the pass's sigmas, drawing sampler noise from
@@ -96,7 +98,7 @@ impl ImageRun<'_> {
         &mut self,
         sd: &StableDiffusion,
         pass: &Pass,
-        noise: &mut TorchRng,
+        noise: &mut ImageNoise,
         x: Tensor,
     ) -> Result<Option<Tensor>> {
         let mut denoiser = CfgDenoiser::new(sd, pass.conditioning, self.gen.request.cfg_scale);

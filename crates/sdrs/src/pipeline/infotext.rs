@@ -1,7 +1,7 @@
 //! A1111's "infotext": the text that says what made an image, written into PNGs and read back.
 
 use crate::prompt::{prompt_edits_with, EditClock, EditTimeline, PromptSyntax};
-use crate::sampling::rng::NormalVariant;
+use crate::sampling::rng::{NormalVariant, RandnSource};
 use crate::sampling::{Sampler, SigmaSchedule};
 
 use super::{Generation, GenerationRequest};
@@ -150,8 +150,8 @@ pub fn render(gen: &Generation, facts: &ImageFacts) -> String {
     if facts.fast {
         params.push(("Precision", "bf16".into()));
     }
-    params.push(("RNG", "CPU".into()));
-    if req.rng_math != NormalVariant::default() {
+    params.push(("RNG", req.randn_source.to_string()));
+    if req.randn_source == RandnSource::Cpu && req.rng_math != NormalVariant::default() {
         params.push(("RNG math", req.rng_math.to_string()));
     }
     if !facts.ti_hashes.is_empty() {
@@ -266,6 +266,12 @@ impl Infotext {
         if self.get("Old prompt editing timelines") == Some("True") || self.before_a1111_1_6() {
             req.edit_timeline = EditTimeline::Old;
         }
+        // A1111 writes no `RNG` for its default source, "GPU": torch's CUDA generator, which
+        // NV reproduces.
+        req.randn_source = self
+            .get("RNG")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(RandnSource::Nv);
         if let Some(v) = self.get("RNG math").and_then(|v| v.parse().ok()) {
             req.rng_math = v;
         }

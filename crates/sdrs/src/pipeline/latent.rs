@@ -8,7 +8,6 @@ use super::vae_tiling;
 use super::StableDiffusion;
 use crate::image_io::{image_to_tensor, tensor_to_images};
 use crate::models::vae::LatentDistribution;
-use crate::sampling::rng::TorchRng;
 use crate::sampling::NoiseSource;
 use crate::{Error, Result};
 
@@ -27,7 +26,7 @@ pub(super) fn encode(sd: &StableDiffusion, image: &RgbImage) -> Result<LatentDis
 pub(super) fn sample_posterior(
     sd: &StableDiffusion,
     posterior: &LatentDistribution,
-    noise: &mut TorchRng,
+    noise: &mut dyn NoiseSource,
 ) -> Result<Tensor> {
     let unit = noise.sample(posterior.mean.dims(), &sd.device)?;
     Ok(((&posterior.mean + (&posterior.std * unit)?)? * sd.vae_config.scaling_factor)?)

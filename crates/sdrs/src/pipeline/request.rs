@@ -11,7 +11,7 @@ use crate::image_io::ResizeMode;
 use crate::limits::{exceeded, image_fits, MAX_IMAGES, MAX_LORAS, MAX_PIXELS, MAX_SIDE, MAX_STEPS};
 use crate::lora::{strip_tags, LoraTag};
 use crate::prompt::{EditTimeline, PromptSyntax};
-use crate::sampling::rng::NormalVariant;
+use crate::sampling::rng::{NormalVariant, RandnSource};
 use crate::sampling::{SamplerChoice, SamplerOptions, SigmaSchedule};
 use crate::{Error, Result};
 
@@ -53,6 +53,9 @@ pub struct GenerationRequest {
     pub edit_timeline: EditTimeline,
     /// 1 = the text encoder's last layer, 2 = the penultimate (A1111's convention).
     pub clip_skip: usize,
+    /// Which generator makes the noise: torch's CPU one (sdrs' CLI default) or torch's CUDA
+    /// one on any device (A1111's "NV", which its API defaults to).
+    pub randn_source: RandnSource,
     /// Which float math turns the torch CPU generator's uniforms into normals.
     pub rng_math: NormalVariant,
     /// img2img: how much of the init image is replaced, 0 (none) to 1 (all).
@@ -108,6 +111,7 @@ impl Default for GenerationRequest {
             clip_skip: 1,
             prompt_syntax: PromptSyntax::default(),
             edit_timeline: EditTimeline::default(),
+            randn_source: RandnSource::default(),
             rng_math: NormalVariant::default(),
             denoising_strength: 0.75,
             resize_mode: ResizeMode::default(),

@@ -11,6 +11,7 @@
 
 mod cephes;
 mod mt19937;
+mod philox;
 
 use std::f64::consts::PI;
 use std::fmt;
@@ -21,6 +22,77 @@ use candle_core::{Device, Tensor};
 use super::NoiseSource;
 use crate::{Error, Result};
 use mt19937::Mt19937;
+pub use philox::Philox;
+
+/// Where an image's noise comes from, by A1111's names for its `randn_source` setting.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum RandnSource {
+    /// torch's CPU generator (MT19937): A1111's "CPU", and sdrs' CLI default.
+    #[default]
+    #[serde(rename = "CPU", alias = "cpu")]
+    Cpu,
+    /// torch's CUDA generator (Philox), on any device: A1111's "NV", and what its default
+    /// "GPU" gives on an NVIDIA card, so an A1111 infotext without an `RNG` key means it.
+    #[serde(rename = "NV", alias = "nv", alias = "GPU", alias = "gpu")]
+    Nv,
+}
+
+impl FromStr for RandnSource {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "nv" | "gpu" => Ok(Self::Nv),
+            _ => Err(Error::InvalidRequest(format!(
+                "unknown random number source {s:?}; valid: CPU, NV (GPU reads as NV)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for RandnSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "CPU",
+            Self::Nv => "NV",
+        })
+    }
+}
+
+/// One image's generator, from the source its request names: every draw (initial noise,
+/// posterior sample, sampler noise) comes from it in turn.
+#[derive(Clone)]
+pub enum ImageNoise {
+    /// torch's CPU generator.
+    Cpu(TorchRng),
+    /// torch's CUDA generator.
+    Nv(Philox),
+}
+
+impl ImageNoise {
+    /// The generator for `seed` from `source` (`variant` is the CPU generator's float math).
+    pub fn new(seed: u64, source: RandnSource, variant: NormalVariant) -> Self {
+        match source {
+            RandnSource::Cpu => Self::Cpu(TorchRng::new(seed, variant)),
+            RandnSource::Nv => Self::Nv(Philox::new(seed)),
+        }
+    }
+}
+
+impl NoiseSource for ImageNoise {
+    fn sample(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Cpu(rng) => rng.sample(shape, device),
+            Self::Nv(philox) => {
+                let values = philox.randn(shape.iter().product());
+                Ok(Tensor::from_vec(values, shape, device)?)
+            }
+        }
+    }
+}
 
 /// Which float math torch's n >= 16 `randn` kernel runs; they differ in the last bit of some values.
 #[derive(

@@ -2,6 +2,8 @@
 //! (tests/fixtures/rng/randn.safetensors: `{variant}/seed{S}/n{N}`, `.../latent`, `.../mixed{i}`).
 
 use std::collections::BTreeMap;
+
+use crate::common;
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -148,4 +150,79 @@ fn repeated_draws_from_one_generator_match_torch() {
         }
     }
     tally.finish("mixed call sequences");
+}
+
+/// A1111's NV source (torch's CUDA generator on the CPU): every call of every generator in
+/// tools/make_philox_fixtures.py, bit for bit, seeds past 32 bits included.
+#[test]
+fn nv_noise_is_bit_equal_to_the_reference() {
+    use sdrs::sampling::rng::Philox;
+    let manifest = common::reference_json("philox.json");
+    let reference = common::reference("philox.safetensors");
+    let mut generators: std::collections::HashMap<String, Philox> = Default::default();
+    let mut values = 0;
+    for call in manifest["randn"].as_array().expect("randn") {
+        let name = call["name"].as_str().unwrap();
+        let sequence = name.rsplit_once("_call").unwrap().0.to_string();
+        let seed = call["seed"].as_u64().expect("seed");
+        let generator = generators
+            .entry(sequence)
+            .or_insert_with(|| Philox::new(seed));
+        let want = reference[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = generator.randn(want.len());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{name}");
+        values += got.len();
+    }
+    assert!(values >= 10_000, "{values} values");
+}
+
+/// Whole images with NV noise (initial and ancestral) match the reference; an A1111 infotext
+/// without an `RNG` key (A1111's default, GPU noise) reads as NV and gives the same image.
+#[test]
+fn nv_images_match_and_an_infotext_without_rng_regenerates_with_nv() {
+    use sdrs::pipeline::{infotext, txt2img};
+    use sdrs::sampling::rng::RandnSource;
+    use sdrs::sampling::Flow;
+    let manifest = common::reference_json("philox.json");
+    let sd = common::load_model("tiny-sd1.safetensors");
+    for case in manifest["cases"].as_array().expect("cases") {
+        let file = case["file"].as_str().unwrap();
+        let request = sdrs::pipeline::GenerationRequest {
+            randn_source: RandnSource::Nv,
+            ..common::request(case)
+        };
+        let images = txt2img(&sd, &request.validate().unwrap(), &mut |_| Flow::Continue)
+            .expect(file)
+            .images;
+        let want = common::reference_image(file);
+        common::assert_images_close(file, &images[0].image, &want, 2);
+        assert!(
+            images[0].infotext.contains("RNG: NV"),
+            "{}",
+            images[0].infotext
+        );
+        if case["sampler"] == "euler_a" {
+            let a1111 = format!(
+                "{}\nNegative prompt: {}\nSteps: 8, Sampler: Euler a, Schedule type: Automatic, \
+                 CFG scale: {}, Seed: 42, Size: 64x64, Model: tiny-sd1",
+                case["prompt"].as_str().unwrap(),
+                case["negative_prompt"].as_str().unwrap(),
+                case["cfg_scale"]
+            );
+            let back = infotext::parse(&a1111).to_request();
+            assert_eq!(back.randn_source, RandnSource::Nv);
+            let again = txt2img(&sd, &back.validate().unwrap(), &mut |_| Flow::Continue)
+                .unwrap()
+                .images;
+            assert_eq!(
+                again[0].image, images[0].image,
+                "{file} from A1111's infotext"
+            );
+        }
+    }
 }
