@@ -601,28 +601,44 @@ async fn a_full_queue_answers_503_and_a_vanished_client_loses_nothing() {
     std::fs::remove_dir_all(&outdir).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn options_list_and_switch_models() {
-    let outdir = scratch("models");
-    let models = scratch("models-dir");
+/// A server without `--model` over a models folder holding `files` (source, name); returns
+/// it with its output and models folders.
+fn models_dir_server(name: &str, files: &[(PathBuf, &str)]) -> (Server, PathBuf, PathBuf) {
+    let outdir = scratch(name);
+    let models = scratch(&format!("{name}-models"));
     std::fs::create_dir_all(&models).unwrap();
-    std::fs::copy(tiny_model(), models.join("first.safetensors")).unwrap();
-    std::fs::copy(fixtures().join("tiny-sd1.ckpt"), models.join("second.ckpt")).unwrap();
+    for (source, file) in files {
+        std::fs::copy(source, models.join(file)).unwrap();
+    }
     let mut cfg = config(&outdir);
     cfg.model = None;
     cfg.models_dir = Some(models.clone());
-    let server = Server::start(&cfg).unwrap();
-    let r = &server.router;
-    let list = send(r, Method::GET, "/sdapi/v1/sd-models", None)
+    (Server::start(&cfg).unwrap(), outdir, models)
+}
+
+/// The titles `/sdapi/v1/sd-models` lists.
+async fn titles(router: &Router) -> Vec<String> {
+    let list = send(router, Method::GET, "/sdapi/v1/sd-models", None)
         .await
         .json();
-    let titles: Vec<_> = list
-        .as_array()
+    list.as_array()
         .unwrap()
         .iter()
-        .map(|m| m["title"].clone())
-        .collect();
-    assert_eq!(titles, [json!("first.safetensors"), json!("second.ckpt")]);
+        .map(|m| m["title"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_list_and_switch_models() {
+    let (server, outdir, models) = models_dir_server(
+        "models",
+        &[
+            (tiny_model(), "first.safetensors"),
+            (fixtures().join("tiny-sd1.ckpt"), "second.ckpt"),
+        ],
+    );
+    let r = &server.router;
+    assert_eq!(titles(r).await, ["first.safetensors", "second.ckpt"]);
     // The first model loads at start; a generation waits for it.
     let body = json!({"prompt": "p", "width": 64, "height": 64, "steps": 1, "seed": 3});
     let first = post(r, "/sdapi/v1/txt2img", &body).await;
@@ -667,33 +683,15 @@ async fn options_list_and_switch_models() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_between_sd1_and_sdxl_gives_each_models_images() {
-    let outdir = scratch("sdxl");
-    let models = scratch("sdxl-models");
-    std::fs::create_dir_all(&models).unwrap();
-    std::fs::copy(tiny_model(), models.join("a-sd1.safetensors")).unwrap();
-    std::fs::copy(
-        fixtures().join("tiny-sdxl.safetensors"),
-        models.join("b-xl.safetensors"),
-    )
-    .unwrap();
-    let mut cfg = config(&outdir);
-    cfg.model = None;
-    cfg.models_dir = Some(models.clone());
-    let server = Server::start(&cfg).unwrap();
-    let r = &server.router;
-    let list = send(r, Method::GET, "/sdapi/v1/sd-models", None)
-        .await
-        .json();
-    let titles: Vec<_> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["title"].clone())
-        .collect();
-    assert_eq!(
-        titles,
-        [json!("a-sd1.safetensors"), json!("b-xl.safetensors")]
+    let (server, outdir, models) = models_dir_server(
+        "sdxl",
+        &[
+            (tiny_model(), "a-sd1.safetensors"),
+            (fixtures().join("tiny-sdxl.safetensors"), "b-xl.safetensors"),
+        ],
     );
+    let r = &server.router;
+    assert_eq!(titles(r).await, ["a-sd1.safetensors", "b-xl.safetensors"]);
     let sd1 = json!({"prompt": "p", "width": 64, "height": 64, "steps": 1, "seed": 3});
     let before = post(r, "/sdapi/v1/txt2img", &sd1).await;
     let switch = |name: &str| json!({ "sd_model_checkpoint": name });
