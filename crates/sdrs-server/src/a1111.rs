@@ -310,11 +310,11 @@ fn embeddings_listing(model: &std::path::Path, dir: &std::path::Path) -> Option<
         return None;
     }
     let checkpoint = sdrs::weights::Checkpoint::open(model).ok()?;
-    // Embeddings are read for one text encoder; SDXL's two use none (see `StableDiffusion`).
-    if checkpoint.family().unet_inputs().text_encoders != 1 {
-        return None;
-    }
-    let width = checkpoint.clip_config().hidden_size;
+    // Every text encoder's vectors side by side (SDXL's 768 + 1280), as A1111's `shape`.
+    let width = (0..)
+        .map_while(|i| checkpoint.text_encoder_config(i))
+        .map(|(config, _)| config.hidden_size)
+        .sum();
     let tokenizer = sdrs::tokenizer::Tokenizer::new().ok()?;
     let db = sdrs::embeddings::Embeddings::load_dir(dir, &tokenizer, width).ok()?;
     let entry = |i: &sdrs::embeddings::EmbeddingInfo| {

@@ -242,6 +242,11 @@ impl ClipTextTransformer {
         self.layers.len()
     }
 
+    /// The width of its token vectors (and of its hidden states).
+    pub fn width(&self) -> usize {
+        self.position_embedding.dims().get(1).copied().unwrap_or(0)
+    }
+
     /// Whether the encoder has a text projection (its pooled output conditions SDXL's UNet).
     pub fn has_projection(&self) -> bool {
         self.projection.is_some()

@@ -167,8 +167,22 @@ fn run_encoders(
         states: Vec::with_capacity(encoders.len()),
         pooled: None,
     };
+    // An embedding's vectors hold every encoder's columns side by side, in role order
+    // (SDXL's: `clip_l`, then `clip_g`).
+    let mut column = 0;
     for (encoder, pad) in encoders {
         let ids = repad(ids, *pad)?.to_device(device)?;
+        let width = encoder.width();
+        let own: Vec<Tensor> = fixes
+            .iter()
+            .map(|f| f.embedding.vectors.narrow(1, column, width))
+            .collect::<candle_core::Result<_>>()?;
+        column += width;
+        let replacements: Vec<(usize, &Tensor)> = fixes
+            .iter()
+            .zip(&own)
+            .map(|(f, v)| (f.offset + 1, v))
+            .collect();
         let penultimate = encoder.layer_count().saturating_sub(1);
         if encoder.has_projection() {
             let (states, pooled) = encoder.hidden_and_pooled(&ids, &replacements, penultimate)?;

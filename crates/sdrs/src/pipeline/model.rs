@@ -75,7 +75,7 @@ pub struct StableDiffusion {
     /// The embeddings prompts can name; replaced whole by a re-scan.
     embeddings: RwLock<Arc<Embeddings>>,
     embeddings_dir: Option<PathBuf>,
-    /// The text encoder's width, which an embedding's must equal.
+    /// The text encoders' widths together (SDXL: 768 + 1280), which an embedding's must equal.
     text_width: usize,
 }
 
@@ -92,22 +92,13 @@ impl StableDiffusion {
         options: LoadOptions,
     ) -> Result<Self> {
         let tokenizer = Tokenizer::new()?;
-        let text_width = checkpoint.clip_config().hidden_size;
+        // An embedding carries every text encoder's vectors side by side (SDXL's 768 + 1280).
+        let text_width = (0..)
+            .map_while(|i| checkpoint.text_encoder_config(i))
+            .map(|(config, _)| config.hidden_size)
+            .sum();
         let unet_inputs = checkpoint.family().unet_inputs();
-        let embeddings_dir = if unet_inputs.text_encoders == 1 {
-            options.embeddings_dir
-        } else {
-            if let Some(dir) = &options.embeddings_dir {
-                tracing::warn!(
-                    "embeddings in {} are not used: sdrs reads embeddings for one text encoder, \
-                     and {} has {}",
-                    dir.display(),
-                    checkpoint.family(),
-                    unet_inputs.text_encoders
-                );
-            }
-            None
-        };
+        let embeddings_dir = options.embeddings_dir;
         let embeddings = match &embeddings_dir {
             Some(dir) => Embeddings::load_dir(dir, &tokenizer, text_width)?,
             None => Embeddings::default(),
@@ -253,7 +244,7 @@ impl StableDiffusion {
         embeddings
     }
 
-    /// The width of the text encoder's vectors, which an embedding's must equal.
+    /// The text encoders' widths together (SDXL: 768 + 1280), which an embedding's must equal.
     pub fn text_width(&self) -> usize {
         self.text_width
     }

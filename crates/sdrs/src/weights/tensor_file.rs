@@ -255,12 +255,13 @@ fn sniff(path: &Path) -> Result<Kind> {
     if head.starts_with(b"\xff\xd8\xff") {
         return reason("it is a JPEG image");
     }
-    if head.first() == Some(&0x80) {
-        return reason("an old-style (pre-zip) torch pickle; re-save it with a recent torch or convert it to safetensors");
-    }
-    // safetensors: a little-endian u64 header length, then a JSON object.
+    // safetensors: a little-endian u64 header length, then a JSON object. Asked first: a
+    // header of 128 to 255 bytes starts the file with 0x80, a pickle's first byte.
     if head.len() > 8 && head[8] == b'{' {
         return Ok(Kind::Safetensors);
+    }
+    if head.first() == Some(&0x80) {
+        return reason("an old-style (pre-zip) torch pickle; re-save it with a recent torch or convert it to safetensors");
     }
     reason("neither safetensors nor a torch zip archive")
 }

@@ -326,3 +326,74 @@ fn inconsistent_sdxl_files_are_refused_with_a_reason() {
         .expect_err("a UNet without add_embedding given pooled text");
     assert!(err.to_string().contains("takes no pooled text"), "{err}");
 }
+
+/// An A1111 SDXL embedding (`clip_l` and `clip_g` in one file) named in the prompt: each
+/// encoder gets its own vectors, as diffusers' `load_textual_inversion` into both encoders
+/// (tools/make_sdxl_embedding_fixtures.py) gives them.
+#[test]
+fn an_sdxl_embedding_conditions_both_encoders_as_diffusers_does() {
+    use sdrs::pipeline::{LoadOptions, SizeIds};
+    use sdrs::prompt::PromptSyntax;
+    let manifest = common::reference_json("embeddings_sdxl.json");
+    let case = &manifest["cases"][0];
+    let reference = common::reference("embeddings_sdxl.safetensors");
+    for layout in LAYOUTS {
+        let options = LoadOptions {
+            embeddings_dir: Some(common::fixtures().join("embeddings-sdxl")),
+            ..Default::default()
+        };
+        let sd = common::load_model_with(layout, options);
+        assert_eq!(sd.text_width(), 12);
+        let skipped: Vec<String> = sd
+            .embeddings()
+            .skipped()
+            .iter()
+            .map(|s| s.reason.clone())
+            .collect();
+        assert_eq!(sd.embeddings().loaded().len(), 1, "{layout}: {skipped:?}");
+        let prompt = case["prompt"].as_str().unwrap();
+        let c = sd
+            .conditioning(prompt, "", PromptSyntax::A1111, 8, 1, SizeIds::of(64, 64))
+            .expect("conditioning");
+        let cond = c.parts[0].at(0);
+        common::assert_close(layout, &cond.context, &reference["prompt_embeds"], 1e-5);
+        let pooled = &cond.added.as_ref().unwrap().text_embeds;
+        common::assert_close(layout, pooled, &reference["pooled_prompt_embeds"], 1e-5);
+        let file = case["file"].as_str().unwrap();
+        let gen = common::request(case).validate().unwrap();
+        let images = txt2img(&sd, &gen, &mut |_| Flow::Continue).unwrap().images;
+        common::assert_images_close(file, &images[0].image, &common::reference_image(file), 2);
+        assert!(images[0].infotext.contains("TI hashes: \"sdrsxlfox: "));
+    }
+}
+
+/// An SDXL embedding whose two halves disagree on the vector count is skipped with the reason.
+#[test]
+fn an_sdxl_embedding_with_uneven_halves_is_skipped_with_the_reason() {
+    use candle_core::{DType, Device, Tensor};
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdrs-sdxl-embeddings");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("uneven.safetensors");
+    let tensors: std::collections::HashMap<String, Tensor> = [
+        (
+            "clip_l",
+            Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "clip_g",
+            Tensor::zeros((3, 8), DType::F32, &Device::Cpu).unwrap(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let tokenizer = sdrs::tokenizer::Tokenizer::new().unwrap();
+    let set = sdrs::embeddings::Embeddings::load_files(&[path], &tokenizer, 12);
+    assert!(set.loaded().is_empty());
+    let reason = &set.skipped()[0].reason;
+    assert!(
+        reason.contains("not the same number of vectors"),
+        "{reason}"
+    );
+}
